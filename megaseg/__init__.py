@@ -1,0 +1,8 @@
+"""megaseg: in-context (few-shot) medical image segmentation."""
+
+__version__ = "0.1.0"
+
+from megaseg.checkpoint import load_checkpoint, save_checkpoint
+from megaseg.models import UniverSeg, create_model, list_models
+
+__all__ = ["UniverSeg", "__version__", "create_model", "list_models", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,190 @@
+"""Building blocks of the CrossBlock U-Net: the support-axis helper, conv ops and the CrossBlock.
+
+Conventions: a query tensor is ``(B, C, H, W)``; a support tensor keeps its support axis
+explicit, ``(Bs, S, C, H, W)`` with ``Bs`` equal to ``B`` or 1 (one support set shared by all
+queries of the batch, broadcast where it meets the query).
+
+Each CrossBlock has two forward paths that give the same numbers:
+
+* ``naive``: the published formulation. The query is repeated S times, concatenated with
+  each support example on the channel axis and one batched conv runs over the B*S pairs.
+* ``fast``: the cross-conv weight is split on its input channels, ``W = [W_q | W_s]``, so
+  ``W * [u ; v_i] = W_q * u + W_s * v_i``: the query term is computed once per query. When
+  only the query output of a block is needed (the last decoder block) and the cross-conv is
+  linear with no norm, ``mean_i(W_s * v_i) = W_s * mean_i(v_i)``: one conv of the averaged
+  support replaces S of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import get_act_layer
+from torch import Tensor, nn
+
+
+def vmap(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Apply a ``(N, C, H, W) -> (N, C', H', W')`` module over every leading axis of ``x``.
+
+    ``x (*lead, C, H, W)`` is folded to ``(prod(lead), C, H, W)``, ``module`` is applied and the
+    result is unfolded to ``(*lead, C', H', W')``. With a 4-D ``x`` this is ``module(x)``.
+    """
+    lead = x.shape[:-3]
+    y = module(x.reshape(-1, *x.shape[-3:]))
+    return y.reshape(*lead, *y.shape[1:])
+
+
+class Vmap(nn.Module):
+    """Wraps a module so it maps over the leading (batch, support) axes; see :func:`vmap`."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.vmapped = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return vmap(self.vmapped, x)
+
+
+def _norm(groups: int | None, channels: int) -> nn.Module | None:
+    if groups is None:
+        return None
+    if channels % groups:
+        raise ValueError(f"norm_groups={groups} does not divide {channels} channels")
+    return nn.GroupNorm(groups, channels)
+
+
+def _act(name: str | None) -> nn.Module | None:
+    return None if name is None else get_act_layer(name)()
+
+
+class ConvOp(nn.Module):
+    """Conv (with bias, "same" padding) -> optional GroupNorm -> activation, on ``(N, C, H, W)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        act: str | None = "leaky_relu",
+        norm_groups: int | None = None,
+        kernel_size: int = 3,
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.norm = _norm(norm_groups, out_channels)
+        self.act = _act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.act is None else self.act(x)
+
+
+class CrossConv2d(nn.Module):
+    """``z_i = post(Conv([u ; v_i]))`` for a query ``u`` and each support example ``v_i``.
+
+    The conv's input channels are the query's first, then the support's (the public v1 weight
+    layout). ``post`` is an optional GroupNorm then an optional nonlinearity; v1 has neither.
+    """
+
+    def __init__(
+        self,
+        query_channels: int,
+        support_channels: int,
+        out_channels: int,
+        act: str | None = None,
+        norm_groups: int | None = None,
+    ):
+        super().__init__()
+        self.query_channels = query_channels
+        self.cross_conv = nn.Conv2d(
+            query_channels + support_channels, out_channels, kernel_size=3, padding=1
+        )
+        self.norm = _norm(norm_groups, out_channels)
+        self.act = _act(act)
+
+    @property
+    def is_linear(self) -> bool:
+        """True when ``z_i`` is affine in ``v_i``, so its support mean commutes with the conv."""
+        return self.norm is None and self.act is None
+
+    def post(self, z: Tensor) -> Tensor:
+        """Norm and nonlinearity on ``z (*lead, C, H, W)``."""
+        if self.norm is not None:
+            z = vmap(self.norm, z)
+        return z if self.act is None else self.act(z)
+
+    def naive(self, u: Tensor, v: Tensor) -> Tensor:
+        """Published form. ``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``z (B, S, C, H, W)``."""
+        B, S = u.shape[0], v.shape[1]
+        v = v.expand(B, *v.shape[1:])
+        pairs = torch.cat([u[:, None].expand(B, S, *u.shape[1:]), v], dim=2)
+        return self.post(vmap(self.cross_conv, pairs))
+
+    def query_term(self, u: Tensor) -> Tensor:
+        """``W_q * u + b``: ``u (B, Cq, H, W)`` -> ``(B, C, H, W)``, once per query."""
+        w_q = self.cross_conv.weight[:, : self.query_channels]
+        return F.conv2d(u, w_q, self.cross_conv.bias, padding=1)
+
+    def support_term(self, v: Tensor) -> Tensor:
+        """``W_s * v_i`` (no bias): ``v (*lead, Cs, H, W)`` -> ``(*lead, C, H, W)``."""
+        w_s = self.cross_conv.weight[:, self.query_channels :]
+        return vmap(lambda x: F.conv2d(x, w_s, padding=1), v)
+
+    def fast(self, u: Tensor, v: Tensor | None = None, support_term: Tensor | None = None) -> Tensor:
+        """Split form of :meth:`naive`; ``support_term`` may be a cached ``support_term(v)``."""
+        if support_term is None:
+            support_term = self.support_term(v)
+        return self.post(self.query_term(u)[:, None] + support_term)
+
+    def fast_mean(self, u: Tensor, v: Tensor) -> Tensor:
+        """``mean_i z_i`` as one conv of the averaged support; exact only if :attr:`is_linear`.
+
+        ``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``(B, C, H, W)``.
+        """
+        return self.query_term(u) + self.support_term(v.mean(dim=1))
+
+
+class CrossBlock(nn.Module):
+    """One level of the U-Net: cross-conv, then separate query and support conv branches.
+
+    ``u' = ConvOp_q(mean_i z_i)``, ``v_i' = ConvOp_s(z_i)`` with ``z_i = CrossConv(u, v_i)``.
+    """
+
+    def __init__(
+        self,
+        query_channels: int,
+        support_channels: int,
+        width: int,
+        cross_act: str | None = None,
+        act: str = "leaky_relu",
+        norm_groups: int | None = None,
+    ):
+        super().__init__()
+        self.cross = CrossConv2d(query_channels, support_channels, width, cross_act, norm_groups)
+        self.target = Vmap(ConvOp(width, width, act, norm_groups))
+        self.support = Vmap(ConvOp(width, width, act, norm_groups))
+
+    def forward(
+        self,
+        u: Tensor,
+        v: Tensor,
+        *,
+        fast: bool = True,
+        need_support: bool = True,
+        support_term: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``(u' (B, C, H, W), v' (B, S, C, H, W))``.
+
+        ``need_support=False`` skips the support branch (``v'`` is None). ``support_term`` is a
+        cached ``self.cross.support_term(v)`` for the fast path.
+        """
+        if not fast:
+            z = self.cross.naive(u, v)
+            return self.target(z.mean(dim=1)), self.support(z)
+        if not need_support and self.cross.is_linear and support_term is None:
+            return self.target(self.cross.fast_mean(u, v)), None
+        z = self.cross.fast(u, v, support_term)
+        return self.target(z.mean(dim=1)), (self.support(z) if need_support else None)
