@@ -3,6 +3,17 @@
 __version__ = "0.1.0"
 
 from megaseg.checkpoint import load_checkpoint, save_checkpoint
+from megaseg.inference import Prediction, Segmenter, segment
 from megaseg.models import UniverSeg, create_model, list_models
 
-__all__ = ["UniverSeg", "__version__", "create_model", "list_models", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Prediction",
+    "Segmenter",
+    "UniverSeg",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
+    "segment",
+]

@@ -60,7 +60,7 @@ def normalize_intensity(
     Raises:
         ValueError: the image holds NaN or inf values.
     """
-    x = _as_numpy(image).astype(np.float64, copy=False)
+    x = _as_numpy(image).astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ValueError("image contains NaN or inf values")
     if window is not None:

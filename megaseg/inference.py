@@ -1,0 +1,648 @@
+"""Inference for notebooks: take a labelled support set once, then segment many queries.
+
+    seg = Segmenter.from_checkpoint("run/best.safetensors")     # or Segmenter(model)
+    seg.set_support(images, labels, modality="CT")              # list of 2D arrays, any sizes
+    pred = seg.predict(image)                                   # pred.probs, pred.mask (H, W)
+    labels = seg.predict_volume("ct.nii.gz", axis=2, out_path="seg.nii.gz")
+
+Everything goes through the shared :mod:`megaseg.preprocess` path: images are windowed,
+padded to a square and resized to the network's resolution; predictions come back at the
+input's own size through :func:`~megaseg.preprocess.restore`.
+
+What is cached. UniverSeg's support features depend on the query, so unlike an image
+embedding they cannot be computed once. :meth:`Segmenter.set_support` keeps what can be
+kept: the preprocessed support tensors on the device and, on the fast path, the first
+block's query-independent support term (``model.support_term``), one per label.
+
+Multi-label. An integer label map with several nonzero values (e.g. 0, 1, 2) gives one
+binary task per value, all through the same network; the merged map is "the value whose
+probability is largest, where that probability is above 0.5, else background 0".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from megaseg.preprocess import (
+    normalize_intensity,
+    prepare_image,
+    prepare_label,
+    restore,
+    to_grayscale,
+)
+
+DEFAULT_RESOLUTION = 128
+
+# Peak activation memory of one query, in units of one full-resolution support feature map
+# ``S * C * R * R * 4`` bytes (S support examples, C features, R resolution, float32). On the
+# fast path the largest live set is the last decoder level: the upsampled support features,
+# their skip and the concatenation of both (~4 units), plus the coarser levels. Measured peak
+# for v1 on the CPU (R=128, S=8): ~5 units; 6 leaves a margin. The naive path needs more.
+ACTIVATION_UNITS = 6
+CPU_MEMORY_BUDGET_MB = 2048  # default budget on the CPU
+CUDA_MEMORY_FRACTION = 0.5  # default budget on a GPU: this share of its free memory
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The segmentation of one 2D query, at the query's original ``(H, W)``.
+
+    Attributes:
+        probs: ``(H, W)`` float32 foreground probability; with several labels, the largest
+            per-label probability (the one behind :attr:`label_map`).
+        mask: ``(H, W)`` bool, ``probs > 0.5`` (equals ``label_map != 0``).
+        label_map: ``(H, W)`` merged labels with the support's original values (0 =
+            background): argmax over labels where the max probability is above 0.5.
+        label_probs: ``(K, H, W)`` float32, one probability map per label of :attr:`labels`.
+        labels: the K label values, in the order of :attr:`label_probs`.
+    """
+
+    probs: np.ndarray
+    mask: np.ndarray
+    label_map: np.ndarray
+    label_probs: np.ndarray
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Support:
+    """What :meth:`Segmenter.set_support` caches, on the model's device."""
+
+    images: Tensor  # (S, 1, R, R)
+    labels: Tensor  # (K, S, 1, R, R): one binary (or soft) mask per label value
+    values: tuple[int, ...]  # the K label values
+    term: Tensor | None  # (K, S, C, R, R) first-block support term, fast path only
+    modality: str | None
+    window: tuple[float, float] | None
+
+
+class Segmenter:
+    """In-context segmentation of 2D images and 3D volumes with one network.
+
+    Args:
+        model: an in-context network, ``model(query (B,1,R,R), support_images (1,S,1,R,R),
+            support_labels (1,S,1,R,R)) -> logits (B,1,R,R)``. It is moved to ``device`` and
+            put in eval mode (in place).
+        resolution: R, the square size the network sees.
+        device: None picks CUDA when available, the CPU otherwise.
+        max_batch: queries per forward pass; None derives it from ``memory_budget_mb``.
+        memory_budget_mb: activation memory allowed per forward pass (see
+            :meth:`batch_size`); None: half the free GPU memory, or
+            :data:`CPU_MEMORY_BUDGET_MB` on the CPU.
+        cache_support_term: keep the first block's support term from :meth:`set_support`
+            (``K * S * C * R * R * 4`` bytes for K labels; only used when ``model.fast``).
+        card: the checkpoint's card, kept for reference; its ``preprocessing`` ``modality``
+            and ``window`` are the defaults of :meth:`set_support`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        resolution: int = DEFAULT_RESOLUTION,
+        device: str | torch.device | None = None,
+        *,
+        max_batch: int | None = None,
+        memory_budget_mb: float | None = None,
+        cache_support_term: bool = True,
+        card: dict[str, Any] | None = None,
+    ):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.resolution = _check_resolution(resolution, model)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if memory_budget_mb is not None and memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+        self.max_batch = max_batch
+        self.memory_budget_mb = memory_budget_mb
+        self.cache_support_term = cache_support_term
+        self.card = card
+        pre = _card_preprocessing(card)
+        self.default_modality: str | None = pre.get("modality")
+        window = pre.get("window")
+        self.default_window = None if window is None else (float(window[0]), float(window[1]))
+        self._support: _Support | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path_or_name: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        resolution: int | None = None,
+        **kwargs,
+    ) -> Segmenter:
+        """Load weights safely (see :mod:`megaseg.checkpoint`) and wrap them.
+
+        ``path_or_name``: a ``.safetensors`` file (its ``.json`` card beside it), a raw state
+        dict saved with ``torch.save`` (tensors only), or the name of a registered model to
+        load the weights megaseg ships for it. ``resolution`` defaults to the card's
+        (``resolution``, or ``preprocessing.resolution`` / ``preprocessing.size``), else 128.
+        ``kwargs`` go to :class:`Segmenter`.
+
+        Raises:
+            FileNotFoundError: neither a file nor a registered model name.
+            ValueError: an unsafe or unreadable file, weights that do not fit, or a model
+                for which no weights are shipped.
+        """
+        from megaseg.checkpoint import load_checkpoint
+        from megaseg.models import create_model, list_models
+        from megaseg.models.registry import pretrained_path
+
+        path = Path(path_or_name)
+        if path.is_file():
+            model, card = load_checkpoint(path)
+        elif isinstance(path_or_name, str) and path_or_name in list_models():
+            model, card = load_checkpoint(
+                pretrained_path(path_or_name), model=create_model(path_or_name)
+            )
+        else:
+            raise FileNotFoundError(
+                f"{path_or_name}: no such checkpoint file, and not a model name "
+                f"({', '.join(list_models())})"
+            )
+        if resolution is None:
+            resolution = _card_resolution(card)
+        return cls(model, resolution, device, card=card, **kwargs)
+
+    # ------------------------------------------------------------------ support set
+
+    def set_support(
+        self,
+        images,
+        labels,
+        modality: str | None = None,
+        window: tuple[float, float] | None = None,
+    ) -> Segmenter:
+        """Preprocess and cache the support set; returns ``self``.
+
+        Args:
+            images: a list of 2D images (each ``(H_i, W_i)`` or RGB ``(H_i, W_i, 3)``, any
+                size, dtype and range; numpy or torch), or a stacked ``(S, H, W)`` array.
+            labels: their label maps, in the same form and with the same sizes: binary or
+                soft masks in [0, 1], or integer maps (one task per nonzero value).
+            modality, window: intensity windowing (see
+                :func:`~megaseg.preprocess.normalize_intensity`), applied to each support
+                image and later to every query. Default: the card's, else min-max.
+
+        Raises:
+            ValueError: naming the argument (and the example's index) that is wrong.
+        """
+        modality = self.default_modality if modality is None else modality
+        window = self.default_window if window is None else window
+        imgs = [
+            _image_2d(x, f"support_images[{i}]")
+            for i, x in enumerate(_examples(images, "support_images"))
+        ]
+        labs = [
+            _label_2d(x, f"support_labels[{i}]")
+            for i, x in enumerate(_examples(labels, "support_labels"))
+        ]
+        if not imgs:
+            raise ValueError("support_images: the support set is empty")
+        if len(labs) != len(imgs):
+            raise ValueError(
+                f"support_labels: {len(labs)} label maps for {len(imgs)} support_images; "
+                "they must pair one to one"
+            )
+        for i, (img, lab) in enumerate(zip(imgs, labs, strict=True)):
+            if img.shape != lab.shape:
+                raise ValueError(
+                    f"support_labels[{i}]: shape {lab.shape} differs from support_images[{i}] "
+                    f"{img.shape} (after RGB to gray)"
+                )
+            if not np.any(lab):
+                raise ValueError(
+                    f"support_labels[{i}]: no foreground (every value is 0); each support "
+                    "example needs its structure labelled"
+                )
+        values, soft = _label_values(labs)
+        R = self.resolution
+        image_t = torch.stack([prepare_image(x, R, modality, window)[0] for x in imgs])
+        if soft:  # one task, the masks as given
+            masks = [[prepare_label(x, R) for x in labs]]
+        else:
+            masks = [[prepare_label(x == v, R) for x in labs] for v in values]
+        label_t = torch.stack([torch.stack(m) for m in masks])
+        image_t, label_t = image_t.to(self.device), label_t.to(self.device)
+        term = None
+        if self.cache_support_term and getattr(self.model, "fast", False):
+            with torch.inference_mode():
+                term = torch.cat(
+                    [self.model.support_term(image_t[None], lab[None]) for lab in label_t]
+                )
+        self._support = _Support(image_t, label_t, values, term, modality, window)
+        return self
+
+    @property
+    def support_size(self) -> int:
+        """S, the number of cached support examples."""
+        return self._require_support().images.shape[0]
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The label values of the support set, one task each."""
+        return self._require_support().values
+
+    def _require_support(self) -> _Support:
+        if self._support is None:
+            raise RuntimeError("no support set: call set_support(images, labels) first")
+        return self._support
+
+    # ------------------------------------------------------------------ prediction
+
+    def batch_size(self, support_size: int) -> int:
+        """Queries per forward pass: ``max_batch``, or as many as the memory budget allows.
+
+        Activation memory per query ~ ``ACTIVATION_UNITS * S * C * R * R * 4`` bytes (S
+        support examples, C the network's widest conv, R the resolution, float32): the
+        support stream is a ``(B, S, C, R, R)`` tensor and a few of them, across levels, are
+        alive at once. v1 at R=128, S=64: ~1.6 GB per query.
+        """
+        if self.max_batch is not None:
+            return self.max_batch
+        budget = self.memory_budget_mb
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = CUDA_MEMORY_FRACTION * free / 2**20
+            else:
+                budget = CPU_MEMORY_BUDGET_MB
+        per_query = ACTIVATION_UNITS * support_size * _width(self.model) * self.resolution**2 * 4
+        return max(1, int(budget * 2**20 // per_query))
+
+    def predict_prepared(
+        self,
+        queries: Tensor,
+        ensemble: int = 1,
+        support_size: int | None = None,
+        seed: int = 0,
+    ) -> Tensor:
+        """Network-resolution form of :meth:`predict`.
+
+        ``queries (B, 1, R, R)`` in [0, 1], already prepared -> probabilities
+        ``(K, B, 1, R, R)`` float32 on the CPU, one map per label, averaged over the
+        ensemble. Queries are run in chunks of :meth:`batch_size`.
+        """
+        sup = self._require_support()
+        subsets = self._draw_subsets(ensemble, support_size, seed)
+        chunk = self.batch_size(len(subsets[0]) if subsets[0] is not None else self.support_size)
+        K, B = len(sup.values), queries.shape[0]
+        out = torch.zeros(K, B, 1, *queries.shape[-2:])
+        use_term = sup.term is not None and getattr(self.model, "fast", False)
+        with torch.inference_mode():
+            for idx in subsets:
+                images = sup.images if idx is None else sup.images[idx]
+                for k in range(K):
+                    labels = sup.labels[k] if idx is None else sup.labels[k, idx]
+                    term = None
+                    if use_term:
+                        term = (sup.term[k] if idx is None else sup.term[k, idx])[None]
+                    for start in range(0, B, chunk):
+                        q = queries[start : start + chunk].to(self.device, torch.float32)
+                        logits = self.model(q, images[None], labels[None], support_term=term)
+                        out[k, start : start + chunk] += torch.sigmoid(logits.float()).cpu()
+        return out / len(subsets)
+
+    def predict(
+        self,
+        query,
+        ensemble: int = 1,
+        support_size: int | None = None,
+        seed: int = 0,
+    ) -> Prediction | list[Prediction]:
+        """Segment one query or several.
+
+        Args:
+            query: a 2D image ``(H, W)`` or RGB ``(H, W, 3)`` (any size, dtype, range;
+                numpy or torch) -> one :class:`Prediction`; a list of them (sizes may
+                differ) or a ``(B, 1, H, W)`` stack -> a list of predictions, in order.
+                Windowed like the support (``modality``/``window`` of :meth:`set_support`).
+            ensemble: K; average the probabilities over K random support subsets.
+            support_size: N, the size of each subset, drawn without replacement from the
+                cached support; None: the whole support (then ``ensemble`` must be 1).
+            seed: seeds the ``torch.Generator`` that draws the subsets: same seed, same draws.
+
+        Raises:
+            ValueError: a query that is not 2D (use :meth:`predict_volume` for volumes),
+                holds NaN/inf, or an ensemble that does not fit the support set.
+        """
+        images, batched = _queries(query)
+        sup = self._require_support()
+        prepared = [prepare_image(x, self.resolution, sup.modality, sup.window) for x in images]
+        probs = self.predict_prepared(
+            torch.stack([t for t, _ in prepared]), ensemble, support_size, seed
+        )
+        preds = [
+            _prediction(restore(probs[:, b, 0], info).numpy(), sup.values)
+            for b, (_, info) in enumerate(prepared)
+        ]
+        return preds if batched else preds[0]
+
+    def predict_volume(
+        self,
+        volume,
+        axis: int = 2,
+        out_path: str | os.PathLike | None = None,
+        *,
+        ensemble: int = 1,
+        support_size: int | None = None,
+        seed: int = 0,
+        return_probs: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Segment a 3D volume slice by slice along ``axis``.
+
+        Args:
+            volume: a ``(X, Y, Z)`` array or tensor, a NIfTI file path, or a loaded nibabel
+                image. It is windowed once as a whole with the support's ``modality`` and
+                ``window``; slices are then prepared without re-windowing and batched.
+            axis: the slicing axis (0, 1 or 2).
+            out_path: write the label map there as NIfTI (uint8 or int16 for the label
+                values), with the input's affine and header (identity affine for arrays).
+            ensemble, support_size, seed: as in :meth:`predict`; every slice sees the same
+                support subsets.
+            return_probs: also return the ``(K, X, Y, Z)`` float32 per-label probabilities.
+
+        Returns:
+            The merged label map, the volume's shape, with the support's label values.
+        """
+        sup = self._require_support()
+        data, image = _load_volume(volume)
+        if axis not in (0, 1, 2, -1, -2, -3):
+            raise ValueError(f"axis: must be 0, 1 or 2 for a 3D volume, got {axis}")
+        try:
+            data = normalize_intensity(data, sup.modality, sup.window)
+        except ValueError as e:
+            raise ValueError(f"volume: {e}") from e
+        slices = np.moveaxis(data, axis, 0)  # (D, h, w)
+        K, D = len(sup.values), slices.shape[0]
+        label_map = np.zeros(slices.shape, _label_dtype(sup.values))
+        probs = np.zeros((K, *slices.shape), np.float32) if return_probs else None
+        chunk = self.batch_size(support_size or self.support_size)
+        for start in range(0, D, chunk):
+            prepared = [
+                prepare_image(s, self.resolution, normalize=False)
+                for s in slices[start : start + chunk]
+            ]
+            info = prepared[0][1]  # every slice has the same size
+            p = self.predict_prepared(
+                torch.stack([t for t, _ in prepared]), ensemble, support_size, seed
+            )
+            p = restore(p[:, :, 0], info).numpy()  # (K, b, h, w)
+            label_map[start : start + chunk] = merge_labels(p, sup.values)
+            if probs is not None:
+                probs[:, start : start + chunk] = p
+        label_map = np.ascontiguousarray(np.moveaxis(label_map, 0, axis))
+        if out_path is not None:
+            _save_nifti(label_map, image, out_path)
+        if probs is not None:
+            return label_map, np.moveaxis(probs, 1, axis % 3 + 1)
+        return label_map
+
+    def _draw_subsets(
+        self, ensemble: int, support_size: int | None, seed: int
+    ) -> list[Tensor | None]:
+        """K index sets into the cached support, each without replacement; [None] = all."""
+        S = self.support_size
+        if ensemble < 1:
+            raise ValueError(f"ensemble: must be >= 1, got {ensemble}")
+        if support_size is None:
+            if ensemble > 1:
+                raise ValueError(
+                    f"support_size: needed with ensemble={ensemble} (subsets of the whole "
+                    f"support set of {S} would all be the same)"
+                )
+            return [None]
+        if not 1 <= support_size <= S:
+            raise ValueError(
+                f"support_size: {support_size} is not between 1 and the support set's "
+                f"size ({S} examples)"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        return [
+            torch.randperm(S, generator=gen)[:support_size].to(self.device) for _ in range(ensemble)
+        ]
+
+
+def segment(
+    query,
+    support_images,
+    support_labels,
+    *,
+    model: nn.Module | str | os.PathLike | Segmenter,
+    modality: str | None = None,
+    window: tuple[float, float] | None = None,
+    resolution: int | None = None,
+    device: str | torch.device | None = None,
+    ensemble: int = 1,
+    support_size: int | None = None,
+    seed: int = 0,
+) -> Prediction | list[Prediction]:
+    """One call: ``Segmenter(model).set_support(...).predict(query, ...)``.
+
+    ``model`` is a network, a :class:`Segmenter`, or a checkpoint path / model name for
+    :meth:`Segmenter.from_checkpoint`. Returns what :meth:`Segmenter.predict` returns.
+    """
+    if isinstance(model, Segmenter):
+        seg = model
+    elif isinstance(model, nn.Module):
+        seg = Segmenter(model, resolution or DEFAULT_RESOLUTION, device)
+    else:
+        seg = Segmenter.from_checkpoint(model, device, resolution=resolution)
+    seg.set_support(support_images, support_labels, modality, window)
+    return seg.predict(query, ensemble, support_size, seed)
+
+
+def merge_labels(label_probs: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """``(K, ...)`` per-label probabilities -> ``(...)`` label map with the given values.
+
+    The value of the most probable label where its probability is above 0.5, else 0; ties go
+    to the first label.
+    """
+    values = np.asarray(values)
+    best = label_probs.argmax(axis=0)
+    top = np.take_along_axis(label_probs, best[None], axis=0)[0]
+    return np.where(top > 0.5, values[best], 0).astype(_label_dtype(values))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _prediction(label_probs: np.ndarray, values: tuple[int, ...]) -> Prediction:
+    """``label_probs (K, H, W)`` -> :class:`Prediction`."""
+    label_probs = label_probs.astype(np.float32, copy=False)
+    probs = label_probs.max(axis=0)
+    return Prediction(probs, probs > 0.5, merge_labels(label_probs, values), label_probs, values)
+
+
+def _label_dtype(values: Sequence[int]) -> np.dtype:
+    v = np.asarray(values)
+    if v.size and v.min() >= 0 and v.max() <= 255:
+        return np.dtype(np.uint8)
+    if v.size and v.min() >= -(2**15) and v.max() < 2**15:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
+
+def _card_preprocessing(card: dict | None) -> dict:
+    pre = (card or {}).get("preprocessing")
+    return pre if isinstance(pre, dict) else {}
+
+
+def _card_resolution(card: dict | None) -> int:
+    pre = _card_preprocessing(card)
+    value = (card or {}).get("resolution", pre.get("resolution", pre.get("size")))
+    return DEFAULT_RESOLUTION if value is None else int(value)
+
+
+def _check_resolution(resolution: int, model: nn.Module) -> int:
+    step = 2 ** (getattr(model, "depth", 1) - 1)
+    if resolution < 1 or resolution % step:
+        raise ValueError(
+            f"resolution: {resolution} must be a positive multiple of {step} for this model"
+        )
+    return int(resolution)
+
+
+def _width(model: nn.Module) -> int:
+    """C: the largest number of output channels of any conv, for the memory estimate."""
+    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=64)
+
+
+def _numeric(x, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype != bool and not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{name}: expected numbers, got an array of dtype {x.dtype}")
+    return x
+
+
+def _finite(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or inf values")
+    return x
+
+
+def _image_2d(x, name: str) -> np.ndarray:
+    """One 2D image, gray or RGB(A) -> ``(H, W)``, checked."""
+    x = _numeric(x, name)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a 2D image (H,W) or RGB (H,W,3), got shape {x.shape}")
+    try:
+        x = to_grayscale(x)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+    return _finite(x, name)
+
+
+def _label_2d(x, name: str) -> np.ndarray:
+    """One 2D label map ``(H, W)`` (a singleton channel axis is dropped), checked."""
+    x = _numeric(x, name)
+    if x.ndim == 3 and 1 in (x.shape[0], x.shape[-1]):
+        x = x.reshape(x.shape[1:] if x.shape[0] == 1 else x.shape[:-1])
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2D label map (H,W), got shape {x.shape}")
+    return _finite(x, name)
+
+
+def _examples(x, name: str) -> list:
+    """A list of examples, or a stacked ``(S, H, W)`` / ``(S, C, H, W)`` / ``(S, H, W, C)`` array."""
+    if isinstance(x, list | tuple):
+        return list(x)
+    arr = _numeric(x, name)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise ValueError(
+            f"{name}: shape {arr.shape} reads as one RGB image, not a stack (S,H,W); "
+            "pass a list of images"
+        )
+    if arr.ndim not in (3, 4):
+        raise ValueError(
+            f"{name}: expected a list of 2D images or a stacked array (S,H,W), got an array "
+            f"of shape {arr.shape}"
+        )
+    return list(arr)
+
+
+def _queries(query) -> tuple[list[np.ndarray], bool]:
+    """The query argument -> (list of ``(H, W)`` images, whether it was a batch)."""
+    if isinstance(query, list | tuple):
+        if not query:
+            raise ValueError("query: the list of queries is empty")
+        return [_image_2d(q, f"query[{i}]") for i, q in enumerate(query)], True
+    x = _numeric(query, "query")
+    if x.ndim == 3 and not ({x.shape[0], x.shape[-1]} & {1, 3, 4}):
+        raise ValueError(
+            f"query: shape {x.shape} is a 3D volume but the support set is 2D; segment "
+            "volumes with predict_volume(), or pass a list of 2D images"
+        )
+    if x.ndim == 4 and x.shape[1] == 1:  # (B, 1, H, W)
+        return [_image_2d(q[0], f"query[{i}]") for i, q in enumerate(x)], True
+    return [_image_2d(x, "query")], False
+
+
+def _label_values(labels: list[np.ndarray]) -> tuple[tuple[int, ...], bool]:
+    """``(values, soft)``: integer maps give their sorted nonzero values, one task each;
+    soft masks in [0, 1] (any non-integer value) give one task, ``((1,), True)``."""
+    if all(x.dtype.kind in "biu" or np.array_equal(x, np.round(x)) for x in labels):
+        values = np.unique(np.concatenate([np.unique(x) for x in labels]))
+        return tuple(v.item() for v in values[values != 0].astype(np.int64)), False
+    for i, x in enumerate(labels):
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError(
+                f"support_labels[{i}]: soft (non-integer) labels must lie in [0, 1], got "
+                f"[{x.min():g}, {x.max():g}]; integer label maps give one task per value"
+            )
+    return (1,), True
+
+
+def _load_volume(volume) -> tuple[np.ndarray, Any]:
+    """A path, nibabel image or array -> (``(X, Y, Z)`` float32, the nibabel image or None)."""
+    image = None
+    if isinstance(volume, str | os.PathLike):
+        import nibabel as nib
+
+        image = nib.load(os.fspath(volume))
+    elif hasattr(volume, "affine") and hasattr(volume, "get_fdata"):
+        image = volume
+    if image is not None:
+        data = image.get_fdata(dtype=np.float32)
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+    else:
+        data = _numeric(volume, "volume")
+    if data.ndim != 3:
+        raise ValueError(
+            f"volume: expected a 3D volume, got shape {data.shape}"
+            + ("; use predict() for 2D images" if data.ndim == 2 else "")
+        )
+    return data, image
+
+
+def _save_nifti(label_map: np.ndarray, image, out_path: str | os.PathLike) -> None:
+    """Write ``label_map`` as NIfTI with ``image``'s affine and header (identity if None)."""
+    import nibabel as nib
+
+    if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        out = type(image)(label_map, image.affine, header=image.header.copy())
+    else:
+        out = nib.Nifti1Image(label_map, None if image is None else image.affine)
+        if image is None:
+            out.set_sform(np.eye(4), code=1)
+            out.set_qform(np.eye(4), code=1)
+    out.set_data_dtype(label_map.dtype)
+    out.header.set_slope_inter(1, 0)  # label values are stored as they are, not rescaled
+    nib.save(out, os.fspath(out_path))
+
+
+__all__ = ["Prediction", "Segmenter", "merge_labels", "segment"]

@@ -1,0 +1,168 @@
+"""The network: v1 layout, the registry, and fast path == published (naive) path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaseg import create_model, list_models
+from megaseg.models import UniverSeg
+
+V1_KEYS = (
+    [f"enc_blocks.{i}.{part}" for i in range(4) for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")]
+    + [f"dec_blocks.{i}.{part}" for i in range(3) for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")]
+    + ["out_conv.conv"]
+)
+
+
+def test_v1_parameter_count():
+    model = create_model("universeg_v1")
+    assert sum(p.numel() for p in model.parameters()) == 1_182_785
+
+
+def test_v1_state_dict_keys_and_cross_conv_shapes():
+    state = create_model("universeg_v1").state_dict()
+    expected = {f"{k}.{w}" for k in V1_KEYS for w in ("weight", "bias")}
+    assert set(state) == expected
+    assert state["enc_blocks.0.cross.cross_conv.weight"].shape == (64, 3, 3, 3)
+    for i in (1, 2, 3):
+        assert state[f"enc_blocks.{i}.cross.cross_conv.weight"].shape == (64, 128, 3, 3)
+    for i in range(3):
+        assert state[f"dec_blocks.{i}.cross.cross_conv.weight"].shape == (64, 256, 3, 3)
+    assert state["out_conv.conv.weight"].shape == (1, 64, 1, 1)
+
+
+def test_v1_loads_a_foreign_state_dict_strictly():
+    # A file holding the public v1 layout (here: another instance's weights) loads with no renaming.
+    source = create_model("universeg_v1").state_dict()
+    target = create_model("universeg_v1")
+    target.load_state_dict(source, strict=True)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.items())
+
+
+def test_v1_has_no_norm_layers_and_zero_biases():
+    model = create_model("universeg_v1")
+    assert not any(isinstance(m, torch.nn.GroupNorm | torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.all(b == 0) for n, b in model.named_parameters() if n.endswith("bias"))
+    slopes = {m.negative_slope for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.01}
+
+
+def test_output_shape_and_support_broadcast():
+    model = create_model("universeg_v1", encoder_widths=(8, 8, 8, 8))
+    q = torch.rand(3, 1, 32, 32)
+    si, sl = torch.rand(1, 5, 1, 32, 32), torch.rand(1, 5, 1, 32, 32)
+    shared = model(q, si, sl)
+    assert shared.shape == (3, 1, 32, 32)
+    expanded = model(q, si.expand(3, -1, -1, -1, -1), sl.expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(shared, expanded)
+
+
+def test_registry_lists_variants_and_rejects_unknown():
+    assert {"universeg_v1", "universeg_v1_small", "universeg_v1_gn"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no_such_model")
+
+
+def test_pretrained_without_shipped_weights_says_so():
+    with pytest.raises(ValueError, match="ships no pretrained weights"):
+        create_model("universeg_v1", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: (torch.rand(2, 32, 32), torch.rand(2, 3, 1, 32, 32), torch.rand(2, 3, 1, 32, 32)),
+        lambda: (torch.rand(2, 1, 32, 32), torch.rand(2, 3, 1, 32, 32), torch.rand(2, 4, 1, 32, 32)),
+        lambda: (torch.rand(2, 1, 32, 32), torch.rand(3, 3, 1, 32, 32), torch.rand(3, 3, 1, 32, 32)),
+        lambda: (torch.rand(2, 1, 30, 30), torch.rand(2, 3, 1, 30, 30), torch.rand(2, 3, 1, 30, 30)),
+    ],
+    ids=["query-3d", "label-count", "batch", "not-divisible"],
+)
+def test_bad_shapes_raise(bad):
+    model = create_model("universeg_v1", encoder_widths=(8, 8, 8, 8))
+    with pytest.raises(ValueError):
+        model(*bad())
+
+
+# -- fast == naive -------------------------------------------------------------------------
+
+VARIANTS = {
+    "v1": dict(encoder_widths=(64, 64, 64, 64)),
+    "nonlinear_cross": dict(encoder_widths=(16, 16, 16, 16), cross_act="leaky_relu"),
+    "groupnorm": dict(encoder_widths=(16, 16, 16, 16), norm_groups=4),
+    "narrow": dict(encoder_widths=(8, 12, 16, 16), decoder_widths=(12, 8, 8)),
+}
+
+
+def _inputs(S: int, dtype: torch.dtype, size: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(2, 1, size, size, generator=g, dtype=dtype)
+    si = torch.rand(2, S, 1, size, size, generator=g, dtype=dtype)
+    sl = (torch.rand(2, S, 1, size, size, generator=g) > 0.5).to(dtype)
+    return q, si, sl
+
+
+def _logits_and_grads(model: UniverSeg, inputs, fast: bool):
+    q, si, sl = (x.clone().requires_grad_(True) for x in inputs)
+    model.zero_grad()
+    out = model(q, si, sl, fast=fast)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, (q.grad, si.grad, sl.grad)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("S", [1, 3, 16])
+# Logits: absolute tolerance. Gradients: relative to their largest entry. Float64 is where the
+# two paths are shown equal. In float32 the gradients of this unnormalized 7-block network are
+# only good to ~1e-3 of their scale on *either* path: measured against a float64 reference, the
+# naive path was off by up to 3e-4 (oneDNN) / 7e-5 (native), the fast path by up to 1.5e-3 /
+# 3.8e-3 (different conv shapes pick different kernels); 5e-3 bounds that rounding.
+@pytest.mark.parametrize(
+    "dtype,tol,grad_tol",
+    [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-4, 5e-3)],
+    ids=["f64", "f32"],
+)
+def test_fast_path_equals_naive(variant, S, dtype, tol, grad_tol):
+    torch.manual_seed(0)
+    model = UniverSeg(**VARIANTS[variant]).to(dtype)
+    if variant == "groupnorm":  # non-trivial affine norm parameters
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                torch.nn.init.normal_(m.weight, 1.0, 0.2)
+                torch.nn.init.normal_(m.bias, 0.0, 0.2)
+    inputs = _inputs(S, dtype, size=16 if variant == "v1" and S == 16 else 32)
+    fast_out, fast_grads, fast_in = _logits_and_grads(model, inputs, fast=True)
+    naive_out, naive_grads, naive_in = _logits_and_grads(model, inputs, fast=False)
+    assert (fast_out - naive_out).abs().max().item() <= tol
+    # The last decoder block's support branch gets no gradient on either path (unused output).
+    assert set(fast_grads) == set(naive_grads)
+    for name in naive_grads:
+        scale = max(1.0, naive_grads[name].abs().max().item())
+        assert (fast_grads[name] - naive_grads[name]).abs().max().item() <= grad_tol * scale, name
+    for a, b in zip(fast_in, naive_in, strict=True):
+        assert (a - b).abs().max().item() <= grad_tol * max(1.0, b.abs().max().item())
+
+
+def test_mean_shortcut_used_only_where_exact():
+    linear = UniverSeg(encoder_widths=(8, 8, 8, 8))
+    assert linear.dec_blocks[-1].cross.is_linear
+    assert not UniverSeg(encoder_widths=(8, 8, 8, 8), cross_act="gelu").dec_blocks[-1].cross.is_linear
+    assert not UniverSeg(encoder_widths=(8, 8, 8, 8), norm_groups=4).dec_blocks[-1].cross.is_linear
+
+    calls = []
+    block = linear.dec_blocks[-1].cross
+    original = block.fast_mean
+    block.fast_mean = lambda *a, **k: calls.append(1) or original(*a, **k)
+    q, si, sl = _inputs(3, torch.float32)
+    linear(q, si, sl)
+    assert calls == [1]
+
+
+def test_cached_support_term_gives_same_logits():
+    torch.manual_seed(0)
+    model = UniverSeg(encoder_widths=(8, 8, 8, 8)).double()
+    q, si, sl = _inputs(4, torch.float64)
+    term = model.support_term(si, sl)
+    torch.testing.assert_close(model(q, si, sl, support_term=term), model(q, si, sl), atol=1e-12, rtol=0)
