@@ -1,0 +1,40 @@
+"""Public datasets that share subjects: training on one and evaluating on the other leaks.
+
+Only overlaps stated by the datasets' own documentation are listed; names may refer to datasets
+that are not in the catalog (LiTS). ``megaseg prep verify`` reports the pairs present in a corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Datasets ``a`` and ``b`` hold scans of the same subjects, for ``reason``."""
+
+    a: str
+    b: str
+    reason: str
+
+
+KNOWN_OVERLAPS: tuple[Overlap, ...] = (
+    Overlap("Task03_Liver", "LiTS", "the Decathlon liver task is the LiTS 2017 training data"),
+    Overlap(
+        "KiTS19",
+        "KiTS21",
+        "KiTS21's 300 cases are KiTS19's 210 training and 90 test cases, re-annotated",
+    ),
+    Overlap(
+        "Task01_BrainTumour",
+        "BraTS2021",
+        "the Decathlon brain tumour task is BraTS 2016/2017 data, which BraTS 2021 includes",
+    ),
+)
+
+
+def overlaps_among(names: Iterable[str]) -> list[Overlap]:
+    """The known overlaps whose two datasets are both in ``names`` (case-insensitive)."""
+    present = {n.lower() for n in names}
+    return [o for o in KNOWN_OVERLAPS if o.a.lower() in present and o.b.lower() in present]
