@@ -16,6 +16,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "prep": ("data_prep.__main__:main", "build, inspect and verify a corpus (see `megaseg prep -h`)"),
+    "show-episodes": ("megaseg.show_episodes:main", "PNG of a few augmented training episodes"),
 }
 
 
