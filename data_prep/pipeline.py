@@ -1,0 +1,565 @@
+"""One pipeline for every dataset: a loaded case -> the 2D examples the corpus stores, and splits.
+
+Per case (``process_case``):
+
+1. check: finite intensities, label shape == image shape, at least one declared label present;
+2. volumes only: orient to RAS and resample to the spec's spacing (MONAI ``Orientation``,
+   ``Spacing``; bilinear for the image, nearest for the label map);
+3. window each channel over the whole volume (``megaseg.preprocess.normalize_intensity`` with
+   the channel's modality, or the spec's window);
+4. pick slices: along each plane of the spec, the mid-slice and, per label, the slice with the
+   largest area of that label. A task (channel, plane, label) gets the slices among these where
+   the label is present: its max-area slice, plus the mid-slice when the label shows there.
+   A 2D image is one slice on the axis "2d";
+5. each slice -> ``prepare_image(..., normalize=False)`` / ``prepare_label`` (pad to square,
+   blur-then-resize) at every stored resolution, quantized to uint8.
+
+Splits (``assign_splits``) are by subject, 70/15/15, a pure function of (seed, dataset, subject)
+except for the small-dataset guarantee documented there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from data_prep.readers.base import Case, CaseError, LoadedCase
+from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
+
+# Bump when a change here alters what is stored for a case: finished shards of an older
+# version are then recomputed instead of reused.
+PIPELINE_VERSION = 1
+DEFAULT_RESOLUTIONS = (64, 128, 256)
+PLANES = ("sagittal", "coronal", "axial")  # array axes 0, 1, 2 of a RAS-oriented volume
+AXIS_2D = "2d"
+SPLIT_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@dataclass
+class CaseSlices:
+    """What the store keeps of one case.
+
+    images: resolution -> ``(n_images, R, R)`` uint8 (intensity in [0, 1] * 255, rounded).
+    labels: resolution -> ``(n_labels, R, R)`` uint8 (soft mask * 255, rounded).
+    examples: ``(modality, axis, label, image_row, label_row, slice, kind)`` per example, rows
+    indexing the arrays above; ``kind`` is "mid", "max" or "2d".
+    """
+
+    images: dict[int, np.ndarray]
+    labels: dict[int, np.ndarray]
+    examples: list[tuple[str, str, str, int, int, int, str]] = field(default_factory=list)
+
+
+# -- spec fields ------------------------------------------------------------------------------
+
+
+def case_labels(case: Case, spec, label_map: np.ndarray | None = None) -> list[tuple[str, int]]:
+    """``(name, value)`` of the foreground labels of a case, sorted by value.
+
+    The reader's (``case.labels``, from dataset.json or the spec), else the spec's
+    ``{value: name}``, else every nonzero value present in ``label_map`` (named by its value).
+    """
+    pairs = dict(case.labels) or dict(getattr(spec, "labels", None) or {})
+    if not pairs and label_map is not None:
+        pairs = {int(v): str(int(v)) for v in np.unique(label_map) if v != 0}
+    return sorted(((str(n), int(v)) for v, n in pairs.items() if int(v) != 0), key=lambda p: p[1])
+
+
+def spec_planes(spec) -> tuple[int, ...]:
+    """Array axes (0 sagittal, 1 coronal, 2 axial) to slice along; all three by default."""
+    return tuple(sorted(set(getattr(spec, "planes", None) or (0, 1, 2))))
+
+
+def spec_spacing(spec) -> tuple[float, float, float]:
+    """Target voxel spacing in mm (the spec's isotropic ``spacing_mm``, default 1 mm)."""
+    return (float(getattr(spec, "spacing_mm", None) or 1.0),) * 3
+
+
+def channel_modalities(spec, loaded: LoadedCase) -> list[str]:
+    """One unique modality name per image channel: the reader's, else the spec's."""
+    n = loaded.image.shape[0]
+    names = list(loaded.channel_names) if len(loaded.channel_names) == n else []
+    if not names:
+        default = str(getattr(spec, "modality", None) or "unknown")
+        names = [default] if n == 1 else [f"{default}_{i}" for i in range(n)]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name] - 1}")
+    return unique
+
+
+# -- one case -----------------------------------------------------------------------------------
+
+
+def _image_path(case: Case):
+    """The file an image problem is reported against (the label's, for in-memory cases)."""
+    return case.image_paths[0] if case.image_paths else case.label_path
+
+
+def check_case(case: Case, loaded: LoadedCase, labels: Sequence[tuple[str, int]]) -> None:
+    """Raise :class:`CaseError` naming the file when the case cannot be used."""
+    image, label = loaded.image, loaded.label
+    where = _image_path(case)
+    if label.ndim not in (2, 3) or image.ndim != label.ndim + 1:
+        raise CaseError(
+            f"{where}: expected image (C, *S) and label S with S 2D or 3D, got image "
+            f"{image.shape} and label {label.shape} ({case.label_path})"
+        )
+    if image.shape[1:] != label.shape:
+        raise CaseError(
+            f"{where}: image shape {image.shape[1:]} does not match label shape {label.shape} "
+            f"({case.label_path})"
+        )
+    if not np.isfinite(image).all():
+        raise CaseError(f"{where}: NaN or inf intensities")
+    if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool) or (
+        label.size and label.min() < 0
+    ):
+        raise CaseError(
+            f"{case.label_path}: label must hold non-negative integers, got {label.dtype}"
+        )
+    present = np.flatnonzero(np.bincount(label.ravel()))
+    present = present[present != 0]
+    if present.size == 0:
+        raise CaseError(f"{case.label_path}: empty label")
+    values = sorted(v for _, v in labels)
+    if not np.isin(present, values).any():
+        raise CaseError(
+            f"{case.label_path}: empty label (none of the declared labels {values} present)"
+        )
+
+
+def orient_and_resample(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Volume ``(C, X, Y, Z)`` + label ``(X, Y, Z)`` -> RAS at ``spacing`` mm (label: nearest)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    orient = Orientation(axcodes="RAS", labels=_RAS_LABELS)
+    aff = torch.as_tensor(np.asarray(affine, np.float64))
+    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)), affine=aff)
+    lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label, np.float32))[None], affine=aff)
+    img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros")(orient(img))
+    lab = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros")(orient(lab))
+    return img.numpy(), np.rint(lab.numpy()[0]).astype(np.int32)
+
+
+def label_areas(label: np.ndarray, axis: int, num_values: int) -> np.ndarray:
+    """``(n_slices, num_values)`` pixel count of each label value in each slice along ``axis``.
+
+    ``label`` holds integers in ``[0, num_values)``. One bincount per slice: faster than one
+    bincount over the whole volume, which needs a volume-sized index array.
+    """
+    return np.stack(
+        [
+            np.bincount(np.take(label, i, axis).ravel(), minlength=num_values)
+            for i in range(label.shape[axis])
+        ]
+    )
+
+
+def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """2D slice of ``volume (X, Y, Z)``, rotated so that superior (or anterior, axial) is up."""
+    return np.rot90(np.take(volume, index, axis=axis)).copy()
+
+
+def _quantize(x: torch.Tensor) -> np.ndarray:
+    """``(1, R, R)`` float in [0, 1] -> ``(R, R)`` uint8."""
+    return np.rint(x[0].numpy() * 255).astype(np.uint8)
+
+
+def process_case(
+    case: Case, loaded: LoadedCase, spec, resolutions: Sequence[int] = DEFAULT_RESOLUTIONS
+) -> CaseSlices:
+    """Run the whole per-case pipeline (see the module docstring).
+
+    Raises:
+        CaseError: the case cannot be used (the message names the file and the reason).
+    """
+    labels = case_labels(case, spec, loaded.label)
+    check_case(case, loaded, labels)
+    modalities = channel_modalities(spec, loaded)
+    image, label = np.asarray(loaded.image), np.asarray(loaded.label).astype(np.int32, copy=False)
+    if loaded.is_3d:
+        if loaded.affine is None:
+            raise CaseError(f"{_image_path(case)}: volume without an affine")
+        image, label = orient_and_resample(image, label, loaded.affine, spec_spacing(spec))
+    window = getattr(spec, "window", None)
+    try:
+        image = np.stack(
+            [normalize_intensity(image[c], m, window) for c, m in enumerate(modalities)]
+        )
+    except ValueError as err:
+        raise CaseError(f"{_image_path(case)}: {err}") from err
+
+    # (axis name, axis, slice index, kind, label name, label value) of every example slice.
+    picks: list[tuple[str, int | None, int, str, str, int]] = []
+    num_values = max(int(label.max()), max(v for _, v in labels)) + 1
+    if loaded.is_3d:
+        for axis in spec_planes(spec):
+            areas = label_areas(label, axis, num_values)
+            mid = label.shape[axis] // 2
+            for name, value in labels:
+                if areas[:, value].any():
+                    best = int(np.argmax(areas[:, value]))
+                    if areas[mid, value] and mid != best:
+                        picks.append((PLANES[axis], axis, mid, "mid", name, value))
+                    picks.append(
+                        (PLANES[axis], axis, best, "mid" if best == mid else "max", name, value)
+                    )
+    else:
+        picks = [(AXIS_2D, None, 0, "2d", n, v) for n, v in labels if (label == v).any()]
+    if not picks:
+        raise CaseError(
+            f"{case.label_path}: empty label after resampling to {spec_spacing(spec)} mm"
+        )
+
+    image_rows: dict[tuple[int, int | None, int], int] = {}
+    label_rows: dict[tuple[int | None, int, int], int] = {}
+    image_slices, label_slices = [], []
+    out = CaseSlices(images={}, labels={})
+    for c, modality in enumerate(modalities):
+        for axis_name, axis, index, kind, name, value in picks:
+            ikey, lkey = (c, axis, index), (axis, index, value)
+            if ikey not in image_rows:
+                image_rows[ikey] = len(image_slices)
+                image_slices.append(image[c] if axis is None else _slice(image[c], axis, index))
+            if lkey not in label_rows:
+                label_rows[lkey] = len(label_slices)
+                mask = label == value if axis is None else _slice(label, axis, index) == value
+                label_slices.append(mask.astype(np.float32))
+            out.examples.append(
+                (modality, axis_name, name, image_rows[ikey], label_rows[lkey], index, kind)
+            )
+    for r in resolutions:
+        out.images[r] = np.stack(
+            [_quantize(prepare_image(s, r, normalize=False)[0]) for s in image_slices]
+        )
+        out.labels[r] = np.stack([_quantize(prepare_label(s, r)) for s in label_slices])
+    return out
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+def subject_unit(seed: int, dataset: str, subject: str) -> float:
+    """A subject's position in [0, 1): a hash of (seed, dataset, subject), nothing else."""
+    digest = hashlib.sha256(f"{seed}\0{dataset}\0{subject}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def natural_split(u: float) -> str:
+    """train for u < 0.70, val for u < 0.85, test otherwise."""
+    edge = 0.0
+    for name, fraction in SPLIT_FRACTIONS:
+        edge += fraction
+        if u < edge:
+            return name
+    return SPLIT_FRACTIONS[-1][0]
+
+
+def _interval(split: str) -> tuple[float, float]:
+    edge = 0.0
+    for name, fraction in SPLIT_FRACTIONS:
+        if name == split:
+            return edge, edge + fraction
+        edge += fraction
+    raise ValueError(split)
+
+
+def assign_splits(subjects: Iterable[str], dataset: str, seed: int = 0) -> dict[str, str]:
+    """Split of each subject: train / val / test, about 70 / 15 / 15.
+
+    Each subject gets ``u = subject_unit(seed, dataset, subject)`` and its *natural* split
+    (:func:`natural_split`), which no other subject can change: adding subjects never moves
+    a subject that sits in its natural split.
+
+    Guarantee, for 3 or more subjects: no split is empty. While one is (checked in the order
+    test, val, train), one subject moves into it from the split holding the most subjects
+    (ties: train, val, test), namely the subject of that split whose ``u`` lies nearest to the
+    empty split's interval (ties: smaller subject id). The donor keeps at least one subject,
+    so at most two subjects move, and only in datasets small enough to leave a split empty;
+    adding subjects can return a moved subject to its natural split, never move another one.
+    With 1 or 2 subjects every subject keeps its natural split (some splits stay empty; the
+    dataset card says which).
+    """
+    subjects = sorted(set(subjects))
+    u = {s: subject_unit(seed, dataset, s) for s in subjects}
+    split = {s: natural_split(u[s]) for s in subjects}
+    if len(subjects) < 3:
+        return split
+    names = [n for n, _ in SPLIT_FRACTIONS]
+    for target in reversed(names):
+        members = {n: [s for s in subjects if split[s] == n] for n in names}
+        if members[target]:
+            continue
+        donor = max(names, key=lambda n: (len(members[n]), -names.index(n)))
+        lo, hi = _interval(target)
+        moved = min(members[donor], key=lambda s: (max(lo - u[s], u[s] - hi, 0.0), s))
+        split[moved] = target
+    return split
+
+
+# -- the build: readers -> process_case -> shards -> consolidation -> manifest -------------------
+
+
+@dataclass
+class DatasetJob:
+    """One dataset to build: its spec, its cases and how to load one.
+
+    ``load`` and ``spec`` must be picklable for ``workers > 1`` (a reader's bound ``load`` is).
+    ``fingerprint(case)`` identifies the case's inputs (default: the files' sizes and times);
+    in-memory sources (synthetic tasks) pass their own, e.g. generator version and seed.
+    """
+
+    spec: object
+    cases: list[Case]
+    load: Callable[[Case], LoadedCase]
+    fingerprint: Callable[[Case], str] | None = None
+
+
+def job_from_spec(spec, root) -> DatasetJob:
+    """The job of a dataset spec whose files are in folder ``root`` (raises DatasetError)."""
+    from data_prep.readers import get_reader
+
+    reader = get_reader(spec.reader)
+    return DatasetJob(spec, reader.cases(Path(root), spec), reader.load)
+
+
+@dataclass
+class BuildSummary:
+    """What a build did. ``fatal`` is set when ``strict`` stopped it (nothing was written)."""
+
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    reused_cases: int = 0
+    reused_datasets: list[str] = field(default_factory=list)
+    failed_datasets: dict[str, str] = field(default_factory=dict)
+    fatal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.fatal is None and not self.failed_datasets
+
+    def text(self) -> str:
+        n_written, n_skipped = sum(self.written.values()), sum(map(len, self.skipped.values()))
+        lines = [
+            f"cases written: {n_written}, skipped: {n_skipped}"
+            + (f" (done by an earlier run: {self.reused_cases})" if self.reused_cases else "")
+        ]
+        for name in sorted(set(self.written) | set(self.skipped)):
+            lines.append(
+                f"  {name}: {self.written.get(name, 0)} written, {len(self.skipped.get(name, []))} skipped"
+            )
+            lines += [
+                f"    skipped {case}: {reason}" for case, reason in self.skipped.get(name, [])
+            ]
+        if self.reused_datasets:
+            lines.append(f"datasets already complete: {', '.join(self.reused_datasets)}")
+        lines += [
+            f"dataset {name} FAILED: {why}" for name, why in sorted(self.failed_datasets.items())
+        ]
+        if self.fatal:
+            lines.append(f"STOPPED (--strict): {self.fatal}; the corpus was not changed")
+        return "\n".join(lines)
+
+
+def _portable(spec):
+    """A picklable stand-in for a dataclass spec (``DatasetSpec.labels`` is a mappingproxy,
+    which pickle refuses); other spec objects are passed as they are."""
+    if not dataclasses.is_dataclass(spec):
+        return spec
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return SimpleNamespace(
+        **{k: dict(v) if isinstance(v, Mapping) else v for k, v in fields.items()}
+    )
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(specs, loads, resolutions, strict) -> None:
+    torch.set_num_threads(1)  # parallelism is across cases; also keeps results bit-identical
+    _WORKER.update(specs=specs, loads=loads, resolutions=resolutions, strict=strict)
+
+
+def _run_case(item) -> tuple[int, int, str | None]:
+    """Process one case and write its shard (or its skip record); returns the skip reason."""
+    from data_prep.store_writer import write_shard, write_skip
+
+    j, i, case, npz, skip = item
+    spec, resolutions = _WORKER["specs"][j], _WORKER["resolutions"]
+    try:
+        slices = process_case(case, _WORKER["loads"][j](case), spec, resolutions)
+    except MemoryError:
+        raise
+    except CaseError as err:
+        reason = str(err)
+    except Exception as err:  # a damaged file can make any library raise; counted, named
+        reason = f"{case.label_path}: {type(err).__name__}: {err}"
+    else:
+        write_shard(npz, case, slices, resolutions)
+        return j, i, None
+    if not _WORKER["strict"]:
+        write_skip(skip, case, reason)
+    return j, i, reason
+
+
+def _run_cases(pending: list, workers: int, init: tuple):
+    """Yield ``(job, case, skip reason or None)`` per pending case, here or in worker processes."""
+    if workers <= 1 or len(pending) <= 1:
+        threads = torch.get_num_threads()
+        _init_worker(*init)
+        try:
+            yield from map(_run_case, pending)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    # forkserver: workers fork from a server process that imported the pipeline (and MONAI)
+    # once but never ran torch ops, so no thread-pool state is forked, and starting a worker
+    # costs no import (spawn took ~10 s per worker on a busy 2-core machine). A worker that
+    # dies breaks the pool with an error instead of hanging the build.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.pipeline", "monai.transforms"])
+    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=init) as pool:
+        futures = [pool.submit(_run_case, item) for item in pending]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def build_corpus(
+    jobs: Sequence[DatasetJob],
+    out,
+    workers: int = 1,
+    resolutions: Sequence[int] = DEFAULT_RESOLUTIONS,
+    strict: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> BuildSummary:
+    """Build (or finish building) the corpus ``out`` from ``jobs``; see ``store_writer``.
+
+    Resumable: rerunning the same call after a kill reuses every finished shard and dataset.
+    ``strict``: the first bad case stops the build; the corpus is left as it was.
+    """
+    from data_prep import store_writer as sw
+
+    out = Path(out)
+    resolutions = tuple(sorted(int(r) for r in resolutions))
+    names = [job.spec.name for job in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"dataset names given twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
+        )
+    for job in jobs:
+        if not job.cases:
+            raise ValueError(f"dataset {job.spec.name!r}: no cases found")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with sw.build_lock(out):
+        return _build(jobs, out, workers, resolutions, strict, seed, progress, created)
+
+
+def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
+    """A dataset's build key and the ``(shard, skip record)`` paths of each of its cases.
+
+    Both hash everything the output depends on (spec, resolutions, pipeline and format
+    versions, each case's fields and input fingerprint; the seed for the build key only).
+    """
+    from data_prep import store_writer as sw
+
+    job_key = sw._hash([PIPELINE_VERSION, sw.FORMAT_VERSION, sw.spec_record(job.spec), resolutions])
+    fingerprint = job.fingerprint or sw.file_fingerprint
+    fps = [sw.case_fingerprint(c, fingerprint(c), job_key) for c in job.cases]
+    pairs = list(zip(job.cases, fps, strict=True))
+    build_key = sw._hash([job_key, seed, [(c.case_id, fp) for c, fp in pairs]])
+    folder = sw.shard_dir(out, job.spec.name)
+    stems = [sw.shard_stem(c.case_id, fp) for c, fp in pairs]
+    return build_key, [(folder / f"{s}.npz", folder / f"{s}.skip.json") for s in stems]
+
+
+def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, created) -> BuildSummary:
+    from tqdm import tqdm
+
+    from data_prep import store_writer as sw
+
+    names = [job.spec.name for job in jobs]
+    summary = BuildSummary()
+    plans, pending = [], []
+    for j, job in enumerate(jobs):
+        name = job.spec.name
+        build_key, files = _shard_files(job, out, resolutions, seed)
+        plans.append((job, build_key, files))
+        if sw.dataset_is_current(out, name, build_key):
+            summary.reused_datasets.append(name)
+            continue
+        for i, (case, (npz, skip)) in enumerate(zip(job.cases, files, strict=True)):
+            if npz.is_file() or (skip.is_file() and not strict):
+                summary.reused_cases += 1
+            elif skip.is_file():
+                summary.fatal = json.loads(skip.read_text())["reason"]
+                break
+            else:
+                pending.append((j, i, case, npz, skip))
+
+    init = ([_portable(job.spec) for job in jobs], [job.load for job in jobs], resolutions, strict)
+    bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending)
+    results = _run_cases(pending if summary.fatal is None else [], workers, init)
+    try:
+        for j, i, reason in results:
+            bar.update()
+            if reason is not None:
+                bar.write(f"skipped {names[j]}/{jobs[j].cases[i].case_id}: {reason}")
+                if strict:
+                    summary.fatal = reason
+                    break
+    finally:
+        results.close()  # strict stop: cases not started are cancelled, running ones finish
+    bar.close()
+    if summary.fatal is not None:
+        shutil.rmtree(out / sw.WORK_DIR, ignore_errors=True)
+        if created:
+            (out / sw.LOCK).unlink(missing_ok=True)
+            if not any(out.iterdir()):
+                out.rmdir()
+        return summary
+
+    for job, build_key, files in plans:
+        name = job.spec.name
+        if name in summary.reused_datasets:
+            continue
+        shards, skipped = [], []
+        for case, (npz, skip) in zip(job.cases, files, strict=True):
+            if npz.is_file():
+                shards.append((case, npz))
+            else:
+                skipped.append((case, json.loads(skip.read_text())["reason"]))
+        summary.written[name] = len(shards)
+        summary.skipped[name] = [(c.case_id, r) for c, r in skipped]
+        try:
+            sw.consolidate_dataset(
+                out, job.spec, shards, skipped, seed, resolutions, build_key, assign_splits
+            )
+        except ValueError as err:
+            summary.failed_datasets[name] = str(err)
+    sw.write_manifest(out)
+    shutil.rmtree(out / sw.WORK_DIR, ignore_errors=True)
+    return summary
