@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from megaseg.checkpoint import load_checkpoint, save_checkpoint
+from megaseg.evaluation import evaluate
 from megaseg.inference import Prediction, Segmenter, segment
 from megaseg.models import UniverSeg, create_model, list_models
 
@@ -12,6 +13,7 @@ __all__ = [
     "UniverSeg",
     "__version__",
     "create_model",
+    "evaluate",
     "list_models",
     "load_checkpoint",
     "save_checkpoint",

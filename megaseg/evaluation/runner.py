@@ -1,0 +1,387 @@
+"""``evaluate()``: a model and its baselines on held-out datasets, on the same support draws.
+
+    from megaseg.evaluation import evaluate, corpus_sources, SyntheticSource
+    result = evaluate("run/export/final.safetensors",
+                      corpus_sources("corpus/", ["ACDC", "WBC"]) + [SyntheticSource(50)],
+                      support_sizes=(1, 2, 4, 8, 16), draws_per_n=3, out_dir="eval/")
+    print(result.table)               # dataset x N, Dice [95% CI], every method
+    result.dice("megaseg", "mean", 16)
+
+    # another checkpoint on exactly the same draws:
+    evaluate("other.safetensors", sources, draws="eval/draws.json", out_dir="eval_other/")
+
+The protocol (what is drawn, what is excluded) is in :mod:`megaseg.evaluation.protocol`, the
+intervals in :mod:`megaseg.evaluation.stats`, the outputs in :mod:`megaseg.evaluation.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from megaseg.evaluation import report
+from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
+from megaseg.evaluation.overlap import OverlapError, card_training_datasets, find_overlaps
+from megaseg.evaluation.protocol import (
+    DEFAULT_DRAWS_PER_N,
+    DEFAULT_SUPPORT_SIZES,
+    DrawSet,
+    binarize,
+    check_draw,
+    dice,
+    ensemble_predict,
+    make_draws,
+    replay_check,
+)
+from megaseg.evaluation.sources import Source
+from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from megaseg.inference import Segmenter
+
+DEFAULT_METHODS = ("megaseg", "mean_label", "supervised", "random_init")
+MODEL_METHOD = "megaseg"
+
+
+@dataclass
+class EvaluationResult:
+    """Everything an evaluation produced.
+
+    rows: one dict per prediction (see :data:`~megaseg.evaluation.report.PREDICTION_COLUMNS`).
+    tasks: per (method, task, N) mean Dice. summary: per (method, dataset or "mean", N) Dice
+    with its bootstrap interval. table: the markdown table; report: the whole summary.md.
+    draws: the draws used (write them with ``draws.save``). paths: the files written (empty
+    without ``out_dir``). meta: settings, model, training datasets, overlaps, timings.
+    """
+
+    rows: list[dict]
+    tasks: list[dict]
+    summary: list[dict]
+    table: str
+    report: str
+    draws: DrawSet
+    meta: dict
+    paths: dict[str, Path | list[Path]] = field(default_factory=dict)
+
+    def row(
+        self, method: str = MODEL_METHOD, dataset: str = report.MEAN, N: int | None = None
+    ) -> dict:
+        """The summary row of ``method`` on ``dataset`` ("mean": over datasets) at N (default: largest)."""
+        rows = [s for s in self.summary if s["method"] == method and s["dataset"] == dataset]
+        if not rows:
+            raise KeyError(f"no summary for method {method!r} on {dataset!r}")
+        N = max(r["N"] for r in rows) if N is None else N
+        for r in rows:
+            if r["N"] == N:
+                return r
+        raise KeyError(f"no summary for method {method!r} on {dataset!r} at N={N}")
+
+    def dice(
+        self, method: str = MODEL_METHOD, dataset: str = report.MEAN, N: int | None = None
+    ) -> float:
+        """Mean Dice (see :meth:`row`)."""
+        return self.row(method, dataset, N)["dice"]
+
+    def ci(
+        self, method: str = MODEL_METHOD, dataset: str = report.MEAN, N: int | None = None
+    ) -> tuple[float, float]:
+        """The bootstrap interval of :meth:`dice`."""
+        r = self.row(method, dataset, N)
+        return r["ci_low"], r["ci_high"]
+
+
+def _load_model(checkpoint_or_model, resolution, device) -> tuple[Segmenter, dict | None, str]:
+    """A checkpoint path / model name, a Segmenter or a network -> (Segmenter, card, description)."""
+    if isinstance(checkpoint_or_model, Segmenter):
+        seg = checkpoint_or_model
+        if resolution is not None and resolution != seg.resolution:
+            raise ValueError(
+                f"resolution: {resolution} given, but the Segmenter runs at {seg.resolution}"
+            )
+        return seg, seg.card, f"Segmenter({type(seg.model).__name__})"
+    if isinstance(checkpoint_or_model, nn.Module):
+        seg = Segmenter(checkpoint_or_model, resolution or 128, device)
+        return seg, None, f"in-memory {type(checkpoint_or_model).__name__}"
+    if isinstance(checkpoint_or_model, str | os.PathLike):
+        seg = Segmenter.from_checkpoint(checkpoint_or_model, device, resolution=resolution)
+        return seg, seg.card, str(checkpoint_or_model)
+    raise TypeError(
+        f"checkpoint_or_model: expected a checkpoint path, a Segmenter or an nn.Module, got "
+        f"{type(checkpoint_or_model).__name__}"
+    )
+
+
+def _methods(
+    names: Sequence[str | Method],
+    seg: Segmenter,
+    seed: int,
+    supervised_steps: int,
+    model_label: str,
+) -> list[Method]:
+    out: list[Method] = []
+    for m in names:
+        if not isinstance(m, str):
+            out.append(m)
+        elif m == MODEL_METHOD:
+            out.append(ModelMethod(seg, name=model_label))
+        elif m == "mean_label":
+            out.append(MeanLabel())
+        elif m == "supervised":
+            out.append(SupervisedUNet(steps=supervised_steps, device=seg.device))
+        elif m == "random_init":
+            out.append(random_init(seg, seed=seed))
+        else:
+            raise ValueError(
+                f"methods: unknown method {m!r}; known: {', '.join(DEFAULT_METHODS)} (or pass an "
+                "object with .name and .predict)"
+            )
+    names_ = [m.name for m in out]
+    if len(set(names_)) != len(names_):
+        raise ValueError(f"methods: names must be unique, got {names_}")
+    if not out:
+        raise ValueError("methods: at least one method")
+    return out
+
+
+def evaluate(
+    checkpoint_or_model,
+    sources: Source | Sequence[Source],
+    *,
+    support_sizes: Sequence[int] = DEFAULT_SUPPORT_SIZES,
+    draws_per_n: int = DEFAULT_DRAWS_PER_N,
+    ensemble: int = 1,
+    methods: Sequence[str | Method] = DEFAULT_METHODS,
+    out_dir: str | os.PathLike | None = None,
+    draws: str | os.PathLike | DrawSet | None = None,
+    seed: int = 0,
+    allow_overlap: bool = False,
+    resolution: int | None = None,
+    device: str | torch.device | None = None,
+    supervised_steps: int = 300,
+    max_queries: int | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    model_label: str = MODEL_METHOD,
+    training_datasets: Sequence[str] | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate a model and baselines on held-out sources (see the module docstring).
+
+    Args:
+        checkpoint_or_model: a checkpoint file (or shipped model name), a
+            :class:`~megaseg.inference.Segmenter`, or a network (run at ``resolution``,
+            default 128).
+        sources: datasets to evaluate on (:mod:`megaseg.evaluation.sources`).
+        support_sizes, draws_per_n, ensemble, seed, max_queries: the sweep (see
+            :func:`~megaseg.evaluation.protocol.make_draws`); ignored when ``draws`` is given.
+        methods: names among "megaseg", "mean_label", "supervised", "random_init", or method
+            objects (``.name``, ``.predict``). The model's own rows are named ``model_label``.
+        out_dir: write the CSVs, summary.md / .json, draws.json and plots there (None: write
+            nothing).
+        draws: a draws.json (or DrawSet) to replay exactly.
+        allow_overlap: evaluate even on datasets the card lists as training data; a loud
+            warning, and every output is flagged.
+        training_datasets: overrides the card's list (needed to check a bare network).
+        supervised_steps: training steps of the supervised baseline per support set.
+        resamples, level: the bootstrap over tasks.
+
+    Raises:
+        OverlapError: a dataset the model was trained on, without ``allow_overlap``.
+        ProtocolError: a draw that breaks the protocol (e.g. a replayed, edited file).
+    """
+    seg, card, model_desc = _load_model(checkpoint_or_model, resolution, device)
+    R = seg.resolution
+    sources = [sources] if not isinstance(sources, Sequence) else list(sources)
+    if not sources:
+        raise ValueError("sources: nothing to evaluate on")
+    descriptions = [s.describe() for s in sources]
+
+    trained = (
+        list(training_datasets) if training_datasets is not None else card_training_datasets(card)
+    )
+    check_card = card if training_datasets is None else {"training_datasets": trained}
+    overlaps = find_overlaps(check_card, descriptions)
+    notes: list[str] = []
+    if overlaps and not allow_overlap:
+        raise OverlapError(
+            "refusing to evaluate on data the model was trained on (this would not be a "
+            "held-out evaluation):\n  "
+            + "\n  ".join(overlaps)
+            + "\nEvaluate on other datasets, or pass allow_overlap=True (--allow-overlap) to "
+            "run anyway with every output flagged."
+        )
+    if overlaps:
+        msg = "NOT HELD OUT (allow_overlap): " + "; ".join(overlaps)
+        warnings.warn(msg, stacklevel=2)
+    if trained is None:
+        notes.append(
+            "the model has no card listing its training datasets: held-out status not checked"
+        )
+        warnings.warn(notes[-1], stacklevel=2)
+    overlapping = {o.split(":", 1)[0] for o in overlaps}
+
+    replayed = draws is not None
+    if replayed:
+        drawset = draws if isinstance(draws, DrawSet) else DrawSet.load(draws)
+        replay_check(drawset, sources, R)
+    else:
+        drawset = make_draws(sources, R, support_sizes, draws_per_n, ensemble, seed, max_queries)
+
+    method_objs = _methods(methods, seg, seed, supervised_steps, model_label)
+    primary = method_objs[0].name
+    rows, cases, seconds = _run(drawset, sources, method_objs, R, overlapping, primary, progress)
+
+    tasks = report.task_means(rows)
+    summary = report.summarize(tasks, resamples, level, drawset.settings.get("seed", seed))
+    timings = {}
+    for m in method_objs:
+        if seconds[m.name]:
+            detail = f"{m.steps} training steps each" if isinstance(m, SupervisedUNet) else ""
+            timings[m.name] = {"mean_seconds": float(np.mean(seconds[m.name])),
+                               "calls": len(seconds[m.name]), "detail": detail}  # fmt: skip
+    meta = {
+        "model": model_desc,
+        "card_model": (card or {}).get("model"),
+        "training_datasets": trained,
+        "datasets": [s.dataset for s in sources if s.dataset in drawset.datasets],
+        "sources": descriptions,
+        "settings": drawset.settings,
+        "replayed": replayed,
+        "methods": [m.name for m in method_objs],
+        "overlap": overlaps,
+        "allow_overlap": allow_overlap,
+        "tasks": drawset.tasks,
+        "skipped": drawset.skipped,
+        "timings": timings,
+        "warnings": notes,
+        "resamples": resamples,
+        "level": level,
+    }
+    result = EvaluationResult(
+        rows=rows,
+        tasks=tasks,
+        summary=summary,
+        table=report.markdown_table(summary),
+        report=report.markdown_report(summary, meta),
+        draws=drawset,
+        meta=meta,
+    )
+    if out_dir is not None:
+        result.paths = _write(result, Path(out_dir), sources, cases, primary, R)
+    return result
+
+
+def _run(drawset, sources, methods, R, overlapping, primary, progress):
+    """Predict every draw with every method -> (rows, best/median/worst candidates, timings)."""
+    from tqdm.auto import tqdm
+
+    by_name = {s.dataset: s for s in sources}
+    task_of = {}
+    for s in sources:
+        if s.dataset in drawset.datasets:
+            task_of |= {(t.dataset, t.name): t for t in s.tasks()}
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for d in drawset.draws:
+        groups[(d.dataset, d.task)].append(d)
+    max_n = max(d.N for d in drawset.draws)
+    rows: list[dict] = []
+    cases: list[dict] = []  # primary method at the largest N: packed predictions
+    seconds: dict[str, list[float]] = {m.name: [] for m in methods}
+    bar = tqdm(total=len(drawset.draws) * len(methods), desc="evaluate", unit="draw",
+               disable=not progress, leave=False)  # fmt: skip
+    for (dataset, name), draws in groups.items():
+        task = task_of.get((dataset, name))
+        if task is None:
+            raise ValueError(f"draws: task {dataset}/{name} is not in the source {dataset!r}")
+        ids = list(
+            dict.fromkeys(
+                i for d in draws for i in (*d.queries, *(x for s in d.support for x in s))
+            )
+        )
+        images, labels = by_name[dataset].load(name, ids, R)
+        index = {i: k for k, i in enumerate(ids)}
+        for d in draws:
+            check_draw(d, task)
+            q_rows = torch.tensor([index[q] for q in d.queries])
+            queries, truth = images[q_rows], binarize(labels[q_rows])
+            for m in methods:
+                start = time.perf_counter()
+                probs = ensemble_predict(m, queries, images, labels, d, index)
+                elapsed = time.perf_counter() - start
+                seconds[m.name].append(elapsed / d.ensemble)
+                scores = dice(probs, truth).tolist()
+                pred = probs > 0.5
+                for b, q in enumerate(d.queries):
+                    rows.append({
+                        "method": m.name, "dataset": dataset, "task": name, "query": q,
+                        "subject": task.subjects[q], "N": d.N, "support_size": d.support_size,
+                        "r": d.r, "ensemble": d.ensemble, "seed": d.seed, "dice": scores[b],
+                        "truth_pixels": int(truth[b].sum()), "pred_pixels": int(pred[b].sum()),
+                        "within_subject": d.within_subject, "overlap": dataset in overlapping,
+                        "call_seconds": elapsed,
+                    })  # fmt: skip
+                    if m.name == primary and d.N == max_n:
+                        cases.append(
+                            {"row": len(rows) - 1, "pred": np.packbits(pred[b, 0].numpy())}
+                        )
+                bar.update(1)
+    bar.close()
+    return rows, cases, seconds
+
+
+def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {
+        "draws": result.draws.save(out / "draws.json"),
+        "predictions": report.write_csv(
+            out / "predictions.csv", result.rows, report.PREDICTION_COLUMNS
+        ),
+        "tasks": report.write_csv(out / "tasks.csv", result.tasks, report.TASK_COLUMNS),
+        "summary_csv": report.write_csv(
+            out / "summary.csv", result.summary, report.SUMMARY_COLUMNS
+        ),
+    }
+    (out / "summary.md").write_text(result.report)
+    paths["summary_md"] = out / "summary.md"
+    (out / "summary.json").write_text(
+        json.dumps({"meta": result.meta, "summary": result.summary}, indent=1, default=str) + "\n"
+    )
+    paths["summary_json"] = out / "summary.json"
+    paths["plots"] = report.plot_dice_vs_n(result.summary, out)
+    if cases:
+        paths["cases"] = _plot_cases(result, cases, sources, primary, R, out)
+    return paths
+
+
+def _plot_cases(result, cases, sources, primary, R, out: Path) -> Path:
+    """Best, median and worst predictions of the primary method at its largest N."""
+    order = sorted(cases, key=lambda c: (result.rows[c["row"]]["dice"], c["row"]))
+    picks = [("worst", order[0]), ("median", order[len(order) // 2]), ("best", order[-1])]
+    by_name = {s.dataset: s for s in sources}
+    panels = []
+    for what, c in reversed(picks):
+        row = result.rows[c["row"]]
+        image, label = by_name[row["dataset"]].load(row["task"], [row["query"]], R)
+        pred = np.unpackbits(c["pred"])[: R * R].reshape(R, R)
+        panels.append({
+            "image": image[0, 0].numpy(), "truth": binarize(label[0, 0]).numpy(), "pred": pred,
+            "label": f"{what}: Dice {row['dice']:.3f}\n{row['dataset']}\n{row['task']}\n"
+                     f"query {row['query']}, N={row['support_size']}, r={row['r']}",
+        })  # fmt: skip
+    return report.plot_cases(
+        panels,
+        out / f"cases_{report._slug(primary)}.png",
+        title=f"{primary}: best, median and worst predictions at N={result.rows[picks[0][1]['row']]['N']}",
+    )
+
+
+__all__ = ["DEFAULT_METHODS", "EvaluationResult", "OverlapError", "evaluate"]

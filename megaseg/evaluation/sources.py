@@ -1,0 +1,458 @@
+"""Where evaluation examples come from: a corpus, held-out synthetic tasks, a folder, arrays.
+
+A *source* is one dataset. It lists its binary tasks (:class:`EvalTask`), each with a pool of
+support candidates and a pool of queries, and loads examples by id at the network's
+resolution::
+
+    source.tasks() -> [EvalTask]
+    source.load(task_name, ids, resolution) -> images (n,1,R,R), labels (n,1,R,R) float32 in [0, 1]
+    source.describe() -> dict  (recorded in draws.json; a replay checks it is the same data)
+
+Pools follow the evaluation protocol (DESIGN.md section 4): support candidates come from the
+dataset's *train* split and queries from its *test* split, so support and query never share a
+subject. A task whose examples all belong to ONE subject (a single-subject dataset such as the
+MNI152 template) cannot be split that way; it is evaluated *within-subject*: both pools are all
+its examples, and the protocol excludes each query from its own support. Every row from such a
+task is marked ``within_subject``.
+
+Example ids are strings: ``"train:12"`` (split and index in that split) for a corpus or a
+folder, the subject index ``"17"`` for synthetic tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megaseg.preprocess import resize
+
+SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One binary task of one dataset, with its support and query pools (example ids).
+
+    ``subjects`` maps every id of both pools to its subject. ``within_subject``: the pools are
+    the same examples of a single subject (see the module docstring).
+    """
+
+    dataset: str
+    name: str
+    support_pool: tuple[str, ...]
+    query_pool: tuple[str, ...]
+    subjects: Mapping[str, str] = field(repr=False)
+    within_subject: bool = False
+
+
+class Source(Protocol):
+    """One dataset to evaluate on (see the module docstring)."""
+
+    dataset: str
+
+    def tasks(self) -> list[EvalTask]: ...
+
+    def load(self, task: str, ids: Sequence[str], resolution: int) -> tuple[Tensor, Tensor]: ...
+
+    def describe(self) -> dict: ...
+
+
+def pools_from_splits(
+    dataset: str, name: str, examples: Iterable[tuple[str, str, str]]
+) -> EvalTask:
+    """``(id, split, subject)`` of every example of a task -> its :class:`EvalTask`.
+
+    Several subjects: support pool = the train split, query pool = the test split (the val
+    split is not used). One subject: within-subject, both pools = every example.
+    """
+    examples = list(examples)
+    subjects = {i: s for i, _, s in examples}
+    if len(set(subjects.values())) == 1:
+        ids = tuple(i for i, _, _ in examples)
+        return EvalTask(dataset, name, ids, ids, subjects, within_subject=True)
+    support = tuple(i for i, split, _ in examples if split == SUPPORT_SPLIT)
+    query = tuple(i for i, split, _ in examples if split == QUERY_SPLIT)
+    return EvalTask(dataset, name, support, query, subjects)
+
+
+def _split_id(example_id: str) -> tuple[str, int]:
+    split, _, index = example_id.partition(":")
+    return split, int(index)
+
+
+def _at_resolution(x: np.ndarray | Tensor, resolution: int) -> Tensor:
+    """``(n, 1, r, r)`` -> float32 tensor ``(n, 1, R, R)`` through the shared resize path."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if t.shape[-1] != resolution:
+        t = resize(t, resolution).clamp_(0.0, 1.0)
+    return t
+
+
+# ------------------------------------------------------------------------------ corpus
+
+
+class CorpusSource:
+    """One dataset of a corpus built by ``megaseg prep build``.
+
+    ``corpus`` is a :class:`~megaseg.data.store.Corpus` or its folder. The corpus is opened
+    without a held-out protocol: evaluation needs the held-out dataset's train split too (as
+    support candidates, never trained on). Tasks are the dataset's tasks with examples in any
+    split, named ``group/modality/axis/label``.
+    """
+
+    def __init__(self, corpus, dataset: str):
+        from megaseg.data.store import Corpus
+
+        self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+        names = {d.casefold(): d for d in self.corpus.datasets}
+        if dataset.casefold() not in names:
+            raise ValueError(
+                f"{self.corpus.root}: no dataset {dataset!r}; the corpus holds: "
+                f"{', '.join(self.corpus.datasets)}"
+            )
+        self.dataset = names[dataset.casefold()]
+        keys = {k for split in ("train", "val", "test") for k in self.corpus.tasks(split)}
+        self._keys = {_task_name(k): k for k in sorted(keys) if k.dataset == self.dataset}
+
+    def __repr__(self) -> str:
+        return f"CorpusSource({str(self.corpus.root)!r}, {self.dataset!r})"
+
+    def tasks(self) -> list[EvalTask]:
+        out = []
+        for name, key in self._keys.items():
+            examples = [
+                (f"{split}:{i}", split, subject)
+                for split in ("train", "val", "test")
+                for i, subject in enumerate(self.corpus.subjects(key, split))
+            ]
+            out.append(pools_from_splits(self.dataset, name, examples))
+        return out
+
+    def load(self, task: str, ids: Sequence[str], resolution: int) -> tuple[Tensor, Tensor]:
+        key = self._keys[task]
+        stored = self._resolution(resolution)
+        images = np.zeros((len(ids), 1, stored, stored), np.float32)
+        labels = np.zeros_like(images)
+        by_split: dict[str, list[tuple[int, int]]] = {}
+        for pos, example_id in enumerate(ids):
+            split, index = _split_id(example_id)
+            by_split.setdefault(split, []).append((pos, index))
+        for split, items in by_split.items():
+            pos, idx = zip(*items, strict=True)
+            imgs, labs = self.corpus.load_many(key, list(idx), stored, split)
+            images[list(pos)], labels[list(pos)] = imgs, labs
+        return _at_resolution(images, resolution), _at_resolution(labels, resolution)
+
+    def _resolution(self, resolution: int) -> int:
+        """The stored resolution to read: R itself, else the smallest larger one (resized)."""
+        stored = sorted(self.corpus._data[self.dataset].resolutions)
+        if resolution in stored:
+            return resolution
+        larger = [r for r in stored if r > resolution]
+        if not larger:
+            raise ValueError(
+                f"{self.corpus.root}: dataset {self.dataset!r} is stored at {stored}, none at or "
+                f"above the network's resolution {resolution}; rebuild the corpus with "
+                f"--resolutions {resolution}"
+            )
+        warnings.warn(
+            f"{self.dataset}: resolution {resolution} not stored; reading {larger[0]} and "
+            "resizing (blur + bilinear), which differs slightly from a corpus built at "
+            f"{resolution}",
+            stacklevel=3,
+        )
+        return larger[0]
+
+    def describe(self) -> dict:
+        index = self.corpus.root / "datasets" / self.dataset / "index.json"
+        return {
+            "kind": "corpus",
+            "dataset": self.dataset,
+            "root": str(self.corpus.root),
+            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest(),
+        }
+
+
+def _task_name(key) -> str:
+    return f"{key.group}/{key.modality}/{key.axis}/{key.label}"
+
+
+def corpus_sources(corpus, datasets: Sequence[str]) -> list[CorpusSource]:
+    """One :class:`CorpusSource` per dataset name, sharing one opened corpus."""
+    from megaseg.data.store import Corpus
+
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+    return [CorpusSource(corpus, d) for d in datasets]
+
+
+# ------------------------------------------------------------------------------ synthetic
+
+
+class SyntheticSource:
+    """Held-out synthetic tasks: seeds from ``HELDOUT_SEED_OFFSET``, never used in training.
+
+    Task ``t`` contributes ``labels_per_task`` of its labels (picked by a hash of the task
+    seed, so the choice does not depend on ``num_tasks``), each a binary task named
+    ``task0007/label3``. Subjects are independent draws: support candidates are subjects
+    ``[0, 0.7 S)``, queries ``[0.85 S, S)`` for ``S = config.num_subjects`` (the corpus's
+    70/15/15 split). ``config.size`` is ignored: examples are generated at the resolution asked.
+    """
+
+    dataset = "synthetic"
+
+    def __init__(self, num_tasks: int = 50, labels_per_task: int = 1, config=None):
+        from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig, SyntheticTasks
+
+        if num_tasks < 1 or labels_per_task < 1:
+            raise ValueError(
+                f"need num_tasks >= 1 and labels_per_task >= 1, got {num_tasks}, {labels_per_task}"
+            )
+        self.num_tasks = num_tasks
+        self.labels_per_task = labels_per_task
+        self.config = config or SyntheticConfig()
+        self.seed_offset = HELDOUT_SEED_OFFSET
+        self._generators: dict[int, Any] = {}
+        self._make = SyntheticTasks
+        self._tasks: dict[str, tuple[int, int]] = {}
+        gen = self._generator(self.config.size)
+        for t in range(num_tasks):
+            num = gen.num_labels(t)
+            rng = np.random.default_rng(gen.task_seed(t))
+            for label in sorted(rng.permutation(num)[: min(labels_per_task, num)].tolist()):
+                self._tasks[f"task{t:04d}/label{label}"] = (t, label)
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticSource(num_tasks={self.num_tasks}, labels_per_task={self.labels_per_task})"
+        )
+
+    def _generator(self, resolution: int):
+        import dataclasses
+
+        gen = self._generators.get(resolution)
+        if gen is None:
+            config = dataclasses.replace(self.config, size=resolution)
+            gen = self._make(self.num_tasks, self.seed_offset, config)
+            self._generators[resolution] = gen
+        return gen
+
+    def tasks(self) -> list[EvalTask]:
+        S = self.config.num_subjects
+        support = tuple(str(i) for i in range(int(0.7 * S)))
+        query = tuple(str(i) for i in range(int(0.85 * S), S))
+        subjects = {i: i for i in support + query}
+        return [EvalTask(self.dataset, name, support, query, subjects) for name in self._tasks]
+
+    def load(self, task: str, ids: Sequence[str], resolution: int) -> tuple[Tensor, Tensor]:
+        t, label = self._tasks[task]
+        images, labels = self._generator(resolution).batch(t, label, [int(i) for i in ids])
+        return images.float(), labels.float()
+
+    def describe(self) -> dict:
+        import dataclasses
+
+        from megaseg.data.synthetic import GENERATOR_VERSION
+
+        config = dataclasses.asdict(self.config)
+        config.pop("size")
+        return {
+            "kind": "synthetic",
+            "dataset": self.dataset,
+            "generator_version": GENERATOR_VERSION,
+            "seed_range": [self.seed_offset, self.seed_offset + self.num_tasks],
+            "labels_per_task": self.labels_per_task,
+            "config": json.loads(json.dumps(config)),
+        }
+
+
+# ------------------------------------------------------------------------------ arrays / folders
+
+
+class ArraySource:
+    """A dataset held in memory: per task, images and labels with a subject and split each.
+
+    ``tasks``: task name -> dict with ``images`` and ``labels`` ``(n, 1, r, r)`` (or
+    ``(n, r, r)``) in [0, 1], ``subjects`` (n strings) and ``splits`` (n of train / val / test).
+    Examples are resized to the network's resolution through the shared resize path.
+    """
+
+    def __init__(
+        self, dataset: str, tasks: Mapping[str, Mapping[str, Any]], info: dict | None = None
+    ):
+        self.dataset = dataset
+        self._data: dict[str, dict[str, Any]] = {}
+        for name, t in tasks.items():
+            images, labels = (
+                np.asarray(t["images"], np.float32),
+                np.asarray(t["labels"], np.float32),
+            )
+            if images.ndim == 3:
+                images, labels = images[:, None], labels[:, None]
+            n = images.shape[0]
+            if labels.shape != images.shape or images.ndim != 4 or images.shape[1] != 1:
+                raise ValueError(
+                    f"{dataset}/{name}: images {images.shape} and labels {labels.shape} must "
+                    "both be (n, 1, r, r)"
+                )
+            subjects, splits = [str(s) for s in t["subjects"]], [str(s) for s in t["splits"]]
+            if len(subjects) != n or len(splits) != n:
+                raise ValueError(f"{dataset}/{name}: need one subject and one split per example")
+            counters: dict[str, int] = {}
+            ids = []
+            for split in splits:
+                ids.append(f"{split}:{counters.get(split, 0)}")
+                counters[split] = counters.get(split, 0) + 1
+            self._data[name] = {
+                "images": images,
+                "labels": labels,
+                "index": {i: k for k, i in enumerate(ids)},
+                "examples": list(zip(ids, splits, subjects, strict=True)),
+            }
+        self.info = info or {}
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.dataset!r}, tasks={len(self._data)})"
+
+    def tasks(self) -> list[EvalTask]:
+        return [
+            pools_from_splits(self.dataset, name, d["examples"]) for name, d in self._data.items()
+        ]
+
+    def load(self, task: str, ids: Sequence[str], resolution: int) -> tuple[Tensor, Tensor]:
+        d = self._data[task]
+        rows = [d["index"][i] for i in ids]
+        return (
+            _at_resolution(d["images"][rows], resolution),
+            _at_resolution(d["labels"][rows], resolution),
+        )
+
+    def describe(self) -> dict:
+        h = hashlib.sha256()
+        for name in sorted(self._data):
+            d = self._data[name]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(d["images"]).tobytes())
+            h.update(np.ascontiguousarray(d["labels"]).tobytes())
+            h.update(json.dumps(d["examples"]).encode())
+        return {"kind": "arrays", "dataset": self.dataset, "sha256": h.hexdigest(), **self.info}
+
+
+def folder_source(
+    path: str | os.PathLike,
+    name: str | None = None,
+    resolution: int = 128,
+    split_seed: int = 0,
+    spec=None,
+) -> ArraySource:
+    """Any folder data_prep can read (nnU-Net, Decathlon, 2D image/mask pairs) as a source.
+
+    The folder goes through exactly the corpus build's path: the data_prep reader, the
+    pipeline (orient, resample, window, slice, ``prepare_image`` / ``prepare_label``, uint8
+    quantization) and its subject splits (``assign_splits(seed=split_seed)``), so evaluating a
+    folder equals evaluating the corpus built from it at ``resolution``. ``spec``: a
+    :class:`~data_prep.specs.base.DatasetSpec` (default: detected with ``spec_from_path``).
+    A case that cannot be read is skipped with a warning naming the file and the reason.
+    """
+    from data_prep.pipeline import assign_splits, process_case
+    from data_prep.readers import CaseError, get_reader
+    from data_prep.specs.adhoc import spec_from_path
+
+    spec = spec or spec_from_path(path, name=name)
+    reader = get_reader(spec.reader)
+    cases = reader.cases(Path(path), spec)
+    per_task: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    skipped = []
+    for case in cases:
+        try:
+            slices = process_case(case, reader.load(case), spec, resolutions=(resolution,))
+        except CaseError as e:
+            skipped.append(f"{case.case_id}: {e}")
+            continue
+        for modality, axis, label, irow, lrow, _, _ in slices.examples:
+            task = f"{case.group}/{modality}/{axis}/{label}"
+            image = slices.images[resolution][irow].astype(np.float32) / 255
+            mask = slices.labels[resolution][lrow].astype(np.float32) / 255
+            per_task.setdefault(task, []).append((case.subject, image, mask))
+    if skipped:
+        warnings.warn(
+            f"{path}: {len(skipped)} case(s) skipped: " + "; ".join(skipped), stacklevel=2
+        )
+    if not per_task:
+        raise ValueError(f"{path}: no usable case ({len(cases)} found, {len(skipped)} skipped)")
+    split_of = assign_splits(
+        {s for ex in per_task.values() for s, _, _ in ex}, spec.name, split_seed
+    )
+    tasks = {
+        task: {
+            "images": np.stack([im for _, im, _ in ex])[:, None],
+            "labels": np.stack([lab for _, _, lab in ex])[:, None],
+            "subjects": [s for s, _, _ in ex],
+            "splits": [split_of[s] for s, _, _ in ex],
+        }
+        for task, ex in sorted(per_task.items())
+    }
+    info = {"kind": "folder", "root": str(Path(path).resolve()), "split_seed": split_seed}
+    return ArraySource(spec.name, tasks, info=info)
+
+
+def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source]:
+    """Re-open the sources a draws file recorded (``DrawSet.sources``), for a replay.
+
+    Corpora and synthetic tasks re-open from their record; folders are re-read (at
+    ``resolution``). In-memory arrays cannot be re-opened: pass them as sources.
+    """
+    import dataclasses
+
+    from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig
+
+    out: list[Source] = []
+    for rec in records:
+        kind = rec.get("kind")
+        if kind == "corpus":
+            out.append(CorpusSource(rec["root"], rec["dataset"]))
+        elif kind == "synthetic":
+            lo, hi = rec["seed_range"]
+            if lo != HELDOUT_SEED_OFFSET:
+                raise ValueError(f"draws: synthetic seeds start at {lo}, not the held-out range")
+            fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+            config = {
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in rec.get("config", {}).items()
+                if k in fields
+            }
+            out.append(
+                SyntheticSource(hi - lo, rec.get("labels_per_task", 1), SyntheticConfig(**config))
+            )
+        elif kind == "folder":
+            out.append(
+                folder_source(rec["root"], rec["dataset"], resolution, rec.get("split_seed", 0))
+            )
+        else:
+            raise ValueError(
+                f"draws: dataset {rec.get('dataset')!r} was given as in-memory arrays; pass it as "
+                "a source to replay it"
+            )
+    return out
+
+
+__all__ = [
+    "ArraySource",
+    "CorpusSource",
+    "EvalTask",
+    "Source",
+    "SyntheticSource",
+    "corpus_sources",
+    "folder_source",
+    "pools_from_splits",
+    "sources_from_record",
+]

@@ -1,0 +1,418 @@
+"""Held-out evaluation: draws, protocol checks, intervals, outputs, replay, overlap, corpus."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from megaseg import Segmenter, create_model, save_checkpoint
+from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig
+from megaseg.evaluation import (
+    ArraySource,
+    CorpusSource,
+    Draw,
+    DrawSet,
+    OverlapError,
+    ProtocolError,
+    SyntheticSource,
+    bootstrap_ci,
+    check_draw,
+    evaluate,
+    folder_source,
+    make_draws,
+    stratified_bootstrap_ci,
+)
+from megaseg.evaluation.report import read_csv
+
+R = 32
+TINY = {"encoder_widths": (8, 8, 8, 8)}
+FAST = ("megaseg", "mean_label")
+
+
+def disk_task(n_subjects: int, per_subject: int, seed: int, splits=None, empty: int = 0) -> dict:
+    """Bright disks on noise; subjects split train/val/test 60/10/30 unless ``splits`` given.
+    The first ``empty`` test examples get an empty label."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:R, :R]
+    out = {"images": [], "labels": [], "subjects": [], "splits": []}
+    for s in range(n_subjects):
+        split = (
+            splits[s]
+            if splits
+            else ("train", "val", "test")[(s >= 0.6 * n_subjects) + (s >= 0.7 * n_subjects)]
+        )
+        for _ in range(per_subject):
+            cy, cx = rng.uniform(8, 24, 2)
+            lab = ((yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(4, 8) ** 2).astype(np.float32)
+            if split == "test" and empty > 0:
+                lab[:], empty = 0.0, empty - 1
+            out["images"].append(np.clip(0.2 + 0.6 * lab + rng.normal(0, 0.05, lab.shape), 0, 1))
+            out["labels"].append(lab)
+            out["subjects"].append(f"subject{s}")
+            out["splits"].append(split)
+    out["images"], out["labels"] = np.stack(out["images"]), np.stack(out["labels"])
+    return out
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return create_model("universeg_v1", **TINY)
+
+
+@pytest.fixture
+def seg(model):
+    return Segmenter(model, R, "cpu")
+
+
+@pytest.fixture
+def disks():
+    return ArraySource(
+        "Disks", {"a": disk_task(10, 2, 0), "b": disk_task(10, 2, 1), "c": disk_task(10, 1, 2)}
+    )
+
+
+@pytest.fixture
+def single():
+    return ArraySource("OneSubject", {"t": disk_task(1, 6, 3, splits=["train"])})
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------ intervals
+
+
+def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
+    # 400 simulated evaluations of 30 tasks with skewed per-task Dice, true mean 2/7.
+    values = np.random.default_rng(0).beta(2, 5, size=(400, 30))
+    _, lo, hi = bootstrap_ci(values, resamples=1000, seed=1)
+    coverage = np.mean((lo <= 2 / 7) & (2 / 7 <= hi))
+    assert 0.90 <= coverage <= 0.98, coverage
+
+
+def test_bootstrap_is_seeded_and_the_stratified_form_reduces_to_it():
+    v = np.random.default_rng(0).random(12)
+    a, b = bootstrap_ci(v, seed=4), bootstrap_ci(v, seed=4)
+    assert a == b and a[1] < v.mean() < a[2]
+    assert stratified_bootstrap_ci([v], seed=[4]) == pytest.approx(tuple(float(x) for x in a))
+    point, lo, hi = stratified_bootstrap_ci([v, v[:3] + 1])
+    assert point == pytest.approx((v.mean() + (v[:3] + 1).mean()) / 2) and lo < point < hi
+    assert bootstrap_ci(np.array([0.7]))[1:] == (0.7, 0.7)  # one task: zero width
+
+
+# ------------------------------------------------------------------------------ draws
+
+
+def test_draws_are_subject_disjoint_and_n_is_capped_with_a_warning(disks):
+    with pytest.warns(UserWarning, match="capped"):
+        ds = make_draws([disks], R, support_sizes=(1, 4, 64), draws_per_n=3, ensemble=2)
+    tasks = {t.name: t for t in disks.tasks()}
+    assert ds.tasks["Disks/a"]["support_pool"] == 12 and ds.tasks["Disks/a"]["capped"] == [64]
+    for d in ds.draws:
+        check_draw(d, tasks[d.task])
+        t = tasks[d.task]
+        query_subjects = {t.subjects[q] for q in d.queries}
+        for s in d.support:
+            assert not query_subjects & {t.subjects[i] for i in s}
+            assert all(i.startswith("train:") for i in s) and len(set(s)) == len(s)
+        assert all(q.startswith("test:") for q in d.queries)
+        assert d.ensemble == 2 and d.support_size == min(d.N, len(t.support_pool))
+    assert len(ds.draws) == 3 * 3 * 3  # tasks x N x r: one draw serves every query
+
+
+def test_draws_are_deterministic_and_independent_of_other_datasets(disks, single):
+    a = _quiet(make_draws, [disks], R, (1, 2), 2, seed=7)
+    b = _quiet(make_draws, [single, disks], R, (1, 2), 2, seed=7)
+    c = _quiet(make_draws, [disks], R, (1, 2), 2, seed=8)
+    assert a.draws == [d for d in b.draws if d.dataset == "Disks"]
+    assert a.draws != c.draws
+
+
+def test_check_draw_rejects_broken_draws(disks):
+    task = {t.name: t for t in disks.tasks()}["a"]
+    good = _quiet(make_draws, [disks], R, (2,), 1).draws[0]
+    check_draw(good, task)
+    bad = [
+        Draw("Disks", "a", 2, 0, 0, good.queries, (good.queries[:1] + good.support[0][:1],)),
+        Draw("Disks", "a", 2, 0, 0, good.queries, (("train:0", "train:0"),)),
+        Draw("Disks", "a", 2, 0, 0, ("train:0",), good.support),
+        Draw("Disks", "a", 2, 0, 0, good.queries, (("train:99",),)),
+        Draw("Disks", "a", 2, 0, 0, good.queries, good.support, within_subject=True),
+    ]
+    for d in bad:
+        with pytest.raises(ProtocolError):
+            check_draw(d, task)
+    # a support example of a query's subject is refused even when it sits in the support pool
+    q = good.queries[0]
+    twin = next(i for i in task.query_pool if i != q and task.subjects[i] == task.subjects[q])
+    leaky = type(task)("Disks", "a", (*task.support_pool, twin), (q,), task.subjects)
+    with pytest.raises(ProtocolError, match="share subject"):
+        check_draw(Draw("Disks", "a", 1, 0, 0, (q,), ((twin,),)), leaky)
+
+
+def test_a_source_whose_splits_are_not_by_subject_is_refused_before_running():
+    task = disk_task(4, 2, 0, splits=["train", "train", "test", "test"])
+    task["splits"][5] = "train"  # subject2 now sits in both the train and the test split
+    with pytest.raises(ProtocolError, match="share subject"):
+        _quiet(make_draws, [ArraySource("Leaky", {"t": task})], R, (8,), 1)
+
+
+def test_queries_with_empty_truth_are_excluded_and_counted():
+    src = ArraySource("Holes", {"t": disk_task(10, 2, 0, empty=3)})
+    ds = _quiet(make_draws, [src], R, (1,), 1)
+    assert ds.tasks["Holes/t"]["excluded_empty"] == 3
+    assert ds.tasks["Holes/t"]["queries"] == 6 - 3
+    assert len(ds.draws[0].queries) == 3
+
+
+def test_single_subject_dataset_is_evaluated_within_subject(single, seg):
+    ds = _quiet(make_draws, [single], R, (2, 8), 2)
+    task = single.tasks()[0]
+    assert task.within_subject and ds.tasks["OneSubject/t"]["support_pool"] == 5
+    assert len(ds.draws) == 2 * 2 * 6  # one draw per query
+    for d in ds.draws:
+        assert d.within_subject and d.queries[0] not in d.support[0]
+        check_draw(d, task)
+    res = _quiet(
+        evaluate, seg, [single], support_sizes=(2,), draws_per_n=1, methods=FAST, progress=False
+    )
+    assert res.rows and all(r["within_subject"] for r in res.rows)
+    assert all(s["within_subject"] for s in res.summary)
+    assert "OneSubject†" in res.table and "within-subject" in res.report
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_evaluate_writes_consistent_outputs(seg, disks, single, tmp_path):
+    syn = SyntheticSource(2, config=SyntheticConfig(num_subjects=12))
+    res = _quiet(
+        evaluate, seg, [disks, single, syn], support_sizes=(1, 2), draws_per_n=2,
+        methods=("megaseg", "mean_label", "supervised", "random_init"), supervised_steps=2,
+        out_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    for name in ("draws.json", "predictions.csv", "tasks.csv", "summary.csv", "summary.md",
+                 "summary.json", "dice_vs_n_Disks.png", "dice_vs_n_OneSubject.png",
+                 "dice_vs_n_synthetic.png", "dice_vs_n_mean.png", "cases_megaseg.png"):  # fmt: skip
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    rows = read_csv(tmp_path / "predictions.csv")
+    draws = DrawSet.load(tmp_path / "draws.json")
+    assert len(rows) == len(res.rows) == 4 * sum(len(d.queries) for d in draws.draws)
+    assert {r["method"] for r in rows} == {"megaseg", "mean_label", "supervised", "random_init"}
+    assert all(0 <= float(r["dice"]) <= 1 for r in rows)
+    # every summary cell is the mean of its task means, inside its interval
+    for s in res.summary:
+        if s["scope"] == "dataset":
+            ts = [
+                t["dice"]
+                for t in res.tasks
+                if (t["method"], t["dataset"], t["N"]) == (s["method"], s["dataset"], s["N"])
+            ]
+            assert s["dice"] == pytest.approx(np.mean(ts)) and s["tasks"] == len(ts)
+        assert s["ci_low"] - 1e-9 <= s["dice"] <= s["ci_high"] + 1e-9
+    assert len(read_csv(tmp_path / "summary.csv")) == len(res.summary) == 4 * 2 * 4
+    md = (tmp_path / "summary.md").read_text()
+    for text in ("| Disks | megaseg |", "| **mean**", "N=1", "N=2", "supervised", "random_init"):
+        assert text in md
+    meta = json.loads((tmp_path / "summary.json").read_text())["meta"]
+    assert meta["sources"][2]["seed_range"][0] == HELDOUT_SEED_OFFSET
+    assert meta["timings"]["supervised"]["calls"] > 0
+
+
+def test_replaying_draws_reproduces_the_dice(seg, disks, single, tmp_path):
+    first = _quiet(evaluate, seg, [disks, single], support_sizes=(1, 4), draws_per_n=2, ensemble=2,
+                   methods=FAST, out_dir=tmp_path / "a", seed=3, progress=False)  # fmt: skip
+    again = _quiet(evaluate, seg, [disks, single], support_sizes=(2,), draws_per_n=1, seed=99,
+                   methods=FAST, draws=tmp_path / "a" / "draws.json", progress=False)  # fmt: skip
+    key = lambda r: (r["method"], r["dataset"], r["task"], r["query"], r["N"], r["r"])  # noqa: E731
+    assert [key(r) for r in first.rows] == [key(r) for r in again.rows]
+    np.testing.assert_allclose([r["dice"] for r in first.rows], [r["dice"] for r in again.rows])
+    assert again.meta["replayed"] and again.draws.draws == first.draws.draws
+    # another model on the same draws: same predictions asked, different answers
+    torch.manual_seed(1)
+    other = _quiet(evaluate, create_model("universeg_v1", **TINY), [disks, single], resolution=R,
+                   methods=("megaseg",), draws=first.draws, progress=False)  # fmt: skip
+    assert [key(r) for r in other.rows] == [key(r) for r in first.rows if r["method"] == "megaseg"]
+
+
+def test_replay_refuses_other_data(seg, disks, tmp_path):
+    res = _quiet(evaluate, seg, [disks], support_sizes=(1,), draws_per_n=1, methods=FAST,
+                 out_dir=tmp_path, progress=False)  # fmt: skip
+    changed = ArraySource(
+        "Disks", {"a": disk_task(10, 2, 5), "b": disk_task(10, 2, 1), "c": disk_task(10, 1, 2)}
+    )
+    with pytest.raises(ValueError, match="differs from the data"):
+        _quiet(
+            evaluate, seg, [changed], methods=FAST, draws=tmp_path / "draws.json", progress=False
+        )
+    with pytest.raises(ValueError, match="not among the sources"):
+        _quiet(evaluate, seg, [SyntheticSource(1)], methods=FAST, draws=res.draws, progress=False)
+
+
+def test_overlap_with_training_datasets_is_refused_unless_allowed(model, disks, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
+        "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
+        "training_datasets": ["disks", "Other"],
+    })  # fmt: skip
+    with pytest.raises(
+        OverlapError, match="Disks: listed among the checkpoint's training datasets"
+    ):
+        evaluate(ckpt, [disks], support_sizes=(1,), draws_per_n=1, methods=FAST, progress=False)
+    with pytest.warns(UserWarning, match="NOT HELD OUT"):
+        res = evaluate(ckpt, [disks], support_sizes=(1,), draws_per_n=1, methods=FAST,
+                       allow_overlap=True, out_dir=tmp_path / "out", progress=False)  # fmt: skip
+    assert all(r["overlap"] for r in res.rows) and res.meta["overlap"]
+    assert "Disks⚠" in res.table and "OVERLAP" in (tmp_path / "out" / "summary.md").read_text()
+    # a card that trained on other data is fine, and so is held-out synthetic vs. trained synthetic
+    card = {
+        "training": {
+            "data": {"corpora": [{"datasets": ["ACDC"]}], "synthetic": {"seed_range": [0, 1000]}}
+        }
+    }
+    ok = save_checkpoint(
+        tmp_path / "ok.safetensors",
+        model,
+        {**card, "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R},
+    )
+    res = _quiet(evaluate, ok, [disks, SyntheticSource(1, config=SyntheticConfig(num_subjects=10))],
+                 support_sizes=(1,), draws_per_n=1, methods=FAST, progress=False)  # fmt: skip
+    assert res.meta["training_datasets"] == ["ACDC", "synthetic"] and not res.meta["overlap"]
+
+
+def test_known_subject_overlaps_between_datasets_are_refused(model, disks):
+    src = ArraySource("Task03_Liver", {"a": disk_task(10, 1, 0)})
+    with pytest.raises(OverlapError, match="LiTS"):
+        evaluate(
+            model, [src], resolution=R, training_datasets=["LiTS"], methods=FAST, progress=False
+        )
+
+
+# ------------------------------------------------------------------------------ corpus and folders
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A corpus built by the real builder: a 2D folder (10 subjects), a 3D nnU-Net dataset
+    (6 subjects, 2 channels, 2 labels) and the single-subject MNI152 template."""
+    from fixtures_data import write_folder2d, write_mni_nnunet, write_nnunet
+
+    from data_prep.pipeline import build_corpus, job_from_spec
+    from data_prep.specs.adhoc import spec_from_path
+
+    tmp = tmp_path_factory.mktemp("corpus")
+    raw = [write_folder2d(tmp / "raw", n_cases=10), write_nnunet(tmp / "raw", n_cases=6)]
+    try:
+        raw.append(write_mni_nnunet(tmp / "raw"))
+    except FileNotFoundError:
+        pass  # nilearn not installed: the corpus has no single-subject dataset
+    summary = build_corpus([job_from_spec(spec_from_path(p), p) for p in raw], tmp / "corpus",
+                           resolutions=(R,), progress=False)  # fmt: skip
+    assert summary.ok, summary.text()
+    return tmp / "corpus"
+
+
+def test_evaluate_on_a_corpus(seg, corpus, tmp_path):
+    from megaseg.data.store import Corpus
+    from megaseg.evaluation import corpus_sources
+
+    c = Corpus(corpus)
+    names = [d for d in c.datasets]
+    sources = corpus_sources(c, [n.lower() for n in names])  # names match case-insensitively
+    res = _quiet(evaluate, seg, sources, support_sizes=(1, 2, 64), draws_per_n=2, methods=FAST,
+                 out_dir=tmp_path, progress=False)  # fmt: skip
+    # subject-disjointness, checked independently against the store's own subject lists
+    for d in res.draws.draws:
+        key = sources[[s.dataset for s in sources].index(d.dataset)]._keys[d.task]
+
+        def subject(i, key=key):
+            split, idx = i.split(":")
+            return c.subjects(key, split)[int(idx)]
+
+        if d.within_subject:
+            assert d.queries[0] not in d.support[0]
+            assert {subject(i) for i in (*d.queries, *d.support[0])} == {subject(d.queries[0])}
+        else:
+            assert not {subject(q) for q in d.queries} & {subject(i) for s in d.support for i in s}
+            assert all(i.startswith("train:") for s in d.support for i in s)
+            assert all(q.startswith("test:") for q in d.queries)
+    datasets = {r["dataset"] for r in res.rows}
+    assert {"Skin2D", "Dataset001_Tiny"} <= datasets
+    if "Dataset900_MNI152" in c.datasets:
+        mni = [r for r in res.rows if r["dataset"] == "Dataset900_MNI152"]
+        assert mni and all(r["within_subject"] for r in mni)
+        assert not any(r["within_subject"] for r in res.rows if r["dataset"] != "Dataset900_MNI152")
+        assert "Dataset900_MNI152†" in res.table
+    assert res.meta["sources"][0]["kind"] == "corpus"
+    replay = _quiet(
+        evaluate, seg, sources, methods=FAST, draws=tmp_path / "draws.json", progress=False
+    )
+    np.testing.assert_allclose([r["dice"] for r in replay.rows], [r["dice"] for r in res.rows])
+
+
+def test_corpus_source_reads_a_larger_stored_resolution(corpus):
+    src = CorpusSource(corpus, "Skin2D")
+    task = src.tasks()[0]
+    with pytest.warns(UserWarning, match="resizing"):
+        images, labels = src.load(task.name, task.support_pool[:2], 16)
+    assert images.shape == labels.shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="rebuild the corpus"):
+        src.load(task.name, task.support_pool[:1], 64)
+
+
+def test_folder_source_matches_the_corpus_build(corpus, tmp_path):
+    from fixtures_data import write_folder2d
+
+    src = folder_source(write_folder2d(tmp_path, n_cases=10), resolution=R)
+    stored = CorpusSource(corpus, "Skin2D")
+    (a,), (b,) = src.tasks(), stored.tasks()
+    assert (a.name, a.support_pool, a.query_pool) == (b.name, b.support_pool, b.query_pool)
+    for x, y in zip(
+        src.load(a.name, a.query_pool, R), stored.load(b.name, b.query_pool, R), strict=True
+    ):
+        torch.testing.assert_close(x, y)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, capsys):
+    from megaseg.evaluate_cli import main
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
+        "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
+        "training_datasets": ["Skin2D"],
+    })  # fmt: skip
+    base = ["--checkpoint", str(ckpt), "--support-sizes", "1", "2", "--draws-per-n", "1",
+            "--methods", "megaseg", "mean_label", "--no-progress", "--bootstrap", "200"]  # fmt: skip
+    args = [*base, "--corpus", str(corpus), "--datasets", "Skin2D", "Dataset001_Tiny"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "trained on" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="NOT HELD OUT"):
+        assert main([*args, "--out", str(tmp_path / "a"), "--allow-overlap"]) == 0
+    assert "| Skin2D⚠ | megaseg |" in capsys.readouterr().out
+    first = read_csv(tmp_path / "a" / "predictions.csv")
+    # replay: the sources are re-opened from draws.json
+    replay = [*base, "--draws", str(tmp_path / "a" / "draws.json"), "--out", str(tmp_path / "b"),
+              "--allow-overlap", "--label", "again"]  # fmt: skip
+    assert _quiet(main, replay) == 0
+    again = read_csv(tmp_path / "b" / "predictions.csv")
+    assert {r["method"] for r in again} == {"again", "mean_label"}
+    assert [r["dice"] for r in again] == [r["dice"] for r in first]
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "c")]) == 2
+    assert "nothing to evaluate on" in capsys.readouterr().err
+    # a protocol file: names and shell patterns, case-insensitive; absent names are reported
+    (tmp_path / "p.yaml").write_text("name: p\nheld_out: [dataset001_*, ACDC]\n")
+    with pytest.warns(UserWarning, match="not in the corpus: \\['ACDC'\\]"):
+        code = main([*base, "--corpus", str(corpus), "--protocol", str(tmp_path / "p.yaml"),
+                     "--out", str(tmp_path / "d")])  # fmt: skip
+    assert code == 0 and {r["dataset"] for r in read_csv(tmp_path / "d" / "predictions.csv")} == {
+        "Dataset001_Tiny"
+    }
