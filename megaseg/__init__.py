@@ -1,21 +1,37 @@
-"""megaseg: in-context (few-shot) medical image segmentation."""
+"""megaseg: in-context (few-shot) medical image segmentation.
+
+The public names below are imported on first use, so that ``import megaseg.preprocess`` (what
+every corpus-build worker needs) does not pay for the network, timm and the evaluation stack.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from megaseg.checkpoint import load_checkpoint, save_checkpoint
-from megaseg.evaluation import evaluate
-from megaseg.inference import Prediction, Segmenter, segment
-from megaseg.models import UniverSeg, create_model, list_models
+_EXPORTS = {
+    "UniverSeg": "megaseg.models",
+    "create_model": "megaseg.models",
+    "list_models": "megaseg.models",
+    "load_checkpoint": "megaseg.checkpoint",
+    "save_checkpoint": "megaseg.checkpoint",
+    "Prediction": "megaseg.inference",
+    "Segmenter": "megaseg.inference",
+    "segment": "megaseg.inference",
+    "evaluate": "megaseg.evaluation",
+}
 
-__all__ = [
-    "Prediction",
-    "Segmenter",
-    "UniverSeg",
-    "__version__",
-    "create_model",
-    "evaluate",
-    "list_models",
-    "load_checkpoint",
-    "save_checkpoint",
-    "segment",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megaseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
