@@ -83,10 +83,12 @@ class ConvOp(nn.Module):
 
 
 class CrossConv2d(nn.Module):
-    """``z_i = post(Conv([u ; v_i]))`` for a query ``u`` and each support example ``v_i``.
+    """``z_i = post(Conv([u ; v_i]) + c)`` for a query ``u`` and each support example ``v_i``.
 
     The conv's input channels are the query's first, then the support's (the public v1 weight
     layout). ``post`` is an optional GroupNorm then an optional nonlinearity; v1 has neither.
+    ``c (B, C, H, W)`` is an optional query-side context term shared by all pairs (an attention
+    block's readout, see ``megaseg.models.attention``); v1 has none.
     """
 
     def __init__(
@@ -116,41 +118,51 @@ class CrossConv2d(nn.Module):
             z = vmap(self.norm, z)
         return z if self.act is None else self.act(z)
 
-    def naive(self, u: Tensor, v: Tensor) -> Tensor:
+    def naive(self, u: Tensor, v: Tensor, context: Tensor | None = None) -> Tensor:
         """Published form. ``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``z (B, S, C, H, W)``."""
         B, S = u.shape[0], v.shape[1]
         v = v.expand(B, *v.shape[1:])
         pairs = torch.cat([u[:, None].expand(B, S, *u.shape[1:]), v], dim=2)
-        return self.post(vmap(self.cross_conv, pairs))
+        z = vmap(self.cross_conv, pairs)
+        return self.post(z if context is None else z + context[:, None])
 
-    def query_term(self, u: Tensor) -> Tensor:
-        """``W_q * u + b``: ``u (B, Cq, H, W)`` -> ``(B, C, H, W)``, once per query."""
+    def query_term(self, u: Tensor, context: Tensor | None = None) -> Tensor:
+        """``W_q * u + b (+ c)``: ``u (B, Cq, H, W)`` -> ``(B, C, H, W)``, once per query."""
         w_q = self.cross_conv.weight[:, : self.query_channels]
-        return F.conv2d(u, w_q, self.cross_conv.bias, padding=1)
+        term = F.conv2d(u, w_q, self.cross_conv.bias, padding=1)
+        return term if context is None else term + context
 
     def support_term(self, v: Tensor) -> Tensor:
         """``W_s * v_i`` (no bias): ``v (*lead, Cs, H, W)`` -> ``(*lead, C, H, W)``."""
         w_s = self.cross_conv.weight[:, self.query_channels :]
         return vmap(lambda x: F.conv2d(x, w_s, padding=1), v)
 
-    def fast(self, u: Tensor, v: Tensor | None = None, support_term: Tensor | None = None) -> Tensor:
+    def fast(
+        self,
+        u: Tensor,
+        v: Tensor | None = None,
+        support_term: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """Split form of :meth:`naive`; ``support_term`` may be a cached ``support_term(v)``."""
         if support_term is None:
             support_term = self.support_term(v)
-        return self.post(self.query_term(u)[:, None] + support_term)
+        return self.post(self.query_term(u, context)[:, None] + support_term)
 
-    def fast_mean(self, u: Tensor, v: Tensor) -> Tensor:
+    def fast_mean(self, u: Tensor, v: Tensor, context: Tensor | None = None) -> Tensor:
         """``mean_i z_i`` as one conv of the averaged support; exact only if :attr:`is_linear`.
 
         ``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``(B, C, H, W)``.
         """
-        return self.query_term(u) + self.support_term(v.mean(dim=1))
+        return self.query_term(u, context) + self.support_term(v.mean(dim=1))
 
 
 class CrossBlock(nn.Module):
     """One level of the U-Net: cross-conv, then separate query and support conv branches.
 
     ``u' = ConvOp_q(mean_i z_i)``, ``v_i' = ConvOp_s(z_i)`` with ``z_i = CrossConv(u, v_i)``.
+    Subclasses change the interaction by returning a query-side context from
+    :meth:`query_context` (``megaseg.models.attention.AttnCrossBlock``).
     """
 
     def __init__(
@@ -167,6 +179,10 @@ class CrossBlock(nn.Module):
         self.target = Vmap(ConvOp(width, width, act, norm_groups))
         self.support = Vmap(ConvOp(width, width, act, norm_groups))
 
+    def query_context(self, u: Tensor, v: Tensor) -> Tensor | None:
+        """Extra query-side term ``(B, C, H, W)`` of the cross-conv, or None (v1)."""
+        return None
+
     def forward(
         self,
         u: Tensor,
@@ -181,10 +197,11 @@ class CrossBlock(nn.Module):
         ``need_support=False`` skips the support branch (``v'`` is None). ``support_term`` is a
         cached ``self.cross.support_term(v)`` for the fast path.
         """
+        context = self.query_context(u, v)
         if not fast:
-            z = self.cross.naive(u, v)
+            z = self.cross.naive(u, v, context)
             return self.target(z.mean(dim=1)), self.support(z)
         if not need_support and self.cross.is_linear and support_term is None:
-            return self.target(self.cross.fast_mean(u, v)), None
-        z = self.cross.fast(u, v, support_term)
+            return self.target(self.cross.fast_mean(u, v, context)), None
+        z = self.cross.fast(u, v, support_term, context)
         return self.target(z.mean(dim=1)), (self.support(z) if need_support else None)

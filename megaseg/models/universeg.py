@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from megaseg.models.blocks import ConvOp, CrossBlock, vmap
+from megaseg.models.attention import interaction_plan, make_cross_block
+from megaseg.models.blocks import ConvOp, vmap
 from megaseg.models.registry import register_model
 
 
@@ -26,6 +27,13 @@ class UniverSeg(nn.Module):
         act: nonlinearity of the query / support conv branches.
         norm_groups: GroupNorm groups after every conv, None (v1) for no normalization.
         fast: default forward path; ``forward(..., fast=False)`` runs the published one.
+        interactions: per encoder level, "conv" (v1's cross-conv, the default) or "attn"
+            (cross-attention, ``megaseg.models.attention``), e.g. ("conv", "conv", "attn", "attn").
+        decoder_interactions: per decoder block, deepest first; default: mirrored (the
+            encoder's kind at the same resolution).
+        attn_heads: heads of every attention block.
+        attn_pool: key/value average-pooling factor per encoder level (or one for all); a
+            decoder block uses that of its resolution.
     """
 
     def __init__(
@@ -36,6 +44,10 @@ class UniverSeg(nn.Module):
         act: str = "leaky_relu",
         norm_groups: int | None = None,
         fast: bool = True,
+        interactions: Sequence[str] | None = None,
+        decoder_interactions: Sequence[str] | None = None,
+        attn_heads: int = 4,
+        attn_pool: int | Sequence[int] = 1,
     ):
         super().__init__()
         encoder_widths = list(encoder_widths)
@@ -49,16 +61,23 @@ class UniverSeg(nn.Module):
             )
         self.fast = fast
         self.depth = len(encoder_widths)
-        block = dict(cross_act=cross_act, act=act, norm_groups=norm_groups)
+        block = dict(cross_act=cross_act, act=act, norm_groups=norm_groups, heads=attn_heads)
+        enc_plan, dec_plan = interaction_plan(
+            self.depth, interactions, decoder_interactions, attn_pool
+        )
 
         self.enc_blocks = nn.ModuleList()
         q_ch, s_ch = 1, 2  # query: image; support: image and label
-        for width in encoder_widths:
-            self.enc_blocks.append(CrossBlock(q_ch, s_ch, width, **block))
+        for width, (kind, pool) in zip(encoder_widths, enc_plan, strict=True):
+            self.enc_blocks.append(make_cross_block(kind, q_ch, s_ch, width, pool=pool, **block))
             q_ch = s_ch = width
         self.dec_blocks = nn.ModuleList()
-        for width, skip in zip(decoder_widths, encoder_widths[-2::-1], strict=True):
-            self.dec_blocks.append(CrossBlock(q_ch + skip, s_ch + skip, width, **block))
+        for width, skip, (kind, pool) in zip(
+            decoder_widths, encoder_widths[-2::-1], dec_plan, strict=True
+        ):
+            self.dec_blocks.append(
+                make_cross_block(kind, q_ch + skip, s_ch + skip, width, pool=pool, **block)
+            )
             q_ch = s_ch = width
         self.out_conv = ConvOp(q_ch, 1, act=None, kernel_size=1)
         self.downsample = nn.MaxPool2d(2)
@@ -156,3 +175,31 @@ def universeg_v1_small(**kwargs) -> UniverSeg:
 def universeg_v1_gn(**kwargs) -> UniverSeg:
     """v1 with GroupNorm(8) after every conv; the mean shortcut is then not used."""
     return UniverSeg(**{"encoder_widths": (64, 64, 64, 64), "norm_groups": 8, **kwargs})
+
+
+@register_model
+def universeg_attn_hybrid(**kwargs) -> UniverSeg:
+    """v1 with cross-attention at the two coarsest levels (32x32, 16x16 at 128x128 input) and the
+    mirrored decoder block, full-resolution keys; cross-conv at the fine levels."""
+    return UniverSeg(
+        **{
+            "encoder_widths": (64, 64, 64, 64),
+            "interactions": ("conv", "conv", "attn", "attn"),
+            **kwargs,
+        }
+    )
+
+
+@register_model
+def universeg_attn_full(**kwargs) -> UniverSeg:
+    """Cross-attention in every block; keys/values pooled to 1/8 of the input resolution at
+    every level (``attn_pool`` 8, 4, 2, 1: 16x16 tokens per support example at 128x128), since
+    full-resolution keys would cost ~2.2 T multiply-accumulates per 128x128 block at S=64."""
+    return UniverSeg(
+        **{
+            "encoder_widths": (64, 64, 64, 64),
+            "interactions": ("attn", "attn", "attn", "attn"),
+            "attn_pool": (8, 4, 2, 1),
+            **kwargs,
+        }
+    )
