@@ -256,16 +256,15 @@ def _slug(text: str) -> str:
 
 def plot_dice_vs_n(summary: Sequence[dict], out_dir: Path) -> list[Path]:
     """One PNG per dataset and one for the mean: Dice vs N, a line and CI band per method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     paths = []
     for d in _ordered(s["dataset"] for s in summary):
         rows = [s for s in summary if s["dataset"] == d]
-        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+        # A bare Figure draws off-screen without switching the caller's (notebook) backend.
+        fig = Figure(figsize=(5, 3.6), dpi=100)
+        ax = fig.subplots()
         for m in _ordered(r["method"] for r in rows):
             rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["N"])
             n = [r["N"] for r in rs]
@@ -287,7 +286,6 @@ def plot_dice_vs_n(summary: Sequence[dict], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / f"dice_vs_n_{_slug(d)}.png"
         fig.savefig(path)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -297,12 +295,10 @@ def plot_cases(cases: Sequence[dict], path: Path, title: str = "") -> Path:
 
     Each case: ``image``, ``truth``, ``pred`` ``(R, R)`` arrays and a ``label`` string.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.6 * len(cases)), dpi=100, squeeze=False)
+    fig = Figure(figsize=(7.5, 2.6 * len(cases)), dpi=100)
+    axes = fig.subplots(len(cases), 3, squeeze=False)
     for row, case in zip(axes, cases, strict=True):
         img = case["image"]
         for ax, (mask, color, name) in zip(
@@ -324,7 +320,6 @@ def plot_cases(cases: Sequence[dict], path: Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
