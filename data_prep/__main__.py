@@ -49,10 +49,7 @@ def resolve_dataset(arg: str, data_dir: Path):
             raise ValueError(f"{path}: expected a mapping of DatasetSpec fields")
         if isinstance(fields.get("layout"), dict):
             fields["layout"] = FolderLayout(**fields["layout"])
-        for key in ("planes", "window"):
-            if isinstance(fields.get(key), list):
-                fields[key] = tuple(fields[key])
-        try:
+        try:  # DatasetSpec turns YAML lists into tuples
             spec = DatasetSpec(**fields)
         except TypeError as err:
             raise ValueError(f"{path}: {err}") from err

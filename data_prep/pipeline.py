@@ -3,8 +3,8 @@
 Per case (``process_case``):
 
 1. check: finite intensities, label shape == image shape, at least one declared label present;
-2. volumes only: orient to RAS and resample to the spec's spacing (MONAI ``Orientation``,
-   ``Spacing``; bilinear for the image, nearest for the label map);
+2. volumes only: orient to RAS and resample to the spec's spacing (``resample.py``: MONAI's
+   ``Orientation`` and ``Spacing`` grid; linear for the image, nearest for the label map);
 3. window each channel over the whole volume (``megaseg.preprocess.normalize_intensity`` with
    the channel's modality, or the spec's window);
 4. pick slices: along each plane of the spec, the mid-slice and, per label, the slice with the
@@ -20,31 +20,29 @@ except for the small-dataset guarantee documented there.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import multiprocessing
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from data_prep.readers.base import Case, CaseError, LoadedCase
+from data_prep.resample import orient_and_resample
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
 # Bump when a change here alters what is stored for a case: finished shards of an older
 # version are then recomputed instead of reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: separable float32 resampling (data_prep/resample.py)
 DEFAULT_RESOLUTIONS = (64, 128, 256)
 PLANES = ("sagittal", "coronal", "axial")  # array axes 0, 1, 2 of a RAS-oriented volume
 AXIS_2D = "2d"
 SPLIT_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 @dataclass
@@ -141,22 +139,6 @@ def check_case(case: Case, loaded: LoadedCase, labels: Sequence[tuple[str, int]]
         raise CaseError(
             f"{case.label_path}: empty label (none of the declared labels {values} present)"
         )
-
-
-def orient_and_resample(
-    image: np.ndarray, label: np.ndarray, affine: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Volume ``(C, X, Y, Z)`` + label ``(X, Y, Z)`` -> RAS at ``spacing`` mm (label: nearest)."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
-    orient = Orientation(axcodes="RAS", labels=_RAS_LABELS)
-    aff = torch.as_tensor(np.asarray(affine, np.float64))
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)), affine=aff)
-    lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label, np.float32))[None], affine=aff)
-    img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros")(orient(img))
-    lab = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros")(orient(lab))
-    return img.numpy(), np.rint(lab.numpy()[0]).astype(np.int32)
 
 
 def label_areas(label: np.ndarray, axis: int, num_values: int) -> np.ndarray:
@@ -379,17 +361,6 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def _portable(spec):
-    """A picklable stand-in for a dataclass spec (``DatasetSpec.labels`` is a mappingproxy,
-    which pickle refuses); other spec objects are passed as they are."""
-    if not dataclasses.is_dataclass(spec):
-        return spec
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    return SimpleNamespace(
-        **{k: dict(v) if isinstance(v, Mapping) else v for k, v in fields.items()}
-    )
-
-
 _WORKER: dict = {}
 
 
@@ -520,7 +491,7 @@ def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, create
             else:
                 pending.append((j, i, case, npz, skip))
 
-    init = ([_portable(job.spec) for job in jobs], [job.load for job in jobs], resolutions, strict)
+    init = ([job.spec for job in jobs], [job.load for job in jobs], resolutions, strict)
     bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending)
     results = _run_cases(pending if summary.fatal is None else [], workers, init)
     try:

@@ -48,8 +48,8 @@ ARRAY_KINDS = ("images", "labels")
 # Spec fields that are provenance or change what the pipeline stores; ``root`` (a local path)
 # and ``notes`` are left out so a corpus does not depend on where its inputs were.
 SPEC_FIELDS = (
-    "name", "reader", "modality", "planes", "window", "spacing_mm", "labels", "subject_regex",
-    "case_regex", "group", "layout", "licence", "citation", "source", "version",
+    "name", "reader", "modality", "planes", "window", "spacing_mm", "labels", "structures",
+    "subject_regex", "case_regex", "group", "layout", "licence", "citation", "source", "version",
 )  # fmt: skip
 
 
@@ -134,14 +134,22 @@ def _plain(value: Any) -> Any:
 
 
 def spec_record(spec: Any) -> dict:
-    """The spec's provenance and pipeline fields as plain JSON (see :data:`SPEC_FIELDS`)."""
-    return {f: _plain(getattr(spec, f, None)) for f in SPEC_FIELDS}
+    """The spec's provenance and pipeline fields as plain JSON (see :data:`SPEC_FIELDS`).
+
+    Labels are recorded as ``{"value": name}`` whether the spec holds a mapping or
+    ``(value, name)`` pairs (``DatasetSpec``), so the record does not depend on that choice.
+    """
+    record = {f: _plain(getattr(spec, f, None)) for f in SPEC_FIELDS}
+    labels = getattr(spec, "labels", None)
+    if labels is not None:
+        record["labels"] = _plain(dict(labels))
+    return record
 
 
 def file_fingerprint(case: Case) -> str:
     """Identity of a case's input files: path, size and modification time of each."""
     stats = []
-    for path in (*case.image_paths, case.label_path):
+    for path in (*case.image_paths, case.label_path, *case.mask_paths):
         try:
             st = os.stat(path)
             stats.append((str(path), st.st_size, st.st_mtime_ns))
@@ -153,7 +161,7 @@ def file_fingerprint(case: Case) -> str:
 def case_fingerprint(case: Case, inputs: str, job_key: str) -> str:
     """Hash of everything a case's shard depends on."""
     fields = {f.name: _plain(getattr(case, f.name)) for f in dataclasses.fields(case)}
-    fields.pop("image_paths"), fields.pop("label_path")
+    fields.pop("image_paths"), fields.pop("label_path"), fields.pop("mask_paths")
     return _hash([job_key, fields, inputs])[:20]
 
 

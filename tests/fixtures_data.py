@@ -15,6 +15,8 @@ Stable API (other test files depend on it):
 - ``write_folder2d(tmp, ...) -> Path``: 2D RGB png images with 0/255 masks.
 - ``write_acdc / write_brats / write_drive / write_isic / write_wbc(tmp) -> Path``: the data
   directory holding a 2-case copy of that public dataset's layout (use ``spec.locate``).
+- ``write_totalsegmentator(tmp, ...) -> Path``: TotalSegmentator's ``sNNNN/ct.nii.gz`` +
+  ``sNNNN/segmentations/<structure>.nii.gz`` (one binary mask per structure) + ``meta.csv``.
 - ``write_mni_nnunet(tmp) -> Path``: the real MNI152 template from the nilearn wheel as a
   one-subject nnU-Net dataset, labels 0 background, 1 grey matter, 2 white matter.
 """
@@ -310,6 +312,51 @@ def write_wbc(tmp: Path) -> Path:
         grey = np.select([label == 2, label == 1], [255, 128], 0)
         write_image(root / f"{n:03d}.bmp", np.stack([grey, grey, 200 - grey // 2], -1))
         write_image(root / f"{n:03d}.png", grey)
+    return Path(tmp)
+
+
+TOTALSEG_ROOT = "Totalsegmentator_dataset_v201"
+TOTALSEG_SHAPE = (14, 12, 10)
+# a few structures beyond the spec's default organs, as in the real 117-structure folders
+TOTALSEG_EXTRA = ("thyroid_gland", "vertebrae_L1")
+
+
+def totalseg_masks(seed: int) -> dict[str, np.ndarray]:
+    """Non-empty masks of one :func:`write_totalsegmentator` case (every other one is empty):
+    a liver ball, a spleen and a thyroid block, disjoint, uint8 0/1."""
+    liver = blob_label(TOTALSEG_SHAPE, seed=seed, n_labels=1)
+    spleen = np.zeros(TOTALSEG_SHAPE, np.uint8)
+    spleen[:3, :3, 2:8] = 1
+    thyroid = np.zeros(TOTALSEG_SHAPE, np.uint8)
+    thyroid[-3:, -3:, -2:] = 1
+    return {"liver": liver, "spleen": spleen, "thyroid_gland": thyroid}
+
+
+def write_totalsegmentator(
+    tmp: Path, case_ids: tuple[str, ...] = ("s0000", "s0011"), structures=None
+) -> Path:
+    """``Totalsegmentator_dataset_v201/{meta.csv, sNNNN/ct.nii.gz, sNNNN/segmentations/
+    <structure>.nii.gz}``: int16 CT in HU and one uint8 0/1 mask file per structure in every
+    case, most of them empty as in the real data. ``structures`` default: the catalog's
+    ``TOTALSEGMENTATOR_ORGANS`` + :data:`TOTALSEG_EXTRA`; non-empty ones: :func:`totalseg_masks`.
+    Returns the data directory."""
+    from data_prep.specs.catalog import TOTALSEGMENTATOR_ORGANS
+
+    root = Path(tmp) / TOTALSEG_ROOT
+    structures = structures or TOTALSEGMENTATOR_ORGANS + TOTALSEG_EXTRA
+    affine = np.diag([-1.5, -1.5, 1.5, 1.0])
+    rows = ["image_id;age;gender;institute;study_type;split"]
+    for i, case in enumerate(case_ids):
+        masks = totalseg_masks(seed=i)
+        ct = np.full(TOTALSEG_SHAPE, -1000, np.int16)
+        ct[masks["liver"] > 0] = 60
+        ct[masks["spleen"] > 0] = 45
+        write_nifti(root / case / "ct.nii.gz", ct, affine)
+        for name in structures:
+            mask = masks.get(name, np.zeros(TOTALSEG_SHAPE, np.uint8))
+            write_nifti(root / case / "segmentations" / f"{name}.nii.gz", mask, affine)
+        rows.append(f"{case};{50 + i};{'fm'[i % 2]};A;ct abdomen-pelvis;train")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
     return Path(tmp)
 
 

@@ -154,6 +154,23 @@ def test_unknown_dataset_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_spec_file_lists_become_a_hashable_spec(tmp_path):
+    from data_prep.__main__ import resolve_dataset
+
+    path = tmp_path / "ts.yaml"
+    path.write_text(
+        "name: TS\nreader: folder\nroot: data\nmodality: CT\nplanes: [2]\nwindow: [-100, 200]\n"
+        "structures: [spleen, liver]\nlayout:\n  images: 's*/ct.nii.gz'\n"
+        "  label: '{dir}/segmentations/{structure}.nii.gz'\n  channels: ['{path}']\n"
+    )
+    spec, folder = resolve_dataset(str(path), tmp_path)
+    assert spec.structures == ("liver", "spleen") and spec.label_names == {1: "liver", 2: "spleen"}
+    assert spec.planes == (2,) and spec.window == (-100, 200)
+    assert spec.layout.channels == ("{path}",)
+    assert hash(spec) == hash(resolve_dataset(str(path), tmp_path)[0])
+    assert folder == tmp_path / "data"
+
+
 def test_two_workers_build_the_same_corpus(tmp_path):
     # 6 s on an idle 2-core CPU, ~20 s on a busy one: the worker server imports torch and MONAI
     root = write_nnunet(tmp_path, n_cases=4, channels=("CT",))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_data import write_mni_nnunet, write_msd, write_nnunet
+from fixtures_data import write_mni_nnunet, write_msd, write_nnunet, write_totalsegmentator
 
 from data_prep.pipeline import (
     PLANES,
@@ -15,7 +15,7 @@ from data_prep.pipeline import (
     subject_unit,
 )
 from data_prep.readers import Case, CaseError, LoadedCase, get_reader
-from data_prep.specs import DatasetSpec, spec_from_path
+from data_prep.specs import DatasetSpec, get_spec, spec_from_path
 from data_prep.store_writer import memory_case
 
 RES = (32, 64)
@@ -74,6 +74,53 @@ def test_orientation_to_ras_and_spacing():
     assert lab.shape == (19, 15, 11) and set(np.unique(lab)) <= {0, 2}
 
 
+def _monai_spacing(image, label, affine, spacing):
+    """The reference: MONAI Orientation + Spacing in float64 (bilinear / nearest, zeros)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    aff = torch.as_tensor(affine)
+    orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    img = orient(MetaTensor(torch.from_numpy(image), affine=aff))
+    lab = orient(MetaTensor(torch.from_numpy(label.astype(np.float32))[None], affine=aff))
+    img = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros", dtype=torch.float64)(img)
+    lab = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros", dtype=torch.float64)(lab)
+    return img.numpy(), np.rint(lab.numpy()[0]).astype(np.int32)
+
+
+def _oblique_affine(spacing, shear=0.0):
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[-c, -s, shear], [s, -c, 0], [0, 0, 1]]) @ np.diag(spacing)
+    affine[:3, 3] = [110.0, 130.0, -60.0]
+    return affine
+
+
+@pytest.mark.parametrize("shear", [0.0, 0.4], ids=["oblique", "sheared"])
+def test_resampling_equals_monai_spacing(shear):
+    # spacings chosen so that no output voxel falls exactly halfway between two input voxels
+    # (there nearest may round either way); a sheared affine goes through MONAI itself
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 100, (2, 13, 11, 7)).astype(np.float32)
+    label = rng.integers(0, 4, (13, 11, 7)).astype(np.int32)
+    affine = _oblique_affine((0.83, 1.31, 2.3), shear)
+    img, lab = orient_and_resample(image, label, affine, (1.0, 1.0, 1.0))
+    ref_img, ref_lab = _monai_spacing(image, label, affine, (1.0, 1.0, 1.0))
+    assert img.shape == ref_img.shape and img.dtype == np.float32 and lab.dtype == np.int32
+    np.testing.assert_allclose(img, ref_img, atol=1e-2)  # float32 rounding, values ~300
+    np.testing.assert_array_equal(lab, ref_lab)
+
+
+def test_volume_already_at_the_spacing_is_only_reoriented():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(1, 6, 5, 4)).astype(np.float32)
+    label = rng.integers(0, 3, (6, 5, 4)).astype(np.int32)
+    img, lab = orient_and_resample(image, label, np.diag([-1.0, 1.0, 1.0, 1.0]), (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(img, image[:, ::-1])
+    np.testing.assert_array_equal(lab, label[::-1])
+
+
 def test_ct_window_is_fixed_hu():
     # CT: -500..1000 HU -> 0..1, whatever the other voxels are
     image = np.full((1, 8, 8), -1000.0, np.float32)
@@ -112,6 +159,16 @@ def test_label_absent_from_a_case_gives_no_example_not_an_error():
     spec = DatasetSpec(name="Mem", reader="msd", root="")
     out = process_case(case, LoadedCase(np.random.rand(1, 8, 8), label, None, ["MR"]), spec, (8,))
     assert [e[2] for e in out.examples] == ["organ"]
+
+
+def test_structure_masks_give_one_task_per_structure_present(tmp_path):
+    spec = get_spec("TotalSegmentator")
+    reader = get_reader(spec.reader)
+    case = reader.cases(spec.locate(write_totalsegmentator(tmp_path)), spec)[0]
+    out = process_case(case, reader.load(case), spec, (16,))
+    assert {(a, lab) for _, a, lab, *_ in out.examples} == {
+        (a, lab) for a in PLANES for lab in ("liver", "spleen")
+    }
 
 
 def test_real_mni152_template(tmp_path):

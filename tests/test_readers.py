@@ -13,18 +13,22 @@ from fixtures_data import (
     MNI_CASE,
     MNI_SHAPE,
     SHAPE_3D,
+    TOTALSEG_SHAPE,
     blob_image,
     blob_label,
     break_case,
     mni_label,
+    totalseg_masks,
     write_folder2d,
     write_msd,
     write_msd_escaping,
+    write_nifti,
     write_nnunet,
+    write_totalsegmentator,
 )
 
 from data_prep.readers import CaseError, DatasetError, get_reader
-from data_prep.specs import spec_from_path
+from data_prep.specs import get_spec, spec_from_path
 
 
 def _cases(root, **overrides):
@@ -244,3 +248,60 @@ def test_mni_white_matter_is_brighter_than_grey_on_t1(mni):
     assert (
         t1[loaded.label == 2].mean() > t1[loaded.label == 1].mean() > t1[loaded.label == 0].mean()
     )
+
+
+# --------------------------------------------------------------------------- one mask per structure
+
+
+def _totalseg(tmp_path, **overrides):
+    spec = dataclasses.replace(get_spec("TotalSegmentator"), **overrides)
+    root = spec.locate(write_totalsegmentator(tmp_path))
+    return root, get_reader(spec.reader).cases(root, spec)
+
+
+def test_structure_masks_are_listed_per_case_in_sorted_order(tmp_path):
+    root, cases = _totalseg(tmp_path)
+    assert [c.case_id for c in cases] == ["s0000", "s0011"]  # meta.csv is not a case
+    assert cases[0].label_path == root / "s0000" / "segmentations"
+    names = [n for _, n in cases[0].labels]
+    assert names == sorted(names) and len(names) == 20 and "thyroid_gland" not in names
+    assert [p.stem.removesuffix(".nii") for p in cases[0].mask_paths] == names
+    assert [v for v, _ in cases[0].labels] == list(range(1, 21))
+
+
+def test_structure_masks_become_one_label_map(tmp_path):
+    _, cases = _totalseg(tmp_path, structures=("spleen", "liver", "kidney_left"))
+    reader = get_reader("folder")
+    loaded = reader.load(cases[1])
+    assert cases[1].label_names == {1: "kidney_left", 2: "liver", 3: "spleen"}
+    masks = totalseg_masks(seed=1)
+    expected = 2 * masks["liver"] + 3 * masks["spleen"]  # kidney_left is an empty mask
+    np.testing.assert_array_equal(loaded.label, expected)
+    assert loaded.image.shape == (1, *TOTALSEG_SHAPE) and loaded.channel_names == ["CT"]
+    np.testing.assert_allclose(loaded.affine, np.diag([-1.5, -1.5, 1.5, 1.0]))
+
+
+def test_structures_none_reads_every_mask_file(tmp_path):
+    _, cases = _totalseg(tmp_path, structures=None)
+    names = [n for _, n in cases[0].labels]
+    assert len(names) == 22 and {"thyroid_gland", "vertebrae_L1"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_overlapping_structure_masks_are_refused(tmp_path):
+    root, cases = _totalseg(tmp_path, structures=("liver", "spleen"))
+    liver = totalseg_masks(seed=0)["liver"]
+    write_nifti(
+        root / "s0000" / "segmentations" / "spleen.nii.gz", liver, np.diag([-1.5, -1.5, 1.5, 1])
+    )
+    with pytest.raises(
+        CaseError, match=r"spleen\.nii\.gz: \d+ voxels of 'spleen' also belong to 'liver'"
+    ):
+        get_reader("folder").load(cases[0])
+
+
+def test_missing_structure_mask_names_the_file(tmp_path):
+    root, cases = _totalseg(tmp_path)
+    (root / "s0011" / "segmentations" / "liver.nii.gz").unlink()
+    with pytest.raises(CaseError, match=r"s0011/segmentations/liver\.nii\.gz: label file missing"):
+        get_reader("folder").load(cases[1])

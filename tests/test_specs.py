@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 
 import numpy as np
@@ -15,6 +16,7 @@ from fixtures_data import (
     write_isic,
     write_msd,
     write_nnunet,
+    write_totalsegmentator,
     write_wbc,
 )
 
@@ -44,6 +46,7 @@ def test_every_catalog_spec_is_readable_and_documented(spec):
     assert spec.source and spec.citation and spec.licence
     if spec.labels is not None:
         assert 0 not in spec.labels
+        assert 0 not in spec.label_names
 
 
 def test_get_spec_is_case_insensitive_and_lists_names_when_unknown():
@@ -61,6 +64,15 @@ def test_spec_is_frozen_with_read_only_labels():
     assert hash(spec) == hash(get_spec("ACDC"))
 
 
+def test_spec_pickles_and_keeps_labels_as_sorted_pairs():
+    spec = DatasetSpec(name="x", reader="msd", root="x", labels={2: "b", 1: "a"}, planes=[2])
+    assert spec.labels == ((1, "a"), (2, "b")) and spec.label_names == {1: "a", 2: "b"}
+    assert spec.planes == (2,)  # lists from a YAML spec file become tuples
+    again = pickle.loads(pickle.dumps(spec))
+    assert again == spec and hash(again) == hash(spec)
+    assert DatasetSpec(name="x", reader="msd", root="x", labels=[(1, "a")]).label_names == {1: "a"}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -68,6 +80,15 @@ def test_spec_is_frozen_with_read_only_labels():
         (dict(planes=(3,)), "planes"),
         (dict(reader="folder2d"), "needs a layout"),
         (dict(subject_regex=r"patient\d+"), "subject"),
+        (dict(structures=("liver",)), "label template names {structure}"),
+        (
+            dict(
+                reader="folder",
+                layout=FolderLayout("*/ct.nii.gz", "{dir}/{structure}.nii.gz"),
+                labels={1: "liver"},
+            ),
+            "give structures, not labels",
+        ),
     ],
 )
 def test_invalid_spec_is_refused(kwargs, message):
@@ -183,3 +204,13 @@ def test_folder_layout_template_with_unknown_field_is_refused(tmp_path):
     spec = spec_from_path(root, layout=layout)
     with pytest.raises(DatasetError, match="unknown field 'nope'"):
         get_reader("folder2d").cases(root, spec)
+
+
+def test_totalsegmentator_layout_reads_the_default_organs(tmp_path):
+    cases, loaded = _read("TotalSegmentator", write_totalsegmentator(tmp_path))
+    assert [c.case_id for c in cases] == ["s0000", "s0011"] and len(cases[0].mask_paths) == 20
+    names = get_spec("TotalSegmentator").label_names
+    assert cases[0].label_names == names
+    value = {n: v for v, n in names.items()}
+    assert set(np.unique(loaded[0].label)) == {0, value["liver"], value["spleen"]}
+    assert loaded[0].channel_names == ["CT"] and loaded[0].image.min() == -1000

@@ -94,6 +94,13 @@ def test_load_and_load_many(corpus_root):
         corpus.load(key, 0, 128, "train")
 
 
+def test_resolutions_of_a_dataset(corpus_root):
+    corpus = Corpus(corpus_root)
+    assert corpus.resolutions("Alpha") == RES
+    with pytest.raises(KeyError, match="Alpha, Beta"):
+        corpus.resolutions("Gamma")
+
+
 def test_excluded_dataset_never_served_for_training(corpus_root, tmp_path):
     protocol = tmp_path / "heldout.yaml"
     protocol.write_text("name: heldout-beta\nheld_out: [beta]\n")

@@ -6,8 +6,9 @@ LoadedCase`` per case (raises :class:`CaseError` for a case to skip and count).
 
 from __future__ import annotations
 
-from .base import Case, CaseError, DatasetError, LoadedCase, Reader, load_case
-from .folder2d import FolderReader
+from .base import Case, CaseError, DatasetError, LoadedCase, Reader
+from .folder import FolderReader
+from .io import load_case
 from .msd import MSDReader
 from .nnunet import NnUNetReader
 

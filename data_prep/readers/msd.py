@@ -13,10 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import (
-    Case,
-    DatasetError,
-    LoadedCase,
+from .base import Case, DatasetError, LoadedCase
+from .io import (
     build_cases,
     channel_names_for,
     is_junk,

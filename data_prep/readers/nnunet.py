@@ -14,11 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .base import (
+from .base import Case, DatasetError, LoadedCase
+from .io import (
     IMAGE_2D_EXTS,
-    Case,
-    DatasetError,
-    LoadedCase,
     build_cases,
     channel_names_for,
     is_junk,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from data_prep.readers.base import IMAGE_2D_EXTS, DatasetError, read_dataset_json, split_ext
+from data_prep.readers.base import DatasetError
+from data_prep.readers.io import IMAGE_2D_EXTS, read_dataset_json, split_ext
 
 from .base import DatasetSpec, FolderLayout
 

@@ -6,10 +6,9 @@ finds the cases, the pipeline windows, resamples and slices them following the s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -24,6 +23,8 @@ class FolderLayout:
     in the relative path (files it does not match are not cases). A label template may end in
     ``.*`` for "any extension" (the one file that exists).
     ``binary``: any nonzero mask pixel is label 1 (masks saved as 0/255, or in colour).
+    A ``label`` template that names ``{structure}`` (once) stands for one binary mask file per
+    structure, e.g. ``"{dir}/segmentations/{structure}.nii.gz"`` (see ``DatasetSpec.structures``).
     """
 
     images: str
@@ -33,6 +34,10 @@ class FolderLayout:
     match: str | None = None
     exclude: str | None = None
     binary: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.channels, tuple):  # a list from YAML; a spec must stay hashable
+            object.__setattr__(self, "channels", tuple(self.channels))
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,12 @@ class DatasetSpec:
     spacing_mm: isotropic spacing the pipeline resamples volumes to.
     labels: label value -> name, or None (from dataset.json). For 2D masks the values are the
         pixel values in the mask files (``{255: "vessel"}``) unless the layout is binary.
+        Given as a mapping or as ``(value, name)`` pairs; stored as ``(value, name)`` pairs
+        sorted by value (a tuple, so a spec pickles and hashes); :attr:`label_names` is the
+        mapping.
+    structures: for one mask file per structure (the layout's label template names
+        ``{structure}``; ``labels`` stays None): the structures to read, kept sorted; label
+        value ``k`` is the k-th (from 1). None: every mask file found, per case.
     subject_regex: regex with a named group ``subject`` searched in the case id (splits are
         by subject); None: each case is its own subject.
     case_regex: only cases whose id fully matches are read (e.g. the labelled part).
@@ -62,7 +73,8 @@ class DatasetSpec:
     planes: tuple[int, ...] = (0, 1, 2)
     window: tuple[float, float] | None = None
     spacing_mm: float = 1.0
-    labels: Mapping[int, str] | None = None
+    labels: tuple[tuple[int, str], ...] | None = None
+    structures: tuple[str, ...] | None = None
     subject_regex: str | None = None
     case_regex: str | None = None
     group: str = "all"
@@ -74,11 +86,33 @@ class DatasetSpec:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
+        per_structure = self.layout is not None and "{structure}" in self.layout.label
+        if self.structures is not None:
+            if not per_structure:
+                raise ValueError(
+                    f"spec {self.name!r}: structures need a layout whose label template names "
+                    "{structure}"
+                )
+            if isinstance(self.structures, str) or not self.structures:
+                raise ValueError(f"spec {self.name!r}: structures must be a non-empty list")
+            structures = tuple(sorted({str(s) for s in self.structures}))
+            object.__setattr__(self, "structures", structures)
+        if per_structure:
+            if self.layout.label.count("{structure}") != 1:
+                raise ValueError(
+                    f"spec {self.name!r}: name {{structure}} once in the label template"
+                )
+            if self.labels is not None:
+                raise ValueError(
+                    f"spec {self.name!r}: with one mask file per structure, give structures, "
+                    "not labels"
+                )
         if self.labels is not None:
-            frozen = MappingProxyType({int(k): str(v) for k, v in dict(self.labels).items()})
-            object.__setattr__(self, "labels", frozen)
-        if isinstance(self.modality, list):
-            object.__setattr__(self, "modality", tuple(self.modality))
+            object.__setattr__(self, "labels", _label_pairs(self.labels))
+        # lists (from a YAML or JSON spec file) -> tuples: a spec is immutable and hashable
+        for name in ("modality", "planes", "window"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.window is not None and not float(self.window[1]) > float(self.window[0]):
             raise ValueError(f"spec {self.name!r}: window must be (low, high), got {self.window}")
         if not set(self.planes) <= {0, 1, 2} or not self.planes:
@@ -88,8 +122,13 @@ class DatasetSpec:
         if self.subject_regex is not None and "(?P<subject>" not in self.subject_regex:
             raise ValueError(f"spec {self.name!r}: subject_regex needs a (?P<subject>...) group")
 
-    def __hash__(self) -> int:  # labels is a mapping; the name identifies a spec
-        return hash((self.name, self.reader, self.root))
+    @property
+    def label_names(self) -> dict[int, str] | None:
+        """Label value -> name (a new dict; from the structures, if any), or None when the
+        labels are only known from the files (dataset.json, the mask files found)."""
+        if self.structures is not None:
+            return dict(enumerate(self.structures, 1))
+        return None if self.labels is None else dict(self.labels)
 
     def locate(self, data_dir: str | Path) -> Path:
         """The dataset folder: ``data_dir/root`` if it exists, else ``data_dir/name``.
@@ -103,3 +142,9 @@ class DatasetSpec:
         raise FileNotFoundError(
             f"dataset {self.name!r} not found: tried {', '.join(map(str, tried))} ({self.source})"
         )
+
+
+def _label_pairs(labels: Mapping | Iterable) -> tuple[tuple[int, str], ...]:
+    """``{1: "liver"}`` or ``[(1, "liver")]`` -> ``((1, "liver"),)``, sorted by value."""
+    items = labels.items() if isinstance(labels, Mapping) else labels
+    return tuple(sorted({int(v): str(n) for v, n in items}.items()))

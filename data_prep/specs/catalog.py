@@ -2,8 +2,8 @@
 
 ``root`` is the folder the official download unpacks to (relative to the data directory);
 licences and citations are as published by each source: check them before redistributing a
-corpus. Layouts not listed here (TotalSegmentator's one-file-per-structure masks, SCD's DICOM
-with contour files) need a reader of their own, or a conversion to nnU-Net raw first.
+corpus. Layouts not listed here (SCD's DICOM with contour files, SpineWeb's per-collection
+formats) need a reader of their own, or a conversion to nnU-Net raw first.
 """
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ def _msd(task: str, notes: str = "", **kw) -> DatasetSpec:
 
 
 _DRIVE_LABELS = {1: "vessel"}
+
+# TotalSegmentator's default subset: the organs of its v2 class map 1-21 but the thyroid gland
+# (absent from v1), so the names exist in both releases (104 structures in v1, 117 in v2).
+# Every structure costs one binary task per plane and case: replace ``structures`` to read
+# others, or ``structures=None`` for every mask file of each case.
+TOTALSEGMENTATOR_ORGANS = (
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left", "lung_upper_lobe_left", "lung_lower_lobe_left",
+    "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus",
+    "trachea", "small_bowel", "duodenum", "colon", "urinary_bladder",
+)  # fmt: skip
 
 CATALOG: tuple[DatasetSpec, ...] = (
     # --- Decathlon: TaskNN_Name/{dataset.json, imagesTr, labelsTr}
@@ -180,6 +191,27 @@ CATALOG: tuple[DatasetSpec, ...] = (
         source="https://github.com/adalca/medical-datasets/blob/master/neurite-oasis.md",
         version="neurite-oasis v1.0",
         notes="skull-stripped, bias-corrected, affinely aligned; names from seg4_labels.txt",
+    ),
+    # --- one binary mask file per structure
+    DatasetSpec(
+        name="TotalSegmentator",
+        reader="folder",
+        root="Totalsegmentator_dataset_v201",
+        modality="CT",
+        structures=TOTALSEGMENTATOR_ORGANS,
+        layout=FolderLayout(
+            images="s[0-9]*/ct.nii.gz",
+            match=r"^(?P<case>s\d{4})/ct\.nii\.gz$",
+            label="{dir}/segmentations/{structure}.nii.gz",
+            case_id="{case}",
+        ),
+        licence="CC BY 4.0",
+        citation="Wasserthal et al., TotalSegmentator: robust segmentation of 104 anatomic structures in CT images, Radiology: Artificial Intelligence 5(5):e230024 (2023)",
+        source="https://zenodo.org/records/10047292",
+        version="v2.0.1",
+        notes="root: the folder holding meta.csv and sNNNN/{ct.nii.gz, segmentations/"
+        "<structure>.nii.gz}; v1 (Zenodo 6802614) has the same layout. meta.csv is not read "
+        "(splits are by scan: each scan is its own subject)",
     ),
     # --- 2D image + mask folders
     DatasetSpec(

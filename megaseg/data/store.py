@@ -156,6 +156,19 @@ class Corpus:
     def __repr__(self) -> str:
         return f"Corpus({str(self.root)!r}, datasets={len(self.datasets)}, exclude={sorted(self.exclude)})"
 
+    def resolutions(self, dataset: str) -> tuple[int, ...]:
+        """The resolutions ``R`` at which ``dataset``'s examples are stored, ascending.
+
+        Raises:
+            KeyError: no dataset of that name in the corpus (the message lists them).
+        """
+        try:
+            return tuple(sorted(self._data[dataset].resolutions))
+        except KeyError:
+            raise KeyError(
+                f"{self.root}: no dataset {dataset!r}; have {', '.join(self.datasets)}"
+            ) from None
+
     def _served(self, dataset: str, split: str, exclude: set[str]) -> bool:
         if _matches(dataset, exclude):
             return False

@@ -155,7 +155,7 @@ class CorpusSource:
 
     def _resolution(self, resolution: int) -> int:
         """The stored resolution to read: R itself, else the smallest larger one (resized)."""
-        stored = sorted(self.corpus._data[self.dataset].resolutions)
+        stored = list(self.corpus.resolutions(self.dataset))
         if resolution in stored:
             return resolution
         larger = [r for r in stored if r > resolution]

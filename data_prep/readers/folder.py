@@ -5,6 +5,11 @@ label file is named from its image: ``images/x.png`` + ``masks/x.png``, ``x.jpg`
 ``x_mask.png``, DRIVE's ``21_training.tif`` + ``21_manual1.gif``, ACDC's
 ``patient001_frame01.nii.gz`` + ``..._gt.nii.gz``, BraTS's four channel files + ``_seg``.
 Label values must be 0 or one of the spec's labels (after the binary mapping, if any).
+
+A label template naming ``{structure}`` means one binary mask file per structure
+(TotalSegmentator's ``s0000/segmentations/liver.nii.gz``): the spec's ``structures`` are
+read (all the files the template matches when it gives none), and the label map holds
+structure ``k`` of their sorted names as value ``k`` (1, 2...).
 """
 
 from __future__ import annotations
@@ -17,11 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    Case,
-    CaseError,
-    DatasetError,
-    LoadedCase,
+from .base import Case, CaseError, DatasetError, LoadedCase
+from .io import (
     build_cases,
     channel_names_for,
     is_junk,
@@ -29,6 +31,26 @@ from .base import (
     load_case,
     split_ext,
 )
+
+_STRUCTURE = "\0structure\0"  # stands for {structure} while a template is split around it
+
+
+def _structure_masks(
+    template: str, fields: dict[str, str], root: Path, structures: tuple[str, ...] | None
+) -> tuple[Path, list[tuple[str, Path]]]:
+    """The mask folder and ``(structure, mask file)`` of one case; ``structures`` None: every
+    file the template matches (junk excluded), named by what ``{structure}`` matched."""
+    filled = os.path.normpath(template.format(**fields, structure=_STRUCTURE))
+    head, tail = filled.split(_STRUCTURE)  # the spec checks {structure} appears once
+    folder = (root / f"{head}x").parent
+    if structures is not None:
+        return folder, [(s, root / f"{head}{s}{tail}") for s in structures]
+    found = []
+    for path in root.glob(glob.escape(head) + "*" + glob.escape(tail)):
+        rel = path.relative_to(root).as_posix()
+        if not is_junk(path.name):
+            found.append((rel[len(head) : len(rel) - len(tail)], path))
+    return folder, found
 
 
 def _fill(template: str, fields: dict[str, str], root: Path) -> Path:
@@ -53,8 +75,10 @@ class FolderReader:
             raise DatasetError(f"{root}: spec {spec.name!r} has no folder layout")
         if not root.is_dir():
             raise DatasetError(f"{root}: dataset folder missing")
+        per_structure = "{structure}" in layout.label
+        structures = getattr(spec, "structures", None)
         labels = dict(spec.labels) if spec.labels is not None else {}
-        if not labels:
+        if not labels and not per_structure:
             if not layout.binary:
                 raise DatasetError(f"{root}: spec {spec.name!r} needs labels (or binary layout)")
             labels = {1: "foreground"}
@@ -79,12 +103,15 @@ class FolderReader:
             try:
                 case_id = layout.case_id.format(**fields)
                 images = tuple(_fill(t, fields, root) for t in layout.channels)
-                label = _fill(layout.label, fields, root)
+                if per_structure:  # (mask folder, [(structure, mask file)])
+                    label = _structure_masks(layout.label, fields, root, structures)
+                else:
+                    label = (_fill(layout.label, fields, root),)
             except (KeyError, IndexError) as e:
                 raise DatasetError(
                     f"{root}: spec {spec.name!r} template names unknown field {e}"
                 ) from e
-            entries.append((case_id, images, label))
+            entries.append((case_id, images, *label))
         return build_cases(spec, entries, channel_names, labels, root, binary=layout.binary)
 
     def load(self, case: Case) -> LoadedCase:
