@@ -16,6 +16,11 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "prep": ("data_prep.__main__:main", "build, inspect and verify a corpus (see `megaseg prep -h`)"),
+    "evaluate": (
+        "megaseg.evaluate_cli:main",
+        "held-out evaluation: Dice vs support size N, baselines, bootstrap CIs",
+    ),
+    "demo": ("megaseg.demo:main", "segment real example images offline and write an overlay PNG"),
     "show-episodes": ("megaseg.show_episodes:main", "PNG of a few augmented training episodes"),
 }
 
