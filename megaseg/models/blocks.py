@@ -183,6 +183,15 @@ class CrossBlock(nn.Module):
         """Extra query-side term ``(B, C, H, W)`` of the cross-conv, or None (v1)."""
         return None
 
+    @property
+    def reads_support_mean_only(self) -> bool:
+        """True when, without its support output, the block needs only ``mean_i v_i``.
+
+        Then a caller may average the support before linear ops it applies to each ``v_i``
+        (upsampling, concatenation) and pass ``v (B, 1, C, H, W)``: the same result, less work.
+        """
+        return self.cross.is_linear and type(self).query_context is CrossBlock.query_context
+
     def forward(
         self,
         u: Tensor,

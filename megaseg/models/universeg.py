@@ -117,8 +117,13 @@ class UniverSeg(nn.Module):
         for i, block in enumerate(self.dec_blocks):
             u_skip, v_skip = skips.pop()
             u = torch.cat([self.upsample(u), u_skip], dim=1)
-            v = torch.cat([vmap(self.upsample, v), v_skip], dim=2)
             last = i == len(self.dec_blocks) - 1
+            if fast and last and block.reads_support_mean_only:
+                # Upsampling is linear: average the support first, then upsample one map
+                # instead of S (the largest memory traffic of the network at S=64).
+                v = torch.cat([self.upsample(v.mean(dim=1)), v_skip.mean(dim=1)], dim=1)[:, None]
+            else:
+                v = torch.cat([vmap(self.upsample, v), v_skip], dim=2)
             # The last block's support output is never used: skipping it is exact.
             u, v = block(u, v, fast=fast, need_support=not (fast and last))
         return self.out_conv(u)
