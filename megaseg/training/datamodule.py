@@ -1,0 +1,322 @@
+"""LightningDataModule: episodes from corpora and synthetic tasks, never from held-out datasets.
+
+Training batches come from an endless :class:`~megaseg.data.tasks.EpisodeStream`, one stream per
+DDP rank, started at the step the trainer resumes from, so a resumed run sees exactly the
+batches an uninterrupted run would have seen. Validation and test are fixed
+:class:`~megaseg.data.tasks.EpisodeSet` s, one per source (corpus val split of the training
+datasets; synthetic tasks from a seed range used neither for training nor for held-out
+evaluation), each batch with a foreign support set for the support-swap metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from megaseg.data.store import Corpus, load_protocol
+from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig, SyntheticTasks
+from megaseg.data.tasks import (
+    TEST_STREAM,
+    TRAIN_STREAM,
+    VAL_STREAM,
+    Augment,
+    CorpusSource,
+    EpisodeSampler,
+    EpisodeSet,
+    EpisodeStream,
+    SyntheticSource,
+)
+
+# Synthetic validation tasks: a seed range between the training range [0, num_tasks) and the
+# held-out evaluation range [HELDOUT_SEED_OFFSET, ...), so validation never peeks at either.
+SYNTHETIC_VAL_SEED_OFFSET = HELDOUT_SEED_OFFSET // 2
+
+
+AUGMENT_PRESETS = ("reference", "task", "in_task")
+
+
+def make_augment(preset: str | None) -> Augment | None:
+    """The episode augmentation of a preset name (see :data:`AUGMENT_PRESETS`), None for none."""
+    if preset in (None, "none"):
+        return None
+    if preset not in AUGMENT_PRESETS:
+        raise ValueError(f"augment must be one of {AUGMENT_PRESETS} or null, got {preset!r}")
+    from megaseg.data.augment import EpisodeAugment
+
+    if preset == "task":
+        return EpisodeAugment(in_task=None)
+    if preset == "in_task":
+        return EpisodeAugment(task=None)
+    return EpisodeAugment()
+
+
+class HeldOutError(ValueError):
+    """A dataset the evaluation protocol holds out was asked for as training data."""
+
+
+class EpisodeDataModule(pl.LightningDataModule):
+    """Episodes over zero or more corpora plus on-the-fly synthetic tasks.
+
+    Args:
+        corpora: corpus roots (built by ``megaseg prep build``); their tasks are pooled and
+            drawn hierarchically (dataset -> group -> modality -> axis -> label).
+        datasets: train only on these datasets of the corpora (default: all but held-out).
+        protocol: evaluation protocol YAML; its held-out datasets are refused for training
+            (asking for one in ``datasets`` raises :class:`HeldOutError`).
+        held_out: more dataset names to hold out, on top of the protocol's.
+        synthetic_ratio: fraction of training episodes from synthetic tasks, in [0, 1]; must
+            be 1 without corpora.
+        synthetic_tasks: number of synthetic training tasks (seeds ``[0, synthetic_tasks)``).
+        synthetic_config: overrides of :class:`~megaseg.data.synthetic.SyntheticConfig`
+            (``size`` is always ``resolution``).
+        resolution: image side R; corpora must store it.
+        support_size: S, fixed, or ``[lo, hi]`` drawn per batch.
+        batch_size: episodes per training batch, B.
+        val_support_size: S for validation and test (default: ``hi`` of ``support_size``).
+        val_batches, val_batch_size: size of each validation set (per source).
+        test_batches: size of each test set (per source); test uses the corpus test split of
+            the training datasets and held-out-range synthetic tasks.
+        synthetic_val: also validate on synthetic tasks (always when there is no corpus).
+        augment: training augmentation preset (:mod:`megaseg.data.augment`, reference
+            probabilities): "reference" (task-level and in-task), "task", "in_task", or None.
+            From Python, any ``(images, labels, generator) -> (images, labels)`` callable.
+        num_workers: DataLoader workers (the batches are the same for any number).
+        seed: seed of the episode streams.
+    """
+
+    def __init__(
+        self,
+        corpora: Sequence[str] = (),
+        datasets: Sequence[str] | None = None,
+        protocol: str | None = None,
+        held_out: Sequence[str] = (),
+        synthetic_ratio: float = 1.0,
+        synthetic_tasks: int = 1000,
+        synthetic_config: dict | None = None,
+        resolution: int = 128,
+        support_size: int | tuple[int, int] = 64,
+        batch_size: int = 8,
+        val_support_size: int | None = None,
+        val_batches: int = 8,
+        val_batch_size: int = 8,
+        test_batches: int = 16,
+        synthetic_val: bool = True,
+        augment: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= synthetic_ratio <= 1.0:
+            raise ValueError(f"synthetic_ratio must be in [0, 1], got {synthetic_ratio}")
+        if not corpora and synthetic_ratio != 1.0:
+            raise ValueError("without corpora every episode is synthetic: set synthetic_ratio: 1.0")
+        if synthetic_tasks >= SYNTHETIC_VAL_SEED_OFFSET:
+            raise ValueError(f"synthetic_tasks must be < {SYNTHETIC_VAL_SEED_OFFSET}")
+        self.corpora_roots = [str(c) for c in corpora]
+        self.datasets = None if datasets is None else list(datasets)
+        self.protocol = load_protocol(protocol) if protocol else None
+        self.held_out = sorted({*(self.protocol or ()), *held_out}, key=str.casefold)
+        self._check_not_held_out()
+        self.synthetic_ratio = synthetic_ratio
+        self.synthetic_tasks = synthetic_tasks
+        self.synthetic_config = SyntheticConfig(**{**(synthetic_config or {}), "size": resolution})
+        self.resolution = resolution
+        self.support_size = support_size
+        self.batch_size = batch_size
+        self.val_support_size = val_support_size or (
+            support_size if isinstance(support_size, int) else int(support_size[-1])
+        )
+        self.val_batches, self.val_batch_size = val_batches, val_batch_size
+        self.test_batches = test_batches
+        self.synthetic_val = synthetic_val or not corpora
+        self.augment = make_augment(augment) if isinstance(augment, str) else augment
+        self.num_workers = num_workers
+        self.seed = seed
+        self._corpora: list[Corpus] | None = None
+        self.eval_names: dict[str, list[str]] = {}
+
+    # -- sources ------------------------------------------------------------------------------
+
+    def _check_not_held_out(self) -> None:
+        held = {n.casefold() for n in self.held_out}  # names or shell patterns ("WBC-*")
+        bad = [d for d in self.datasets or ()
+               if any(fnmatch.fnmatchcase(d.casefold(), p) for p in held)]  # fmt: skip
+        if bad:
+            where = f"protocol {self.protocol.path}" if self.protocol else "held_out"
+            raise HeldOutError(
+                f"dataset(s) {bad} are held out by {where} and cannot be used for training; "
+                "remove them from data.datasets or evaluate with another protocol"
+            )
+
+    @property
+    def corpora(self) -> list[Corpus]:
+        if self._corpora is None:
+            self._corpora = [Corpus(root, exclude=self.held_out) for root in self.corpora_roots]
+            self._check_datasets_exist()
+        return self._corpora
+
+    def _check_datasets_exist(self) -> None:
+        names = {d.casefold() for c in self._corpora for d in c.datasets}
+        missing = [d for d in self.datasets or () if d.casefold() not in names]
+        if missing:
+            raise ValueError(
+                f"data.datasets {missing} are in none of the corpora {self.corpora_roots}"
+            )
+        seen: dict[str, str] = {}
+        for c in self._corpora:
+            for d in c.datasets:
+                if d.casefold() in seen:
+                    raise ValueError(
+                        f"dataset {d!r} is in two corpora: {seen[d.casefold()]}, {c.root}"
+                    )
+                seen[d.casefold()] = str(c.root)
+
+    def _corpus_sources(self, split: str) -> list[CorpusSource]:
+        sources = []
+        for corpus in self.corpora:
+            wanted = self.datasets
+            if wanted is not None and not {d.casefold() for d in wanted} & {
+                d.casefold() for d in corpus.datasets
+            }:
+                continue
+            # The store already refuses held-out train/val; test must be refused here.
+            sources.append(
+                CorpusSource(corpus, split, self.resolution, wanted, exclude=self.held_out)
+            )
+        return sources
+
+    def _synthetic(self, split: str) -> SyntheticSource:
+        if split == "train":
+            tasks = SyntheticTasks(self.synthetic_tasks, 0, self.synthetic_config)
+        elif split == "val":
+            tasks = SyntheticTasks(
+                self.synthetic_tasks, SYNTHETIC_VAL_SEED_OFFSET, self.synthetic_config
+            )
+        else:
+            tasks = SyntheticTasks(self.synthetic_tasks, HELDOUT_SEED_OFFSET, self.synthetic_config)
+        return SyntheticSource(tasks)
+
+    def training_sources(self) -> tuple[list, list[float]]:
+        """Sources and weights of training episodes."""
+        sources, weights = [], []
+        corpus = self._corpus_sources("train") if self.synthetic_ratio < 1 else []
+        for s in corpus:  # corpora share the non-synthetic weight equally per dataset
+            sources.append(s)
+            weights.append((1 - self.synthetic_ratio) * len(s.datasets))
+        if corpus:
+            total = sum(len(s.datasets) for s in corpus)
+            weights = [w / total for w in weights]
+        if self.synthetic_ratio > 0:
+            sources.append(self._synthetic("train"))
+            weights.append(self.synthetic_ratio)
+        return sources, weights
+
+    def eval_sets(self, split: str) -> list[tuple[str, EpisodeSampler]]:
+        """``(name, sampler)`` per evaluation source of ``split`` ("val" or "test")."""
+        out = []
+        if self.corpora_roots and self.synthetic_ratio < 1:
+            sources = self._corpus_sources(split)
+            if sources:
+                out.append(("corpus", self._eval_sampler(sources)))
+        if self.synthetic_val:
+            out.append(("synthetic", self._eval_sampler([self._synthetic(split)])))
+        return out
+
+    def _eval_sampler(self, sources) -> EpisodeSampler:
+        # The support-swap metric needs a second task; a corpus split may have only one.
+        corpus_tasks = [len(s.tree) for s in sources if isinstance(s, CorpusSource)]
+        foreign = len(corpus_tasks) < len(sources) or sum(corpus_tasks) >= 2
+        if not foreign:
+            warnings.warn(
+                "only one corpus task in this split: no support-swap metric", stacklevel=2
+            )
+        return EpisodeSampler(
+            sources, batch_size=self.val_batch_size, support_size=self.val_support_size,
+            foreign_support=foreign,
+        )  # fmt: skip
+
+    # -- loaders ------------------------------------------------------------------------------
+
+    def _start_step(self) -> int:
+        """Training batches already consumed: ``global_step * accumulate_grad_batches`` (the
+        resumable checkpoints are written at optimizer-step boundaries)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def _rank(self) -> int:
+        return 0 if self.trainer is None else self.trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        sources, weights = self.training_sources()
+        sampler = EpisodeSampler(
+            sources, weights, batch_size=self.batch_size, support_size=self.support_size,
+            augment=self.augment,
+        )  # fmt: skip
+        stream = EpisodeStream(sampler, self.seed, self._rank(), self._start_step(), TRAIN_STREAM)
+        return self._loader(stream)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val", self.val_batches, VAL_STREAM)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test", self.test_batches, TEST_STREAM)
+
+    def _eval_loaders(self, split: str, num_batches: int, stream: int) -> list[DataLoader]:
+        sets = self.eval_sets(split)
+        self.eval_names[split] = [name for name, _ in sets]  # read by the module to name metrics
+        return [self._loader(EpisodeSet(s, self.seed, num_batches, stream)) for _, s in sets]
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers,
+            persistent_workers=False, pin_memory=False,
+        )  # fmt: skip
+
+    # -- provenance (for the checkpoint card) -------------------------------------------------
+
+    def describe(self) -> dict:
+        """What the training data is: datasets with manifest checksums, synthetic seeds, held-out."""
+        import hashlib
+
+        corpora = []
+        if self.synthetic_ratio < 1:
+            for corpus in self.corpora:
+                manifest = Path(corpus.root) / "manifest.json"
+                corpora.append({
+                    "root": str(corpus.root),
+                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+                    "datasets": sorted(
+                        {s for src in self._corpus_sources("train") if src.corpus is corpus
+                         for s in src.datasets}
+                    ),
+                })  # fmt: skip
+        synthetic = None
+        if self.synthetic_ratio > 0:
+            from megaseg.data.synthetic import GENERATOR_VERSION
+
+            synthetic = {
+                "generator_version": GENERATOR_VERSION,
+                "seed_range": [0, self.synthetic_tasks],
+                "config": dataclasses.asdict(self.synthetic_config),
+            }
+        return {
+            "corpora": corpora,
+            "synthetic_ratio": self.synthetic_ratio,
+            "synthetic": synthetic,
+            "held_out": list(self.held_out),
+            "protocol": None if self.protocol is None else self.protocol.path,
+            "resolution": self.resolution,
+            "support_size": self.support_size,
+            "batch_size": self.batch_size,
+            "augment": None if self.augment is None else repr(self.augment),
+            "seed": self.seed,
+        }

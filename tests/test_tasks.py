@@ -1,0 +1,239 @@
+"""Task index, hierarchical sampling and episodes (megaseg.data.tasks)."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from megaseg.data.store import Corpus, TaskKey
+from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
+from megaseg.data.tasks import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    CorpusSource,
+    EpisodeSampler,
+    EpisodeSet,
+    EpisodeStream,
+    SyntheticSource,
+    TaskTree,
+    draw_indices,
+)
+
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+class FakeSource:
+    """Tasks whose pixels say where they come from: image value = task number, label value =
+    split code, so a test can check that an episode never mixes tasks or splits."""
+
+    def __init__(
+        self, counts: dict[TaskKey, int], split: str = "train", name: str = "fake", size: int = 8
+    ):
+        self.counts, self.split, self.name, self.size = counts, split, name, size
+        self.tree = TaskTree(list(counts))
+        self.number = {k: i for i, k in enumerate(sorted(counts))}
+        self.loaded: list[tuple[TaskKey, list[int]]] = []
+
+    def sample_task(self, rng):
+        return self.tree.sample(rng)
+
+    def num_examples(self, key):
+        return self.counts[key]
+
+    def load(self, key, indices):
+        self.loaded.append((key, list(indices)))
+        n = len(indices)
+        images = torch.full((n, 1, self.size, self.size), float(self.number[key]))
+        labels = torch.full((n, 1, self.size, self.size), float(SPLIT_CODE[self.split]))
+        labels[:, 0, 0, 0] = torch.tensor(indices, dtype=torch.float32)  # the example index
+        return images, labels
+
+
+def keys_of(dataset, groups=1, labels=1, modality="CT", axis="0"):
+    return [TaskKey(dataset, f"g{g}", modality, axis, f"l{lab}")
+            for g in range(groups) for lab in range(labels)]  # fmt: skip
+
+
+@pytest.fixture
+def source():
+    # An imbalanced corpus: "big" has 3 groups x 10 labels, "small" one task; "tiny" tasks
+    # have 3 examples, fewer than the support size.
+    counts = {k: 50 for k in keys_of("big", groups=3, labels=10)}
+    counts.update({k: 20 for k in keys_of("small")})
+    counts.update({k: 3 for k in keys_of("tiny", labels=2)})
+    return FakeSource(counts)
+
+
+def test_task_tree_is_uniform_at_each_level(source):
+    tree = source.tree
+    assert tree.probability(keys_of("small")[0]) == pytest.approx(1 / 3)
+    assert tree.probability(keys_of("big", groups=3, labels=10)[0]) == pytest.approx(1 / 3 / 3 / 10)
+    assert tree.probability(TaskKey("nope", "g0", "CT", "0", "l0")) == 0.0
+    assert sum(tree.probability(k) for k in tree.keys) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    datasets = collections.Counter(tree.sample(rng).dataset for _ in range(3000))
+    assert all(abs(n / 3000 - 1 / 3) < 0.04 for n in datasets.values()), datasets
+
+
+def test_draw_indices_excludes_query_and_replaces_only_when_small():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        q, s = draw_indices(rng, 10, 5)
+        assert q not in s and len(set(s.tolist())) == 5 and s.max() < 10
+        q, s = draw_indices(rng, 3, 8)  # 2 candidates for 8 slots: with replacement
+        assert q not in s and len(s) == 8 and set(s.tolist()) <= set(range(3)) - {q}
+    with pytest.raises(ValueError, match=">= 2 examples"):
+        draw_indices(rng, 1, 4)
+
+
+def test_episode_never_mixes_tasks_or_splits(source):
+    val = FakeSource(dict(source.counts), split="val", name="fake_val")
+    sampler = EpisodeSampler([source, val], [0.5, 0.5], batch_size=16, support_size=6,
+                             foreign_support=True)  # fmt: skip
+    for step in range(10):
+        b = sampler.batch(0, TRAIN_STREAM, 0, step)
+        images = torch.cat([b["query"][:, None], b["support_images"]], 1)  # (B, S+1, 1, H, W)
+        labels = torch.cat([b["query_label"][:, None], b["support_labels"]], 1)
+        task_code = images[..., 1, 1]  # (B, S+1, 1)
+        split_code = labels[..., 1, 1]
+        assert (task_code == task_code[:, :1]).all(), "an episode mixes tasks"
+        assert (split_code == split_code[:, :1]).all(), "an episode mixes splits"
+        # the query is never in its own support (example index in pixel (0, 0))
+        q, s = labels[:, 0, 0, 0, 0], labels[:, 1:, 0, 0, 0]
+        small = torch.tensor(["tiny" not in t for t in b["task"]])
+        assert not (s == q[:, None]).any(dim=1)[small].any()
+        # the foreign support is another task
+        assert (b["other_support_images"][..., 1, 1] != task_code[:, :1]).all()
+
+
+def test_support_size_is_fixed_per_batch_and_in_range(source):
+    sampler = EpisodeSampler([source], batch_size=3, support_size=(2, 5))
+    sizes = {sampler.batch(0, TRAIN_STREAM, 0, i)["support_images"].shape[1] for i in range(40)}
+    assert sizes == {2, 3, 4, 5}
+    fixed = EpisodeSampler([source], batch_size=3, support_size=4)
+    assert fixed.batch(0, TRAIN_STREAM, 0, 0)["support_labels"].shape == (3, 4, 1, 8, 8)
+
+
+def test_mixed_sources_follow_the_ratio(source):
+    other = FakeSource({k: 10 for k in keys_of("other")}, name="other")
+    sampler = EpisodeSampler([source, other], [0.8, 0.2], batch_size=50, support_size=1)
+    names = [t for i in range(10) for t in sampler.batch(1, TRAIN_STREAM, 0, i)["task"]]
+    share = sum(t.startswith("other/") for t in names) / len(names)
+    assert abs(share - 0.2) < 0.06
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a["task"] == b["task"] and all(
+        torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor)
+    )
+
+
+def test_seeded_episodes_repeat_exactly(source):
+    sampler = EpisodeSampler([source], batch_size=4, support_size=(1, 8))
+    a = [sampler.batch(7, TRAIN_STREAM, 0, i) for i in range(5)]
+    b = [sampler.batch(7, TRAIN_STREAM, 0, i) for i in reversed(range(5))][::-1]
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+    assert not _same(a[0], sampler.batch(7, TRAIN_STREAM, 1, 0))  # another rank
+    assert not _same(a[0], sampler.batch(8, TRAIN_STREAM, 0, 0))  # another seed
+    assert not _same(a[0], sampler.batch(7, VAL_STREAM, 0, 0))  # another stream
+
+
+def test_stream_resumes_at_a_step_and_ignores_worker_count():
+    synthetic = SyntheticSource(
+        SyntheticTasks(20, config=SyntheticConfig(size=16, num_subjects=10))
+    )
+    sampler = EpisodeSampler([synthetic], batch_size=2, support_size=3)
+
+    def take(start, workers, n):
+        loader = DataLoader(EpisodeStream(sampler, seed=3, rank=0, start_step=start),
+                            batch_size=None, num_workers=workers)  # fmt: skip
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    full = take(0, 0, 6)
+    assert all(_same(x, y) for x, y in zip(full[2:], take(2, 0, 4), strict=True))
+    assert all(_same(x, y) for x, y in zip(full, take(0, 2, 6), strict=True))
+    assert [int(b["index"][3]) for b in full] == list(range(6))
+
+
+def test_episode_set_is_fixed(source):
+    sampler = EpisodeSampler([source], batch_size=2, support_size=2)
+    ds = EpisodeSet(sampler, seed=0, num_batches=3)
+    assert len(ds) == 3 and _same(ds[1], EpisodeSet(sampler, 0, 3)[1])
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+def test_augment_gets_the_whole_episode_and_a_seeded_generator(source):
+    calls = []
+
+    def augment(images, labels, gen):
+        calls.append(images.shape)
+        return images + torch.rand((), generator=gen), labels
+
+    sampler = EpisodeSampler([source], batch_size=2, support_size=3, augment=augment)
+    a, b = sampler.batch(0, TRAIN_STREAM, 0, 5), sampler.batch(0, TRAIN_STREAM, 0, 5)
+    assert calls[0] == (2, 4, 1, 8, 8) and _same(a, b)
+
+
+def test_synthetic_source_is_hierarchical_over_task_then_label():
+    synthetic = SyntheticTasks(5, config=SyntheticConfig(size=16, num_subjects=10))
+    src = SyntheticSource(synthetic)
+    rng = np.random.default_rng(0)
+    keys = [src.sample_task(rng) for _ in range(200)]
+    assert {k.group for k in keys} == {str(t) for t in range(5)}
+    assert all(0 <= int(k.label) < synthetic.num_labels(int(k.group)) for k in keys)
+    images, labels = src.load(keys[0], [0, 1])
+    assert images.shape == labels.shape == (2, 1, 16, 16)
+
+
+# -- a tiny corpus on disk, built by the real pipeline ---------------------------------------
+
+
+def build_tiny_corpus(tmp: Path) -> Path:
+    """Three 2D datasets (DataA, DataB, DataC) of 16 cases at 64 px, built by data_prep."""
+    pytest.importorskip("data_prep.store_writer")
+    from fixtures_data import write_folder2d
+
+    from data_prep.pipeline import build_corpus, job_from_spec
+    from data_prep.specs import spec_from_path
+
+    jobs = [job_from_spec(spec_from_path(write_folder2d(tmp / "raw", name=n, n_cases=16)),
+                          tmp / "raw" / n) for n in ("DataA", "DataB", "DataC")]  # fmt: skip
+    summary = build_corpus(jobs, tmp / "corpus", resolutions=(64,), progress=False)
+    assert summary.ok, summary.text()
+    return tmp / "corpus"
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_corpus_source_never_serves_a_held_out_dataset(tiny_corpus, split):
+    corpus = Corpus(tiny_corpus, exclude=["datac"])
+    source = CorpusSource(corpus, split, 64, exclude=["datac"])
+    assert "DataC" not in source.datasets
+    sampler = EpisodeSampler([source], batch_size=8, support_size=4)
+    tasks = [t for i in range(5) for t in sampler.batch(0, TRAIN_STREAM, 0, i)["task"]]
+    assert tasks and not any("/DataC/" in t for t in tasks)
+    b = sampler.batch(0, TRAIN_STREAM, 0, 0)
+    assert b["query"].shape == (8, 1, 64, 64) and b["support_labels"].shape == (8, 4, 1, 64, 64)
+    assert 0 <= float(b["support_images"].min()) and float(b["support_images"].max()) <= 1
+
+
+def test_corpus_episodes_stay_in_their_task_and_split(tiny_corpus):
+    corpus = Corpus(tiny_corpus)
+    source = CorpusSource(corpus, "train", 64)
+    loaded = []
+    load = source.load
+    source.load = lambda key, idx: loaded.append((key, list(idx))) or load(key, idx)
+    EpisodeSampler([source], batch_size=6, support_size=12).batch(0, TRAIN_STREAM, 0, 0)
+    for key, indices in loaded:  # one call per episode: one task, one split, valid indices
+        assert max(indices) < corpus.num_examples(key, "train")
