@@ -12,7 +12,11 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # Weights that megaseg itself trained and ships, by model name then tag; the first tag is the
 # default for ``pretrained=True``. Paths are relative to the checkpoints/ folder. This never
 # refers to the official UniverSeg release.
-_PRETRAINED: dict[str, dict[str, str]] = {}
+_PRETRAINED: dict[str, dict[str, str]] = {
+    # 32-feature v1 trained 35 min on a 2-core CPU on synthetic tasks at 64x64; see
+    # checkpoints/README.md (its model card) and configs/megaseg_small_synth64.yaml.
+    "universeg_v1_small": {"synth64": "megaseg_small_synth64.safetensors"},
+}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
