@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,19 +39,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
 
 VARIANTS = ("universeg_v1", "universeg_attn_hybrid", "universeg_attn_full")
 SIZE = 128
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def best_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:

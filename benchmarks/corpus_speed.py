@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
 
 
 def write_volumes(root: Path, n: int, size: int) -> Path:
@@ -178,7 +168,7 @@ def main() -> None:
         if not args.skip_build:
             rows += bench_build(Path(tmp), args.cases, args.size)
         rows += bench_read(Path(tmp), args.subjects, args.episodes)
-    print(f"\nCPU: {cpu_model()}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()} "
+    print(f"\nCPU: {cpu_name()}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()} "
           f"(builds use 1 per worker); load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print("| measurement | result |\n|---|---|")
     for name, value in rows:

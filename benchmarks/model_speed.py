@@ -10,25 +10,15 @@ from other processes hits both alike; the median of the repeats is reported.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
 from megaseg import create_model
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def gmacs(fn) -> float:
