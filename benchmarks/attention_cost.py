@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import cpu_name, emit  # benchmarks/machine.py (the script's folder is on sys.path)
 
 VARIANTS = ("universeg_v1", "universeg_attn_hybrid", "universeg_attn_full")
 SIZE = 128
@@ -188,11 +188,7 @@ def main() -> None:
             f"| {r['ms'] / model_ms:.2f} | {model_mb:.0f} | {r['profiler_bytes'] / mb:.0f} "
             f"| {r['profiler_bytes'] / mb / model_mb:.2f} | {r['rss_bytes'] / mb:.0f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

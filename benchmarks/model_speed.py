@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
+from machine import cpu_name, emit  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
 from megaseg import create_model
@@ -92,11 +92,7 @@ def main() -> None:
             f"{work['fast'] / work['naive']:.2f} | {ms['naive']:.0f} | {ms['fast']:.0f} | "
             f"{ms['fast'] / ms['naive']:.2f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
