@@ -26,7 +26,7 @@ def card_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -45,9 +45,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, A
         raise ValueError(f"{path}: checkpoints are written as .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     card = {"format_version": CARD_FORMAT_VERSION, **card}
-    _atomic_write(path, lambda tmp: save_file(state, tmp))
+    atomic_write(path, lambda tmp: save_file(state, tmp))
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
-    _atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -86,7 +86,9 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
     return dict(obj), card
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[nn.Module, dict]:
     """Build the model the card names (or use ``model``) and load the weights, strictly.
 
     A file without a card is taken to be a raw ``universeg_v1`` state dict.

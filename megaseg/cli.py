@@ -15,7 +15,10 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
-    "prep": ("data_prep.__main__:main", "build, inspect and verify a corpus (see `megaseg prep -h`)"),
+    "prep": (
+        "data_prep.__main__:main",
+        "build, inspect and verify a corpus (see `megaseg prep -h`)",
+    ),
     "evaluate": (
         "megaseg.evaluate_cli:main",
         "held-out evaluation: Dice vs support size N, baselines, bootstrap CIs",

@@ -115,10 +115,14 @@ def _logits_and_grads(model: UniverSeg, inputs, fast: bool):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("S", [1, 3, 16])
 # Logits: absolute tolerance. Gradients: relative to their largest entry. Float64 is where the
-# two paths are shown equal. In float32 the gradients of this unnormalized 7-block network are
-# only good to ~1e-3 of their scale on *either* path: measured against a float64 reference, the
-# naive path was off by up to 3e-4 (oneDNN) / 7e-5 (native), the fast path by up to 1.5e-3 /
-# 3.8e-3 (different conv shapes pick different kernels); 5e-3 bounds that rounding.
+# two paths are shown equal (1e-10). In float32 the logits agree to 1e-4; the gradients agree to
+# ~1e-6 of their scale except where a LeakyReLU input lies within rounding of zero: the two
+# paths sum the convolutions in different orders, a pre-activation ~1e-7 from zero can take the
+# other slope (1 vs 0.01) on one path, and that pixel's gradient changes by ~99%. Measured (v1,
+# S=16, mean BCE loss): the float64 network's own input gradients move by 3% of their scale when
+# its decoder-block inputs are rounded to float32 (a 6e-7 relative change), so no float32
+# gradient bound tighter than these flips holds for two different summation orders. The flips
+# seen over this grid stay below 5e-3 of the largest gradient entry.
 @pytest.mark.parametrize(
     "dtype,tol,grad_tol",
     [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-4, 5e-3)],

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,30 @@ def test_validate_and_test_run_from_a_checkpoint(tmp_path):
     ]
     assert any("val/synthetic/dice" in h for h in headers)
     assert any("test/synthetic/swap_gap" in h for h in headers)
+
+
+def test_predict_writes_the_checkpoints_probabilities_per_test_batch(tmp_path):
+    megaseg_main(fit_args(tmp_path, 2, "--trainer.limit_val_batches", "0"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    out = tmp_path / "pred"
+    megaseg_main(["predict", "--config", CI_TINY, "--trainer.default_root_dir", str(out),
+                  "--data.test_batches", "2", "--data.val_batch_size", "3",
+                  "--ckpt_path", str(ckpt)])  # fmt: skip
+    files = sorted(p.name for p in (out / "predictions").iterdir())
+    assert files == [f"synthetic_batch000{i}.{ext}" for i in (0, 1) for ext in ("npz", "png")]
+
+    # The written probabilities are the checkpoint's network on the written episode.
+    from megaseg.training import InContextSegModule
+
+    module = InContextSegModule.load_from_checkpoint(ckpt, weights_only=False).eval()
+    with np.load(out / "predictions" / "synthetic_batch0001.npz") as z:
+        arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+    assert arrays["probs"].shape == arrays["query"].shape == (3, 1, 64, 64)
+    assert arrays["support_images"].shape[:2] == (3, 8)  # val_support_size of ci_tiny
+    with torch.no_grad():
+        logits = module.net(arrays["query"], arrays["support_images"], arrays["support_labels"])
+    assert torch.allclose(arrays["probs"], torch.sigmoid(logits), atol=1e-5)
+    assert arrays["dice"].shape == (3,) and bool(((arrays["dice"] >= 0) & (arrays["dice"] <= 1)).all())
 
 
 def test_print_config_shows_linked_values(capsys):

@@ -4,7 +4,13 @@ Imported only by ``megaseg fit|validate|test`` and by users who train; inference
 evaluation never import it.
 """
 
-from megaseg.training.callbacks import EpisodeLog, EpisodeThroughput, ExportWeights, ValidationGrid
+from megaseg.training.callbacks import (
+    EpisodeLog,
+    EpisodeThroughput,
+    ExportWeights,
+    PredictionWriter,
+    ValidationGrid,
+)
 from megaseg.training.datamodule import EpisodeDataModule, HeldOutError
 from megaseg.training.export import build_card, export_weights
 from megaseg.training.module import InContextSegModule, WarmupCosine
@@ -16,6 +22,7 @@ __all__ = [
     "ExportWeights",
     "HeldOutError",
     "InContextSegModule",
+    "PredictionWriter",
     "ValidationGrid",
     "WarmupCosine",
     "build_card",

@@ -1,4 +1,4 @@
-"""Training callbacks: weight export, validation pictures, throughput, episode log."""
+"""Training callbacks: weight export, validation pictures, predictions, throughput, episode log."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import SaveConfigCallback
 
+from megaseg.checkpoint import atomic_write
 from megaseg.training.export import export_weights
 
 
@@ -127,8 +130,51 @@ def save_grid(path: Path, batch: dict, logits: torch.Tensor, max_rows: int = 4, 
         ax.set_yticks([])
     fig.tight_layout(pad=0.2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return path
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes each ``megaseg predict`` batch as it comes: ``{set}_batch{i:04d}.npz`` (query,
+    support images and labels, ``probs``, and ``query_label`` / ``dice`` when known) and a PNG
+    grid of its first episodes, under ``dirpath`` (default ``<default_root_dir>/predictions``).
+    Each file is written to a temporary name and renamed: an interrupted run leaves whole files.
+    """
+
+    def __init__(self, dirpath: str | None = None, max_rows: int = 4):
+        super().__init__(write_interval="batch")
+        self.dirpath, self.max_rows = dirpath, max_rows
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "predictions")
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        out = self._dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{prediction['set']}_batch{batch_idx:04d}"
+        if trainer.world_size > 1:
+            stem += f"_rank{trainer.global_rank}"
+        arrays = {
+            k: batch[k].detach().float().cpu().numpy()
+            for k in ("query", "support_images", "support_labels", "query_label")
+            if k in batch
+        }
+        arrays["probs"] = prediction["probs"].detach().cpu().numpy()
+        if "dice" in prediction:
+            arrays["dice"] = prediction["dice"].detach().cpu().numpy()
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(out / f"{stem}.npz", write_npz)
+        if "query_label" in batch:  # save_grid thresholds at 0: pass p - 0.5
+            grid = lambda tmp: save_grid(  # noqa: E731
+                Path(tmp), batch, prediction["probs"] - 0.5, self.max_rows, prediction.get("dice")
+            )
+            atomic_write(out / f"{stem}.png", grid)
 
 
 class EpisodeThroughput(pl.Callback):

@@ -8,6 +8,8 @@ Every run under ``trainer.default_root_dir`` (ROOT):
 - ``ROOT/checkpoints/``: Lightning's resumable ``.ckpt`` files (a ``ModelCheckpoint`` without a
   ``dirpath`` is pointed here, so ``--ckpt_path last`` finds them from one run to the next);
 - ``ROOT/export/{last,final}.safetensors`` + ``.json`` cards (:class:`ExportWeights`, always on);
+- ``ROOT/predictions/`` (``megaseg predict``): per test-episode batch an ``.npz`` with the
+  probabilities and a PNG (:class:`PredictionWriter`);
 - ``ROOT/lightning_logs/version_N/``: ``metrics.csv`` (and TensorBoard events when tensorboard
   is installed), the resolved ``config.yaml``, ``val_examples/*.png``.
 """
@@ -23,7 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from megaseg.training.callbacks import EpisodeThroughput, ExportWeights
+from megaseg.training.callbacks import EpisodeThroughput, ExportWeights, PredictionWriter
 from megaseg.training.datamodule import EpisodeDataModule
 from megaseg.training.module import InContextSegModule
 
@@ -52,6 +54,11 @@ class MegasegCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(root / "checkpoints")
+
+    def before_predict(self) -> None:
+        # Predictions are written as they come (not kept in memory) unless a writer is given.
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
 
 def lightning_main(argv: list[str] | None = None) -> int:

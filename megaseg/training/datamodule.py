@@ -270,6 +270,12 @@ class EpisodeDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test", self.test_batches, TEST_STREAM)
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """``megaseg predict``: the test episodes (the same draws as ``megaseg test``)."""
+        loaders = self._eval_loaders("test", self.test_batches, TEST_STREAM)
+        self.eval_names["predict"] = self.eval_names["test"]
+        return loaders
+
     def _eval_loaders(self, split: str, num_batches: int, stream: int) -> list[DataLoader]:
         sets = self.eval_sets(split)
         self.eval_names[split] = [name for name, _ in sets]  # read by the module to name metrics

@@ -215,6 +215,19 @@ class InContextSegModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self._evaluate(batch, "test", dataloader_idx)
 
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Probabilities for an episode batch (``megaseg predict``): ``{"probs" (B,1,H,W),
+        "set"}``, plus the hard ``"dice"`` per episode when the batch holds the query labels."""
+        names = self._eval_names("predict")
+        logits = self.eval_net(batch["query"], batch["support_images"], batch["support_labels"])
+        out = {
+            "probs": torch.sigmoid(logits.float()),
+            "set": names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx),
+        }
+        if "query_label" in batch:
+            out["dice"] = episode_metrics(logits, batch["query_label"])[0]
+        return out
+
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = (
