@@ -165,10 +165,28 @@ def _quantize(x: torch.Tensor) -> np.ndarray:
     return np.rint(x[0].numpy() * 255).astype(np.uint8)
 
 
+def extra_slice_indices(areas: np.ndarray, count: int, min_fraction: float = 0.25) -> list[int]:
+    """``count`` slice indices spread evenly over the slices where a label is large: those
+    whose area (``areas (n_slices,)``) is at least ``min_fraction`` of its largest."""
+    if count <= 0 or not areas.any():
+        return []
+    candidates = np.flatnonzero(areas >= min_fraction * areas.max())
+    picks = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
+    return sorted({int(candidates[int(round(p))]) for p in picks})
+
+
 def process_case(
-    case: Case, loaded: LoadedCase, spec, resolutions: Sequence[int] = DEFAULT_RESOLUTIONS
+    case: Case,
+    loaded: LoadedCase,
+    spec,
+    resolutions: Sequence[int] = DEFAULT_RESOLUTIONS,
+    extra_slices: int = 0,
 ) -> CaseSlices:
     """Run the whole per-case pipeline (see the module docstring).
+
+    ``extra_slices``: per plane and label of a volume, also this many slices spread evenly over
+    the label's extent (:func:`extra_slice_indices`; kind "extra"). Not used by corpus builds;
+    evaluation uses it to get more than two slices per task from a dataset of few subjects.
 
     Raises:
         CaseError: the case cannot be used (the message names the file and the reason).
@@ -204,6 +222,10 @@ def process_case(
                     picks.append(
                         (PLANES[axis], axis, best, "mid" if best == mid else "max", name, value)
                     )
+                    taken = {best, mid} if areas[mid, value] else {best}
+                    for index in extra_slice_indices(areas[:, value], extra_slices):
+                        if index not in taken:
+                            picks.append((PLANES[axis], axis, index, "extra", name, value))
     else:
         picks = [(AXIS_2D, None, 0, "2d", n, v) for n, v in labels if (label == v).any()]
     if not picks:

@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--folder", nargs="+", default=[], metavar="PATH",
                      help="folders data_prep can read (nnU-Net, Decathlon, image/mask pairs)")  # fmt: skip
+    src.add_argument("--slices-per-plane", type=int, default=0, metavar="K",
+                     help="--folder volumes: per plane and label, K more slices spread over the "
+                          "label's extent besides the corpus's mid and largest-area slices; for "
+                          "datasets of few subjects (default 0: exactly the corpus's slices)")  # fmt: skip
     src.add_argument("--synthetic-tasks", type=int, default=0, metavar="T",
                      help="T held-out synthetic tasks (seeds never used in training)")  # fmt: skip
     sweep = p.add_argument_group("the sweep (ignored with --draws)")
@@ -88,7 +92,10 @@ def _sources(args, resolution: int):
         if not datasets:
             raise ValueError("--corpus: name the held-out datasets with --datasets or --protocol")
         sources = corpus_sources(corpus, datasets)
-    sources += [folder_source(f, resolution=resolution) for f in args.folder]
+    sources += [
+        folder_source(f, resolution=resolution, slices_per_plane=args.slices_per_plane)
+        for f in args.folder
+    ]
     if args.synthetic_tasks:
         sources.append(SyntheticSource(args.synthetic_tasks))
     return sources

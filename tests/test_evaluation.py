@@ -27,6 +27,7 @@ from megaseg.evaluation import (
     stratified_bootstrap_ci,
 )
 from megaseg.evaluation.report import read_csv
+from megaseg.evaluation.sources import sources_from_record
 
 R = 32
 TINY = {"encoder_widths": (8, 8, 8, 8)}
@@ -378,6 +379,30 @@ def test_folder_source_matches_the_corpus_build(corpus, tmp_path):
         src.load(a.name, a.query_pool, R), stored.load(b.name, b.query_pool, R), strict=True
     ):
         torch.testing.assert_close(x, y)
+
+
+def test_folder_source_adds_slices_per_plane_and_replays_them(tmp_path):
+    from fixtures_data import write_mni_nnunet
+
+    folder = write_mni_nnunet(tmp_path)
+    plain = folder_source(folder, resolution=32)
+    more = folder_source(folder, resolution=32, slices_per_plane=6)
+    assert [t.name for t in plain.tasks()] == [t.name for t in more.tasks()]
+    for a, b in zip(plain.tasks(), more.tasks(), strict=True):
+        n_plain, n_more = (len({*t.support_pool, *t.query_pool}) for t in (a, b))
+        # sagittal: the template is left-right symmetric; mirror-image extras are dropped
+        low = 5 if "sagittal" in a.name else 8
+        assert n_plain <= 2 and low <= n_more <= 8, (a.name, n_plain, n_more)
+        # the corpus's own slices come first and are unchanged
+        ids = sorted({*a.support_pool, *a.query_pool})
+        for x, y in zip(plain.load(a.name, ids, 32), more.load(b.name, ids, 32), strict=True):
+            torch.testing.assert_close(x, y)
+        images = more.load(b.name, sorted({*b.support_pool, *b.query_pool}), 32)[0]
+        assert len({hash(im.numpy().tobytes()) for im in images}) == len(images)  # all different
+    (record,) = [more.describe()]
+    assert record["slices_per_plane"] == 6
+    (again,) = sources_from_record([record], 32)
+    assert again.describe() == record
 
 
 # ------------------------------------------------------------------------------ command line

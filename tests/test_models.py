@@ -9,8 +9,16 @@ from megaseg import create_model, list_models
 from megaseg.models import UniverSeg
 
 V1_KEYS = (
-    [f"enc_blocks.{i}.{part}" for i in range(4) for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")]
-    + [f"dec_blocks.{i}.{part}" for i in range(3) for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")]
+    [
+        f"enc_blocks.{i}.{part}"
+        for i in range(4)
+        for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")
+    ]
+    + [
+        f"dec_blocks.{i}.{part}"
+        for i in range(3)
+        for part in ("cross.cross_conv", "target.vmapped.conv", "support.vmapped.conv")
+    ]
     + ["out_conv.conv"]
 )
 
@@ -42,7 +50,9 @@ def test_v1_loads_a_foreign_state_dict_strictly():
 
 def test_v1_has_no_norm_layers_and_zero_biases():
     model = create_model("universeg_v1")
-    assert not any(isinstance(m, torch.nn.GroupNorm | torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(
+        isinstance(m, torch.nn.GroupNorm | torch.nn.BatchNorm2d) for m in model.modules()
+    )
     assert all(torch.all(b == 0) for n, b in model.named_parameters() if n.endswith("bias"))
     slopes = {m.negative_slope for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)}
     assert slopes == {0.01}
@@ -73,9 +83,21 @@ def test_pretrained_without_shipped_weights_says_so():
     "bad",
     [
         lambda: (torch.rand(2, 32, 32), torch.rand(2, 3, 1, 32, 32), torch.rand(2, 3, 1, 32, 32)),
-        lambda: (torch.rand(2, 1, 32, 32), torch.rand(2, 3, 1, 32, 32), torch.rand(2, 4, 1, 32, 32)),
-        lambda: (torch.rand(2, 1, 32, 32), torch.rand(3, 3, 1, 32, 32), torch.rand(3, 3, 1, 32, 32)),
-        lambda: (torch.rand(2, 1, 30, 30), torch.rand(2, 3, 1, 30, 30), torch.rand(2, 3, 1, 30, 30)),
+        lambda: (
+            torch.rand(2, 1, 32, 32),
+            torch.rand(2, 3, 1, 32, 32),
+            torch.rand(2, 4, 1, 32, 32),
+        ),
+        lambda: (
+            torch.rand(2, 1, 32, 32),
+            torch.rand(3, 3, 1, 32, 32),
+            torch.rand(3, 3, 1, 32, 32),
+        ),
+        lambda: (
+            torch.rand(2, 1, 30, 30),
+            torch.rand(2, 3, 1, 30, 30),
+            torch.rand(2, 3, 1, 30, 30),
+        ),
     ],
     ids=["query-3d", "label-count", "batch", "not-divisible"],
 )
@@ -152,7 +174,9 @@ def test_fast_path_equals_naive(variant, S, dtype, tol, grad_tol):
 def test_mean_shortcut_used_only_where_exact():
     linear = UniverSeg(encoder_widths=(8, 8, 8, 8))
     assert linear.dec_blocks[-1].cross.is_linear
-    assert not UniverSeg(encoder_widths=(8, 8, 8, 8), cross_act="gelu").dec_blocks[-1].cross.is_linear
+    assert (
+        not UniverSeg(encoder_widths=(8, 8, 8, 8), cross_act="gelu").dec_blocks[-1].cross.is_linear
+    )
     assert not UniverSeg(encoder_widths=(8, 8, 8, 8), norm_groups=4).dec_blocks[-1].cross.is_linear
 
     calls = []
@@ -169,4 +193,6 @@ def test_cached_support_term_gives_same_logits():
     model = UniverSeg(encoder_widths=(8, 8, 8, 8)).double()
     q, si, sl = _inputs(4, torch.float64)
     term = model.support_term(si, sl)
-    torch.testing.assert_close(model(q, si, sl, support_term=term), model(q, si, sl), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        model(q, si, sl, support_term=term), model(q, si, sl), atol=1e-12, rtol=0
+    )

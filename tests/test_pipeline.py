@@ -233,3 +233,24 @@ def test_one_or_two_subjects_keep_their_natural_split():
     for subjects in (["a"], ["a", "b"]):
         split = assign_splits(subjects, "DS", 0)
         assert split == {s: natural_split(subject_unit(0, "DS", s)) for s in subjects}
+
+
+def test_extra_slices_spread_over_the_label_extent(tmp_path):
+    from data_prep.pipeline import extra_slice_indices
+
+    areas = np.array([0, 1, 5, 10, 20, 20, 10, 5, 1, 0])
+    assert extra_slice_indices(areas, 0) == [] and extra_slice_indices(np.zeros(4), 3) == []
+    assert extra_slice_indices(areas, 2) == [2, 7]  # ends of the >= 25%-of-max run (5 of 20)
+    assert extra_slice_indices(areas, 10) == [2, 3, 4, 5, 6, 7]  # all of it, no repeats
+
+    spec, case, loaded = _first_case(write_nnunet(tmp_path, n_cases=1))
+    plain = process_case(case, loaded, spec, (16,))
+    more = process_case(case, loaded, spec, (16,), extra_slices=3)
+    key = lambda ex: (ex[0], ex[1], ex[2], ex[5], ex[6])  # noqa: E731 (rows renumber)
+    assert {key(ex) for ex in plain.examples} < {key(ex) for ex in more.examples}
+    extra = [ex for ex in more.examples if ex[-1] == "extra"]
+    assert extra and all(more.labels[16][lrow].max() > 0 for *_, lrow, _, _ in extra)
+    per_task = {}
+    for m, a, lab, _, _, index, _ in more.examples:
+        per_task.setdefault((m, a, lab), []).append(index)
+    assert all(len(v) == len(set(v)) for v in per_task.values())  # no slice twice in a task

@@ -55,7 +55,11 @@ def _episodes(batch: int, support: int, g: torch.Generator):
 def _dice(logits: torch.Tensor, truth: torch.Tensor) -> float:
     pred = (logits.sigmoid() > 0.5).float()
     inter = (pred * truth).sum(dim=(1, 2, 3))
-    return (2 * inter / (pred.sum(dim=(1, 2, 3)) + truth.sum(dim=(1, 2, 3))).clamp_min(1)).mean().item()
+    return (
+        (2 * inter / (pred.sum(dim=(1, 2, 3)) + truth.sum(dim=(1, 2, 3))).clamp_min(1))
+        .mean()
+        .item()
+    )
 
 
 @pytest.mark.slow
@@ -68,7 +72,9 @@ def test_support_labels_decide_the_task():
         q, si, sl, truth, _ = _episodes(8, 4, g)
         logits = model(q, si, sl)
         prob = logits.sigmoid()
-        dice = 1 - (2 * (prob * truth).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + truth.sum((1, 2, 3)) + 1)
+        dice = 1 - (2 * (prob * truth).sum((1, 2, 3)) + 1) / (
+            prob.sum((1, 2, 3)) + truth.sum((1, 2, 3)) + 1
+        )
         loss = dice.mean() + F.binary_cross_entropy_with_logits(logits, truth)
         opt.zero_grad()
         loss.backward()

@@ -132,7 +132,9 @@ def test_predict_writes_the_checkpoints_probabilities_per_test_batch(tmp_path):
     with torch.no_grad():
         logits = module.net(arrays["query"], arrays["support_images"], arrays["support_labels"])
     assert torch.allclose(arrays["probs"], torch.sigmoid(logits), atol=1e-5)
-    assert arrays["dice"].shape == (3,) and bool(((arrays["dice"] >= 0) & (arrays["dice"] <= 1)).all())
+    assert arrays["dice"].shape == (3,) and bool(
+        ((arrays["dice"] >= 0) & (arrays["dice"] <= 1)).all()
+    )
 
 
 def test_print_config_shows_linked_values(capsys):

@@ -353,6 +353,7 @@ def folder_source(
     resolution: int = 128,
     split_seed: int = 0,
     spec=None,
+    slices_per_plane: int = 0,
 ) -> ArraySource:
     """Any folder data_prep can read (nnU-Net, Decathlon, 2D image/mask pairs) as a source.
 
@@ -362,6 +363,9 @@ def folder_source(
     folder equals evaluating the corpus built from it at ``resolution``. ``spec``: a
     :class:`~data_prep.specs.base.DatasetSpec` (default: detected with ``spec_from_path``).
     A case that cannot be read is skipped with a warning naming the file and the reason.
+    ``slices_per_plane`` > 0 adds, per plane and label of a volume, that many slices spread over
+    the label's extent (``process_case(extra_slices=...)``): more examples per task than the
+    corpus stores, for datasets of few subjects (then it no longer equals the corpus).
     """
     from data_prep.pipeline import assign_splits, process_case
     from data_prep.readers import CaseError, get_reader
@@ -374,15 +378,26 @@ def folder_source(
     skipped = []
     for case in cases:
         try:
-            slices = process_case(case, reader.load(case), spec, resolutions=(resolution,))
+            slices = process_case(
+                case, reader.load(case), spec, (resolution,), extra_slices=slices_per_plane
+            )
         except CaseError as e:
             skipped.append(f"{case.case_id}: {e}")
             continue
-        for modality, axis, label, irow, lrow, _, _ in slices.examples:
+        seen: set[tuple[str, bytes]] = set()
+        for modality, axis, label, irow, lrow, _, kind in slices.examples:
             task = f"{case.group}/{modality}/{axis}/{label}"
-            image = slices.images[resolution][irow].astype(np.float32) / 255
-            mask = slices.labels[resolution][lrow].astype(np.float32) / 255
-            per_task.setdefault(task, []).append((case.subject, image, mask))
+            image, mask = slices.images[resolution][irow], slices.labels[resolution][lrow]
+            # An extra slice identical to one the task holds is dropped: a left-right symmetric
+            # volume (the MNI152 template) has mirror-image sagittal slices, and a query whose
+            # twin is in the support would be scored on a copy of its answer.
+            fingerprint = (task, image.tobytes() + mask.tobytes())
+            if kind == "extra" and fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            per_task.setdefault(task, []).append(
+                (case.subject, image.astype(np.float32) / 255, mask.astype(np.float32) / 255)
+            )
     if skipped:
         warnings.warn(
             f"{path}: {len(skipped)} case(s) skipped: " + "; ".join(skipped), stacklevel=2
@@ -402,6 +417,8 @@ def folder_source(
         for task, ex in sorted(per_task.items())
     }
     info = {"kind": "folder", "root": str(Path(path).resolve()), "split_seed": split_seed}
+    if slices_per_plane:
+        info["slices_per_plane"] = slices_per_plane
     return ArraySource(spec.name, tasks, info=info)
 
 
@@ -435,7 +452,13 @@ def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source
             )
         elif kind == "folder":
             out.append(
-                folder_source(rec["root"], rec["dataset"], resolution, rec.get("split_seed", 0))
+                folder_source(
+                    rec["root"],
+                    rec["dataset"],
+                    resolution,
+                    rec.get("split_seed", 0),
+                    slices_per_plane=rec.get("slices_per_plane", 0),
+                )  # fmt: skip
             )
         else:
             raise ValueError(
