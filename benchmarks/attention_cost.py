@@ -45,8 +45,6 @@ VARIANTS = ("universeg_v1", "universeg_attn_hybrid", "universeg_attn_full")
 SIZE = 128
 
 
-
-
 def best_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     """Minimum wall time of each function; one warm-up each, then the functions interleaved."""
     for fn in fns.values():

@@ -5,11 +5,18 @@
 Rows: one query at 128x128 with S = 1, 16, 64 (inference, fp32), and one training step
 (forward + backward) at B=8, S=8, 64x64. Naive and fast runs are interleaved so that load
 from other processes hits both alike; the median of the repeats is reported.
+
+Memory-bound work over the (S, 64, 128, 128) support maps is a large part of the time on a CPU,
+and with glibc's default malloc every such tensor is a fresh ``mmap``: its pages are faulted in
+(and zeroed) again at every forward. The header line records the machine's load and any
+``MALLOC_*`` settings; ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` (or jemalloc /
+tcmalloc via ``LD_PRELOAD``) keeps freed pages for reuse, see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -44,7 +51,9 @@ def measure(fns: dict[str, callable], repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
@@ -52,6 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model("universeg_v1").eval()
+    load_before = os.getloadavg()[0]
 
     rows = []
     for S in (1, 16, 64):
@@ -81,7 +91,16 @@ def main() -> None:
 
     lines = [
         f"CPU: {cpu_name()}; torch {torch.__version__}; {args.threads} threads; fp32; "
-        f"median of {args.repeats} interleaved runs",
+        f"median of {args.repeats} interleaved runs; load average {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after; allocator: "
+        + (
+            " ".join(
+                f"{k}={v}"
+                for k, v in sorted(os.environ.items())
+                if k.startswith("MALLOC_") or k == "LD_PRELOAD"
+            )
+            or "glibc default"
+        ),  # fmt: skip
         "",
         "| case | naive GMAC | fast GMAC | work ratio | naive ms | fast ms | time ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -196,3 +196,22 @@ def test_cached_support_term_gives_same_logits():
     torch.testing.assert_close(
         model(q, si, sl, support_term=term), model(q, si, sl), atol=1e-12, rtol=0
     )
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 6), (2, 4, 16, 16), (1, 1, 7, 6)])
+def test_inference_max_pool_equals_max_pool2d(shape):
+    from megaseg.models.blocks import MaxPool2x2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x[..., 0, 0] = float("nan")
+    x[..., 2, 2] = float("-inf")
+    want = torch.nn.functional.max_pool2d(x, 2)
+    with torch.inference_mode():
+        got = MaxPool2x2()(x)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    x.requires_grad_(True)
+    out = MaxPool2x2()(x)  # training: max_pool2d itself, one gradient entry per output
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
+    out.nan_to_num().sum().backward()
+    assert x.grad.count_nonzero() <= out.numel()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from megaseg.models.attention import interaction_plan, make_cross_block
-from megaseg.models.blocks import ConvOp, vmap
+from megaseg.models.blocks import ConvOp, MaxPool2x2, vmap
 from megaseg.models.registry import register_model
 
 
@@ -80,7 +80,7 @@ class UniverSeg(nn.Module):
             )
             q_ch = s_ch = width
         self.out_conv = ConvOp(q_ch, 1, act=None, kernel_size=1)
-        self.downsample = nn.MaxPool2d(2)
+        self.downsample = MaxPool2x2()
         self.upsample = nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True
         init_weights(self)
 
