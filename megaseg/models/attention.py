@@ -244,32 +244,44 @@ class BlockCost:
     peak_elements: int
 
 
+def conv_transient(inp: int, out: int) -> int:
+    """Elements a CPU conv holds while it runs: its output plus a reorder copy the size of the
+    larger of input and output (oneDNN's blocked layout; measured with the allocator)."""
+    return out + max(inp, out)
+
+
 def network_cost(model: nn.Module, S: int, H: int, W: int) -> list[BlockCost]:
-    """Cost model of a :class:`~megaseg.models.UniverSeg` for one query ``(1,1,H,W)``, S supports.
+    """Cost model of a :class:`~megaseg.models.UniverSeg` for one query ``(1,1,H,W)``, S supports,
+    following the fast path in inference.
 
     Per block at level size ``h x w`` (``n = h w``, ``m = n / pool**2``), cross-conv
     ``Cq + Cs -> C``, 3x3 convs (K = 9):
 
-    * conv: ``K Cq C n`` (query term) + ``K Cs C n S`` (support term; ``K Cs C n`` in the last
-      block, whose support mean is taken first) + ``K C^2 n`` (query conv) + ``K C^2 n S``
-      (support conv; none in the last block).
+    * conv: ``K Cq C n`` (query term) + ``K Cs C n S`` (support term) + ``K C^2 n`` (query
+      conv) + ``K C^2 n S`` (support conv). Where the block's query input comes from the mean of
+      a narrower support (``Cs < C``, linear cross-conv: the first block), ``K (Cq + Cs) C n``
+      more for ``W_q u + W_s mean_i v_i``. The last decoder block has no support conv and one
+      support-term conv of the averaged support (S = 1 in its terms) when it reads only the
+      support mean (v1's last block; not an attention block).
     * attention adds ``Cq C n + 2 Cs C S m + POS_DIM C (n + m)`` (projections), ``K C^2 n``
       (``out``) and ``2 n S m C`` (scores and weighted sum).
-    * memory-bound traffic (read + written): ``2 S C n`` (query term + support term),
-      ``S C n`` (support mean), ``2 S C n`` (support activation), ``1.75 S C n`` (2x max-pool,
-      values and int64 indices) in an encoder block; a decoder block adds ``1.25 S Cp n``
-      (upsampling of the ``Cp``-channel stream below) and ``2 S Cs n`` (concatenation), and
-      the last one only reads its input for the mean, ``S Cs n``. Attention: ``S Cs n``
-      (pooling) and ``~4 S C m`` (token copies).
+    * memory-bound traffic, elements read + written over support-sized tensors: ``2 S C n``
+      (the query term added in place to the support term), the support mean (``S C n``, or
+      ``S Cs n`` from the narrower input), ``2 S C n`` (the support activation, in place),
+      ``1.25 S C n`` (2x max-pool without indices) after an encoder block; before a decoder
+      block ``1.25 S Cp n`` (upsampling of the ``Cp``-channel stream below) and ``2 S Cs n``
+      (concatenation), or for a mean-only last block just the two means (``S Cp n / 4 + S Cs'
+      n``). Attention: ``S Cs n`` (pooling) and ``~4 S C m`` (token copies).
 
     Memory counts the support-sized tensors alive at once (query-sized ones are ``1/S`` of them
-    and ignored): the skips still held, the block input, the cross-conv output and the
-    support conv's output and activation (a decoder block also holds the upsampled stream, the
-    skip and their concatenation). The attention adds its pooled input and its key and value
-    tokens (``~4 S C m`` with the copies the reshapes make); the kernels used on CPU and CUDA
-    (flash / memory-efficient) never hold the ``n x S m`` score matrix. Bytes = elements x
-    the element size. v1 at 128x128: the peak is the last decoder block's concatenation,
-    ``~4.25 S C n_0`` elements (1.1 GB at S=64, float32).
+    and ignored): the skips still held, the block input, the cross-conv output ``z`` and the
+    support conv's output (activated in place), and while a conv runs on the CPU a reorder copy
+    the size of the larger of its input and output (:func:`conv_transient`); before a decoder
+    block the stream below, its upsampled copy and the concatenation; during pooling its input
+    and two half-done maps. The
+    attention adds its pooled input and its key and value tokens (``~4 S C m`` with the copies
+    the reshapes make); the kernels used on CPU and CUDA (flash / memory-efficient) never hold
+    the ``n x S m`` score matrix. Bytes = elements x the element size.
     """
     blocks = [("enc", i, b) for i, b in enumerate(model.enc_blocks)]
     blocks += [("dec", j, b) for j, b in enumerate(model.dec_blocks)]
@@ -285,10 +297,35 @@ def network_cost(model: nn.Module, S: int, H: int, W: int) -> list[BlockCost]:
         Cq = block.cross.query_channels
         Cs = cin - Cq
         last = part == "dec" and i == len(model.dec_blocks) - 1
-        shortcut = last and block.cross.is_linear
-        conv = 9 * C * n * (Cq + Cs * (1 if shortcut else S) + C + (0 if last else C * S))
-        traffic = S * Cs * n if shortcut else 5 * S * C * n - (2 * S * C * n if last else 0)
-        attn = keys = attn_mem = 0
+        mean_only = last and block.reads_support_mean_only
+        linear = block.cross.is_linear
+        if part == "dec":
+            skip = skips.pop()  # still referenced while this block runs
+            up = v_prev * 4  # the stream below, upsampled to this level
+        held = sum(skips)
+        if mean_only:
+            # the support is averaged before upsampling and concatenation: nothing S-sized
+            conv = 9 * C * n * (Cq + Cs + C)
+            traffic = v_prev + skip
+            work = held + skip + v_prev
+        else:
+            S_conv = 0 if last else S  # the last block has no support conv
+            narrow_mean = linear and Cs < C and not last
+            conv = 9 * C * n * (Cq + Cs * S + C + C * S_conv)
+            conv += 9 * C * n * (Cq + Cs) if (narrow_mean or (last and linear)) else 0
+            if last and linear:  # need_support=False: W_q u + W_s mean_i v_i only
+                conv -= 9 * C * n * (Cq + Cs * S)
+            traffic = S * Cs * n if (narrow_mean or last and linear) else S * C * n
+            traffic += 0 if last and linear else 2 * S * C * n + 2 * S * C * n * (not last)
+            v_in, z = S * Cs * n, S * C * n
+            if last and linear:
+                work = held + v_in
+            else:  # the support-term conv, then (not last) the support conv next to z
+                work = held + v_in + max(conv_transient(v_in, z), 0 if last else z + 2 * z)
+            if part == "dec":
+                traffic += 5 * up // 4 + 2 * v_in
+                work = max(held + skip + v_prev + up + v_in, work + skip)
+        attn = keys = 0
         if isinstance(block, AttnCrossBlock):
             m = n // block.attn.pool**2
             keys = S * m
@@ -296,21 +333,14 @@ def network_cost(model: nn.Module, S: int, H: int, W: int) -> list[BlockCost]:
             attn = 2 * n * S * m * C
             attn_mem = S * m * ((Cs if block.attn.pool > 1 else 0) + 4 * C)
             traffic += (S * Cs * n if block.attn.pool > 1 else 0) + 4 * S * C * m
-        v_in = S * Cs * n
-        if part == "enc":
-            held = sum(skips)
-            work = held + v_in + max(attn_mem, 3 * S * C * n)
-            traffic += 7 * S * C * n // 4 if level < depth - 1 else 0
-        else:
-            skip = skips.pop()
-            held = sum(skips)
-            cat = held + v_prev + (v_in - skip) + skip + v_in  # previous, upsampled, skip, concat
-            inner = 0 if last else 3 * S * C * n
-            work = max(cat, held + v_in + skip + max(attn_mem, inner))
-            traffic += 5 * (v_in - skip) // 4 + 2 * v_in
+            work = max(work, held + (skip if part == "dec" else 0) + S * Cs * n + attn_mem)
+        v_out = S * C * n
+        if part == "enc" and level < depth - 1:
+            traffic += 5 * v_out // 4
+            work = max(work, held + v_out + 3 * v_out // 4)  # pooling: skip + 2 halves + out
         kind = "attn" if keys else "conv"
         costs.append(BlockCost(f"{part}{i}", kind, (h, w), keys, conv, attn, traffic, work))
-        v_prev = S * C * n
+        v_prev = v_out
         if part == "enc" and level < depth - 1:
             skips.append(v_prev)
             v_prev //= 4  # the downsampled stream is the next block's input

@@ -241,4 +241,10 @@ class CrossBlock(nn.Module):
         if not need_support and self.cross.is_linear and support_term is None:
             return self.target(self.cross.fast_mean(u, v, context)), None
         z = self.cross.fast(u, v, support_term, context)
-        return self.target(z.mean(dim=1)), (self.support(z) if need_support else None)
+        if self.cross.is_linear and v.shape[2] < z.shape[2]:
+            # mean_i z_i from the narrower input (the first block: 2 channels in, 64 out):
+            # one conv of mean_i v_i instead of a mean over S wide maps.
+            mean = self.cross.fast_mean(u, v, context)
+        else:
+            mean = z.mean(dim=1)
+        return self.target(mean), (self.support(z) if need_support else None)
