@@ -91,7 +91,9 @@ def mni_folder(work: Path) -> Path:
 
 def evaluate(args) -> None:
     folder = mni_folder(args.work)
-    draws = args.work / "eval" / "draws.json"
+    # The first run draws the supports (and scores the baseline); every other one replays them.
+    first = args.work / "eval" / f"{slug(next(iter(VARIANTS)))}_seed{args.seeds[0]}"
+    draws = first / "draws.json"
     for seed in args.seeds:
         for variant in VARIANTS:
             name = f"{slug(variant)}_seed{seed}"
@@ -104,17 +106,18 @@ def evaluate(args) -> None:
                 continue
             cmd = ["megaseg", "evaluate", "--checkpoint", str(weights), "--label", variant]
             cmd += ["--out", str(out), "--no-progress", "--device", "cpu"]
-            if draws.is_file():
-                cmd += ["--draws", str(draws), "--methods", "megaseg"]
-            else:
+            if out == first:
                 cmd += ["--synthetic-tasks", str(args.synthetic_tasks), "--folder", str(folder)]
                 cmd += ["--slices-per-plane", str(args.slices_per_plane)]
                 cmd += ["--support-sizes", *map(str, args.support_sizes)]
                 cmd += ["--draws-per-n", str(args.draws_per_n), "--seed", "0"]
                 cmd += ["--methods", "megaseg", BASELINE]
+            elif (first / "summary.json").is_file():
+                cmd += ["--draws", str(draws), "--methods", "megaseg"]
+            else:
+                print(f"waiting for {first.name} (it draws the supports): {name}", flush=True)
+                continue
             run(cmd, out.with_suffix(".log"))
-            if not draws.is_file():
-                draws.write_bytes((out / "draws.json").read_bytes())
 
 
 # ------------------------------------------------------------------------------ report
@@ -127,8 +130,8 @@ def read_tasks(args) -> list[dict]:
     for seed in args.seeds:
         for variant in VARIANTS:
             path = args.work / "eval" / f"{slug(variant)}_seed{seed}" / "tasks.csv"
+            first = seed == args.seeds[0] and variant == next(iter(VARIANTS))
             for r in read_csv(path):
-                first = seed == args.seeds[0] and variant == next(iter(VARIANTS))
                 if r["method"] == BASELINE and not first:
                     continue
                 rows.append({**r, "seed": seed, "N": int(r["N"]), "dice": float(r["dice"]),

@@ -303,25 +303,24 @@ def network_cost(model: nn.Module, S: int, H: int, W: int) -> list[BlockCost]:
             skip = skips.pop()  # still referenced while this block runs
             up = v_prev * 4  # the stream below, upsampled to this level
         held = sum(skips)
+        v_in, z = S * Cs * n, S * C * n
         if mean_only:
             # the support is averaged before upsampling and concatenation: nothing S-sized
             conv = 9 * C * n * (Cq + Cs + C)
             traffic = v_prev + skip
             work = held + skip + v_prev
         else:
-            S_conv = 0 if last else S  # the last block has no support conv
-            narrow_mean = linear and Cs < C and not last
-            conv = 9 * C * n * (Cq + Cs * S + C + C * S_conv)
-            conv += 9 * C * n * (Cq + Cs) if (narrow_mean or (last and linear)) else 0
-            if last and linear:  # need_support=False: W_q u + W_s mean_i v_i only
-                conv -= 9 * C * n * (Cq + Cs * S)
-            traffic = S * Cs * n if (narrow_mean or last and linear) else S * C * n
-            traffic += 0 if last and linear else 2 * S * C * n + 2 * S * C * n * (not last)
-            v_in, z = S * Cs * n, S * C * n
-            if last and linear:
+            if last and linear:  # no support output: W_q u + W_s mean_i v_i, no z
+                conv = 9 * C * n * (Cq + Cs + C)
+                traffic = v_in
                 work = held + v_in
-            else:  # the support-term conv, then (not last) the support conv next to z
-                work = held + v_in + max(conv_transient(v_in, z), 0 if last else z + 2 * z)
+            else:  # z for all S; its mean from the narrower input where that is exact
+                narrow_mean = linear and Cs < C
+                conv = 9 * C * n * (Cq + Cs * S + C + (0 if last else C * S))
+                conv += 9 * C * n * (Cq + Cs) if narrow_mean else 0
+                traffic = (v_in if narrow_mean else z) + 2 * z + (0 if last else 2 * z)
+                # the support-term conv, then (not last) the support conv next to z
+                work = held + v_in + max(conv_transient(v_in, z), 0 if last else 3 * z)
             if part == "dec":
                 traffic += 5 * up // 4 + 2 * v_in
                 work = max(held + skip + v_prev + up + v_in, work + skip)

@@ -169,12 +169,11 @@ class CrossConv2d(nn.Module):
     ) -> Tensor:
         """Split form of :meth:`naive`; ``support_term`` may be a cached ``support_term(v)``."""
         query_term = self.query_term(u, context)[:, None]
-        if support_term is not None:
-            return self.post(query_term + support_term)
-        support_term = self.support_term(v)
-        if support_term.shape[0] == query_term.shape[0]:
-            # Made here, so overwritten with z: one pass less over (B, S, C, H, W).
-            return self.post(support_term.add_(query_term))
+        if support_term is None:
+            support_term = self.support_term(v)
+            if support_term.shape[0] == query_term.shape[0]:
+                # Made here, so overwritten with z: one pass less over (B, S, C, H, W).
+                return self.post(support_term.add_(query_term))
         return self.post(query_term + support_term)
 
     def fast_mean(self, u: Tensor, v: Tensor, context: Tensor | None = None) -> Tensor:

@@ -151,8 +151,7 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        out = self._dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._dir(trainer)  # atomic_write makes the folder
         stem = f"{prediction['set']}_batch{batch_idx:04d}"
         if trainer.world_size > 1:
             stem += f"_rank{trainer.global_rank}"

@@ -56,7 +56,7 @@ class MegasegCLI(LightningCLI):
                 cb.dirpath = os.path.realpath(root / "checkpoints")
 
     def before_predict(self) -> None:
-        # Predictions are written as they come (not kept in memory) unless a writer is given.
+        # Without a writer of the user's, each batch's predictions are written as they come.
         if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
 

@@ -181,8 +181,7 @@ class InContextSegModule(pl.LightningModule):
             self.ema.update(self.net, step=self.global_step)
 
     def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> dict:
-        names = self._eval_names(stage)
-        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
+        name = self._eval_name(stage, dataloader_idx)
         net = self.eval_net
         logits = net(batch["query"], batch["support_images"], batch["support_labels"])
         target = batch["query_label"]
@@ -205,9 +204,11 @@ class InContextSegModule(pl.LightningModule):
         self.log_dict(log, batch_size=B, add_dataloader_idx=False, sync_dist=True)
         return {"logits": logits, "dice": dice}
 
-    def _eval_names(self, stage: str) -> list[str]:
+    def _eval_name(self, stage: str, dataloader_idx: int) -> str:
+        """The data module's name of evaluation set ``dataloader_idx`` (its index otherwise)."""
         dm = getattr(self.trainer, "datamodule", None)
-        return list(getattr(dm, "eval_names", {}).get(stage, []))
+        names = getattr(dm, "eval_names", {}).get(stage, [])
+        return names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self._evaluate(batch, "val", dataloader_idx)
@@ -218,11 +219,10 @@ class InContextSegModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Probabilities for an episode batch (``megaseg predict``): ``{"probs" (B,1,H,W),
         "set"}``, plus the hard ``"dice"`` per episode when the batch holds the query labels."""
-        names = self._eval_names("predict")
         logits = self.eval_net(batch["query"], batch["support_images"], batch["support_labels"])
         out = {
             "probs": torch.sigmoid(logits.float()),
-            "set": names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx),
+            "set": self._eval_name("predict", dataloader_idx),
         }
         if "query_label" in batch:
             out["dice"] = episode_metrics(logits, batch["query_label"])[0]
