@@ -399,6 +399,8 @@ def test_folder_source_adds_slices_per_plane_and_replays_them(tmp_path):
             torch.testing.assert_close(x, y)
         images = more.load(b.name, sorted({*b.support_pool, *b.query_pool}), 32)[0]
         assert len({hash(im.numpy().tobytes()) for im in images}) == len(images)  # all different
+    with pytest.raises(ValueError, match="slices_per_plane must be >= 0, got -1"):
+        folder_source(folder, resolution=32, slices_per_plane=-1)
     (record,) = [more.describe()]
     assert record["slices_per_plane"] == 6
     (again,) = sources_from_record([record], 32)

@@ -371,6 +371,8 @@ def folder_source(
     from data_prep.readers import CaseError, get_reader
     from data_prep.specs.adhoc import spec_from_path
 
+    if slices_per_plane < 0:
+        raise ValueError(f"{path}: slices_per_plane must be >= 0, got {slices_per_plane}")
     spec = spec or spec_from_path(path, name=name)
     reader = get_reader(spec.reader)
     cases = reader.cases(Path(path), spec)
