@@ -16,6 +16,7 @@ Other subcommands (``prep synth``) plug in through :data:`EXTERNAL`, like ``mega
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -38,7 +39,12 @@ def resolve_dataset(arg: str, data_dir: Path):
     path = Path(arg)
     if "=" in arg and not path.exists():
         name, folder = arg.split("=", 1)
-        return get_spec(name), Path(folder)
+        try:
+            return get_spec(name), Path(folder)
+        except KeyError:  # not a catalog name: any folder under that name, layout detected
+            if not Path(folder).is_dir():
+                raise ValueError(f"{arg}: {folder} is not a folder") from None
+            return spec_from_path(folder, name=name), Path(folder)
     if path.is_dir():
         return spec_from_path(path), path
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -61,27 +67,59 @@ def resolve_dataset(arg: str, data_dir: Path):
 
 
 def cmd_build(args) -> int:
+    limits = {"MEGASEG_MAX_VOXELS": args.max_voxels, "MEGASEG_MAX_LABELS": args.max_labels}
+    if any(v is not None and v < 1 for v in limits.values()):
+        print("prep build: --max-voxels and --max-labels must be >= 1", file=sys.stderr)
+        return 2
+    with _environment({k: str(v) for k, v in limits.items() if v is not None}):
+        return _build(args)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` (read by the readers, passed on to the workers),
+    restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _build(args) -> int:
     from data_prep.pipeline import build_corpus, job_from_spec
     from data_prep.readers import DatasetError
 
     try:
         jobs = [job_from_spec(*resolve_dataset(a, Path(args.data_dir))) for a in args.datasets]
     except (ValueError, KeyError, FileNotFoundError, DatasetError) as err:
+        print(f"prep build: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    try:
+        summary = build_corpus(
+            jobs,
+            args.out,
+            workers=args.workers,
+            resolutions=args.resolutions,
+            strict=args.strict,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:  # a bad name; BuildRefused: a path megaseg did not write, a lock
         print(f"prep build: {err}", file=sys.stderr)
         return 2
-    summary = build_corpus(
-        jobs,
-        args.out,
-        workers=args.workers,
-        resolutions=args.resolutions,
-        strict=args.strict,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
     print(summary.text())
     if summary.ok:
         print(f"corpus: {args.out}")
     return 0 if summary.ok else 1
+
+
+NOT_GIVEN = "not given"
 
 
 def cmd_info(args) -> int:
@@ -91,7 +129,7 @@ def cmd_info(args) -> int:
         corpus = Corpus(args.corpus)
     except CorpusError as err:
         print(f"prep info: {err}", file=sys.stderr)
-        return 1
+        return 2
     m = corpus.manifest
     print(f"corpus {args.corpus}: format {m['format_version']}, megaseg {m['megaseg_version']}, "
           f"{len(corpus.datasets)} datasets, {len(m['tasks'])} tasks")  # fmt: skip
@@ -106,12 +144,27 @@ def cmd_info(args) -> int:
         ex = "/".join(str(d["examples"][s]) for s in SPLITS)
         spec = d["spec"]
         print(f"| {name} | {d['cases']['written']} ({d['cases']['skipped']}) | {subj} | {d['num_tasks']} | {ex} "
-              f"| {spec.get('licence') or '?'} | {spec.get('source') or '?'} |")  # fmt: skip
+              f"| {spec.get('licence') or NOT_GIVEN} | {spec.get('source') or NOT_GIVEN} |")  # fmt: skip
+    print(
+        "\nA task is one (subject group, modality, axis, label) of a dataset that has examples;"
+        " its count is at most groups x modalities x axes x labels:"
+    )
+    for name in corpus.datasets:
+        print(f"- {name}: {task_count_text(name, m['datasets'][name], m['tasks'])}")
     print("\nProvenance (check each licence before redistributing a corpus):")
+    missing = False
     for name in corpus.datasets:
         spec = m["datasets"][name]["spec"]
-        fields = ("version", "licence", "citation")
-        print(f"- {name}: " + "; ".join(f"{k} {spec.get(k) or '?'}" for k in fields))
+        fields = ("version", "licence", "citation", "source")
+        missing |= not all(spec.get(k) for k in fields)
+        print(f"- {name}: " + "; ".join(f"{k} {spec.get(k) or NOT_GIVEN}" for k in fields))
+    if missing:
+        print(
+            f"({NOT_GIVEN}: give licence, source, citation and version as fields of the "
+            "dataset's spec, e.g. a YAML spec file `name: MyData`, `reader: nnunet`, "
+            "`root: /data/MyData`, `licence: CC BY 4.0`, `source: https://...`, passed to "
+            "`megaseg prep build spec.yaml`)"
+        )
     if args.tasks:
         print()
         print("| dataset | group | modality | axis | label | train | val | test |")
@@ -125,6 +178,23 @@ def cmd_info(args) -> int:
                 + " |"
             )
     return 0
+
+
+def task_count_text(name: str, info: dict, tasks: list[dict]) -> str:
+    """How a dataset's task count arises: its labels, and the combinations present."""
+    mine = [t for t in tasks if t["dataset"] == name]
+    parts = {k: sorted({str(t[k]) for t in mine}) for k in ("group", "modality", "axis", "label")}
+    counts = " x ".join(f"{len(v)} {k}s" for k, v in parts.items())
+    bound = 1
+    for v in parts.values():
+        bound *= len(v)
+    labels = parts["label"]
+    shown = ", ".join(labels[:12]) + (f", ... ({len(labels)} in all)" if len(labels) > 12 else "")
+    return (
+        f"{len(mine)} tasks of {counts} = {bound} combinations"
+        + ("" if bound == len(mine) else " (the others have no example)")
+        + f"; labels: {shown}"
+    )
 
 
 def cmd_verify(args) -> int:
@@ -152,21 +222,83 @@ def cmd_verify(args) -> int:
     return 0
 
 
+BUILD_HELP = """\
+Build (or finish building) the corpus --out from one or more datasets. Each DATASET is:
+
+  NAME               a catalog dataset, found under --data-dir (folder as downloaded):
+                     {catalog}
+  NAME=FOLDER        the files of FOLDER under the name NAME: a catalog NAME reads FOLDER with
+                     its catalog spec; any other NAME detects the layout of FOLDER (nnU-Net v2
+                     raw, Decathlon, or a 2D images/ + masks/ folder)
+  SPEC.yaml|.json    a spec file with DatasetSpec fields (name, reader, root, modality, labels,
+                     licence, source...); a relative root is relative to the file
+  FOLDER             a dataset folder, named after the folder, layout detected
+
+NAME must be a plain folder name (no '/', no leading '.'). A build is resumable: rerun the same
+command after a kill. A bad case is skipped, named and counted (--strict: it stops the build).
+A build only replaces what megaseg wrote: it refuses an existing --out/datasets/NAME,
+--out/.build or --out/manifest.json that it did not write, and a corpus another build holds.
+"""
+
+
+def _catalog_names() -> str:
+    from data_prep.specs import list_specs  # specs and readers only: no torch
+
+    names, lines, line = list_specs(), [], ""
+    for n in names:
+        if len(line) + len(n) > 56:
+            lines.append(line.rstrip())
+            line = ""
+        line += n + ", "
+    lines.append(line.rstrip(", "))
+    return ("\n" + " " * 21).join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megaseg prep", description="Build, inspect and verify a corpus."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    b = sub.add_parser("build", help="build (or finish building) a corpus from datasets")
-    b.add_argument("datasets", nargs="+", metavar="DATASET_OR_SPEC_OR_PATH")
-    b.add_argument("--out", required=True, help="corpus folder")
+    b = sub.add_parser(
+        "build",
+        help="build (or finish building) a corpus from datasets",
+        description=BUILD_HELP.format(catalog=_catalog_names()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument(
+        "datasets",
+        nargs="+",
+        metavar="DATASET",
+        help="a catalog name (e.g. ACDC, found under --data-dir), NAME=FOLDER, a spec file "
+        "(.yaml/.json) or a dataset folder; see above",
+    )
+    b.add_argument(
+        "--out",
+        required=True,
+        help="corpus folder (created; a rerun finishes or updates it; other datasets in it are "
+        "kept)",
+    )
     b.add_argument("--workers", type=int, default=1, help="processes working on cases in parallel")
     b.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
     b.add_argument("--strict", action="store_true", help="a bad case is fatal (nothing is written)")
     b.add_argument("--seed", type=int, default=0, help="seed of the subject splits")
     b.add_argument("--data-dir", default=os.environ.get("MEGASEG_DATA", "."),
                    help="where catalog datasets are (default: $MEGASEG_DATA or .)")  # fmt: skip
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--max-voxels",
+        type=int,
+        default=None,
+        help="skip a file whose header declares more voxels (default: $MEGASEG_MAX_VOXELS or "
+        "2**29 = 536870912)",
+    )
+    b.add_argument(
+        "--max-labels",
+        type=int,
+        default=None,
+        help="skip a case whose label map holds more distinct values when none are declared "
+        "(default: $MEGASEG_MAX_LABELS or 100)",
+    )
     b.set_defaults(func=cmd_build)
     i = sub.add_parser("info", help="datasets, tasks, counts, splits and provenance")
     i.add_argument("corpus")

@@ -23,7 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import select
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from data_prep.readers.base import Case, CaseError, LoadedCase
+from data_prep.readers.io import label_values, max_labels
 from data_prep.resample import orient_and_resample
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
@@ -71,7 +76,17 @@ def case_labels(case: Case, spec, label_map: np.ndarray | None = None) -> list[t
     """
     pairs = dict(case.labels) or dict(getattr(spec, "labels", None) or {})
     if not pairs and label_map is not None:
-        pairs = {int(v): str(int(v)) for v in np.unique(label_map) if v != 0}
+        values = label_values(label_map)
+        values = values[values != 0]
+        if len(values) > max_labels():
+            # each value would become a task: hundreds of values are a mislabelled file (an
+            # image saved as a label, a float map), not hundreds of structures
+            raise CaseError(
+                f"{case.label_path}: {len(values)} distinct label values and none declared; more "
+                f"than {max_labels()} (MEGASEG_MAX_LABELS / --max-labels) is refused: declare "
+                "the labels in dataset.json or the spec"
+            )
+        pairs = {int(v): str(int(v)) for v in values}
     return sorted(((str(n), int(v)) for v, n in pairs.items() if int(v) != 0), key=lambda p: p[1])
 
 
@@ -130,7 +145,7 @@ def check_case(case: Case, loaded: LoadedCase, labels: Sequence[tuple[str, int]]
         raise CaseError(
             f"{case.label_path}: label must hold non-negative integers, got {label.dtype}"
         )
-    present = np.flatnonzero(np.bincount(label.ravel()))
+    present = label_values(label)
     present = present[present != 0]
     if present.size == 0:
         raise CaseError(f"{case.label_path}: empty label")
@@ -139,6 +154,26 @@ def check_case(case: Case, loaded: LoadedCase, labels: Sequence[tuple[str, int]]
         raise CaseError(
             f"{case.label_path}: empty label (none of the declared labels {values} present)"
         )
+
+
+def compact_label(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """``label`` with ``values[k]`` -> ``k + 1`` and every other value -> 0, as int32.
+
+    ``values`` sorted ascending, non-negative. Memory: a few copies of ``label``, whatever
+    the values (a lookup table only when the largest value is small).
+    """
+    label = np.asarray(label)
+    if label.dtype == bool:
+        label = label.view(np.uint8)
+    values = np.asarray(values, dtype=np.int64)
+    top = int(label.max()) if label.size else 0
+    if top < 1 << 16:
+        lut = np.zeros(top + 1, np.int32)
+        keep = values[values <= top]
+        lut[keep] = np.searchsorted(values, keep) + 1
+        return lut[label]
+    index = np.clip(np.searchsorted(values, label), 0, len(values) - 1)
+    return np.where(values[index] == label, index + 1, 0).astype(np.int32)
 
 
 def label_areas(label: np.ndarray, axis: int, num_values: int) -> np.ndarray:
@@ -194,7 +229,10 @@ def process_case(
     labels = case_labels(case, spec, loaded.label)
     check_case(case, loaded, labels)
     modalities = channel_modalities(spec, loaded)
-    image, label = np.asarray(loaded.image), np.asarray(loaded.label).astype(np.int32, copy=False)
+    # label values -> 1..n in label order (others 0): any declared value (even 2**40) then
+    # fits int32 and the per-slice bincounts are n + 1 wide; names, not values, are stored
+    image, label = np.asarray(loaded.image), compact_label(loaded.label, [v for _, v in labels])
+    labels = [(name, k) for k, (name, _) in enumerate(labels, 1)]
     if loaded.is_3d:
         if loaded.affine is None:
             raise CaseError(f"{_image_path(case)}: volume without an affine")
@@ -209,7 +247,7 @@ def process_case(
 
     # (axis name, axis, slice index, kind, label name, label value) of every example slice.
     picks: list[tuple[str, int | None, int, str, str, int]] = []
-    num_values = max(int(label.max()), max(v for _, v in labels)) + 1
+    num_values = len(labels) + 1
     if loaded.is_3d:
         for axis in spec_planes(spec):
             areas = label_areas(label, axis, num_values)
@@ -384,11 +422,53 @@ class BuildSummary:
 
 
 _WORKER: dict = {}
+LIMIT_VARIABLES = ("MEGASEG_MAX_VOXELS", "MEGASEG_MAX_LABELS")  # see data_prep.readers.io
 
 
-def _init_worker(specs, loads, resolutions, strict) -> None:
+def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) -> None:
+    """Set up a worker. ``limits``: the build's limit variables; ``parent``: PID of the build
+    process, watched so the worker exits when the build dies (see :func:`_exit_with`)."""
     torch.set_num_threads(1)  # parallelism is across cases; also keeps results bit-identical
     _WORKER.update(specs=specs, loads=loads, resolutions=resolutions, strict=strict)
+    if limits is not None:
+        for name, value in limits.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if parent is not None:
+        _exit_with(parent)
+
+
+def _exit_with(pid: int) -> None:
+    """Exit this process as soon as process ``pid`` ends.
+
+    A worker's parent is the forkserver, not the build, and a killed build (kill -9) leaves
+    the pool's queues open, so without this the workers (and through them the forkserver and
+    the resource tracker, which share their pipes) wait forever. A pidfd (Linux >= 5.3)
+    wakes the watcher when ``pid`` ends; elsewhere it polls ``os.kill(pid, 0)`` twice a second.
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+            os._exit(1)
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # the PID was reused by another user's process: cannot happen to a live parent
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="exit-with-build", daemon=True).start()
 
 
 def _run_case(item) -> tuple[int, int, str | None]:
@@ -399,11 +479,9 @@ def _run_case(item) -> tuple[int, int, str | None]:
     spec, resolutions = _WORKER["specs"][j], _WORKER["resolutions"]
     try:
         slices = process_case(case, _WORKER["loads"][j](case), spec, resolutions)
-    except MemoryError:
-        raise
     except CaseError as err:
         reason = str(err)
-    except Exception as err:  # a damaged file can make any library raise; counted, named
+    except (Exception, MemoryError) as err:  # a damaged file can make any library raise
         reason = f"{case.label_path}: {type(err).__name__}: {err}"
     else:
         write_shard(npz, case, slices, resolutions)
@@ -429,6 +507,7 @@ def _run_cases(pending: list, workers: int, init: tuple):
     # dies breaks the pool with an error instead of hanging the build.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["data_prep.pipeline", "monai.transforms"])
+    init = (*init, os.getpid())
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=init) as pool:
         futures = [pool.submit(_run_case, item) for item in pending]
         try:
@@ -451,7 +530,13 @@ def build_corpus(
     """Build (or finish building) the corpus ``out`` from ``jobs``; see ``store_writer``.
 
     Resumable: rerunning the same call after a kill reuses every finished shard and dataset.
-    ``strict``: the first bad case stops the build; the corpus is left as it was.
+    ``strict``: the first bad case stops the build; the corpus is left as it was (the resume
+    cache of other datasets and of earlier runs included).
+
+    Raises ValueError for a bad job (a name that is not a plain folder name, no cases) and
+    ``store_writer.BuildRefused`` when the build would replace a path megaseg did not write
+    or another build holds the corpus. Limits on input files: ``MEGASEG_MAX_VOXELS`` and
+    ``MEGASEG_MAX_LABELS`` (``data_prep.readers.io``), passed on to the workers.
     """
     from data_prep import store_writer as sw
 
@@ -463,12 +548,21 @@ def build_corpus(
             f"dataset names given twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
         )
     for job in jobs:
+        sw.check_dataset_name(job.spec.name)
         if not job.cases:
             raise ValueError(f"dataset {job.spec.name!r}: no cases found")
+    if out.exists() and not out.is_dir():
+        raise sw.BuildRefused(f"{out}: exists and is not a folder")
+    sw.check_owned(out, names)  # before anything is created: a refused build leaves no trace
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with sw.build_lock(out):
-        return _build(jobs, out, workers, resolutions, strict, seed, progress, created)
+        sw.check_owned(out, names)  # again, now that no other build can change the corpus
+        work_existed = (out / sw.WORK_DIR).exists()
+        sw.make_work_dir(out)
+        return _build(
+            jobs, out, workers, resolutions, strict, seed, progress, created, work_existed
+        )
 
 
 def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
@@ -489,7 +583,9 @@ def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
     return build_key, [(folder / f"{s}.npz", folder / f"{s}.skip.json") for s in stems]
 
 
-def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, created) -> BuildSummary:
+def _build(
+    jobs, out: Path, workers, resolutions, strict, seed, progress, created, work_existed
+) -> BuildSummary:
     from tqdm import tqdm
 
     from data_prep import store_writer as sw
@@ -513,7 +609,8 @@ def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, create
             else:
                 pending.append((j, i, case, npz, skip))
 
-    init = ([job.spec for job in jobs], [job.load for job in jobs], resolutions, strict)
+    limits = {name: os.environ.get(name) for name in LIMIT_VARIABLES}
+    init = ([job.spec for job in jobs], [job.load for job in jobs], resolutions, strict, limits)
     bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending)
     results = _run_cases(pending if summary.fatal is None else [], workers, init)
     try:
@@ -528,11 +625,20 @@ def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, create
         results.close()  # strict stop: cases not started are cancelled, running ones finish
     bar.close()
     if summary.fatal is not None:
-        shutil.rmtree(out / sw.WORK_DIR, ignore_errors=True)
+        # only what this run wrote: the shards it finished before the stop (the resume cache
+        # of earlier runs and other datasets stays), then the folders it made, if now empty
+        for _, _, _, npz, skip in pending:
+            npz.unlink(missing_ok=True)
+            skip.unlink(missing_ok=True)
+        for job in jobs:
+            _remove_empty(sw.shard_dir(out, job.spec.name))
+        _remove_empty(out / sw.WORK_DIR / "shards")
+        if not work_existed:
+            (out / sw.WORK_DIR / sw.WORK_MARKER).unlink(missing_ok=True)
+            _remove_empty(out / sw.WORK_DIR)
         if created:
             (out / sw.LOCK).unlink(missing_ok=True)
-            if not any(out.iterdir()):
-                out.rmdir()
+            _remove_empty(out)
         return summary
 
     for job, build_key, files in plans:
@@ -554,5 +660,21 @@ def _build(jobs, out: Path, workers, resolutions, strict, seed, progress, create
         except ValueError as err:
             summary.failed_datasets[name] = str(err)
     sw.write_manifest(out)
-    shutil.rmtree(out / sw.WORK_DIR, ignore_errors=True)
+    # the resume cache of these datasets is spent; another dataset's (an interrupted build of
+    # it) stays until that build is rerun
+    for job in jobs:
+        shutil.rmtree(sw.shard_dir(out, job.spec.name), ignore_errors=True)
+    shutil.rmtree(out / sw.WORK_DIR / "staging", ignore_errors=True)
+    _remove_empty(out / sw.WORK_DIR / "shards")
+    work = out / sw.WORK_DIR
+    if work.is_dir() and {p.name for p in work.iterdir()} <= {sw.WORK_MARKER}:
+        shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove ``folder`` if it is an empty folder."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

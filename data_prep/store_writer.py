@@ -41,6 +41,7 @@ from data_prep.readers.base import Case
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
 
 WORK_DIR = ".build"
+WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 BUILD_KEY = "build_key.json"  # per dataset: hash of its inputs, to recognise a finished dataset
@@ -87,18 +88,122 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+class BuildRefused(ValueError):
+    """A build would touch a path megaseg did not write, or another build holds the corpus.
+
+    A user error: the message names the path and what to do; the CLI exits 2 on it.
+    """
+
+
+def check_dataset_name(name: Any) -> str:
+    """``name`` if it is usable as one folder name under ``datasets/``, else ValueError.
+
+    A plain single path component: no separator, not ``.``/``..``, no leading dot (kept for
+    megaseg's own ``.build``/``.lock``), no control character, at most 255 bytes.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or len(name.encode()) > 255
+    ):
+        raise ValueError(
+            f"dataset name {name!r} is not a plain folder name (no '/', '\\', leading '.', "
+            "'..' or control characters)"
+        )
+    return name
+
+
 @contextlib.contextmanager
 def build_lock(out: Path):
-    """Hold an exclusive lock on corpus ``out`` (released by the OS if the process dies)."""
-    fd = os.open(Path(out) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on corpus ``out``; the file ``out/.lock`` holds the holder's PID.
+
+    ``flock`` is released by the OS when its holder dies, so the lock of a killed build is
+    taken over without any check of the PID. Raises BuildRefused naming the lock and the PID
+    of the build that holds it.
+    """
+    path = Path(out) / LOCK
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BuildRefused(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{out}: another build is writing this corpus") from None
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise BuildRefused(
+                f"{out}: another build is writing this corpus (lock {path}, held by PID "
+                f"{holder}); wait for it or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _is_megaseg_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"format_version", "datasets", "files"} <= data.keys()
+
+
+def check_owned(out: Path, names: Sequence[str]) -> None:
+    """Raise BuildRefused naming the path when a build of ``names`` into ``out`` would delete
+    or replace something megaseg did not write.
+
+    A build replaces ``datasets/NAME`` (megaseg's when it holds a ``build_key.json``),
+    ``manifest.json`` (megaseg's when it parses as a manifest) and works in ``.build`` (megaseg's
+    when it holds :data:`WORK_MARKER`); anything else at those paths is refused.
+    """
+    out = Path(out)
+    work = out / WORK_DIR
+    if (work.exists() or work.is_symlink()) and not (
+        work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()
+    ):
+        raise BuildRefused(
+            f"{work}: exists but megaseg did not make it (no {WORK_MARKER}); the build would "
+            "delete it: move it away or choose another --out"
+        )
+    manifest = out / MANIFEST
+    if (manifest.exists() or manifest.is_symlink()) and (
+        manifest.is_symlink() or not _is_megaseg_manifest(manifest)
+    ):
+        raise BuildRefused(
+            f"{manifest}: not a megaseg manifest (unreadable, not JSON or without format_version, "
+            "datasets and files); the build would replace it: move it away or choose another --out"
+        )
+    for name in names:
+        folder = dataset_dir(out, name)
+        if (folder.exists() or folder.is_symlink()) and not _is_dataset_folder(folder):
+            raise BuildRefused(
+                f"{folder}: exists but megaseg did not write it (no {BUILD_KEY}); building "
+                f"dataset {name!r} would replace it: move it away or choose another --out"
+            )
+
+
+def _is_dataset_folder(folder: Path) -> bool:
+    """A consolidated dataset folder megaseg wrote: a real folder with a readable build key."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        return "build_key" in json.loads((folder / BUILD_KEY).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def make_work_dir(out: Path) -> Path:
+    """``out/.build`` with its marker (call :func:`check_owned` first)."""
+    work = Path(out) / WORK_DIR
+    work.mkdir(exist_ok=True)
+    if not (work / WORK_MARKER).is_file():
+        atomic_write_json(work / WORK_MARKER, {"written_by": "megaseg prep build"})
+    return work
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -373,15 +478,21 @@ def _fsync_file(path: Path) -> None:
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging``; a kill in between leaves ``final`` absent (rebuilt on rerun)."""
+    """Replace ``final`` (megaseg's, checked by :func:`check_owned`) by ``staging``.
+
+    A kill between the two renames leaves ``final`` absent: a rerun rebuilds it, and
+    ``Corpus`` / ``prep info`` say so instead of failing on a missing file.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        trash = staging.with_name(staging.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
+    trash = staging.with_name(staging.name + ".old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if final.exists() or final.is_symlink():
+        if not _is_dataset_folder(final):
+            raise BuildRefused(f"{final}: exists but megaseg did not write it (no {BUILD_KEY})")
         os.replace(final, trash)
-        shutil.rmtree(trash)
     os.replace(staging, final)
     fsync_dir(final.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- manifest ------------------------------------------------------------------------------------
@@ -448,7 +559,12 @@ def verify_files(out: Path) -> list[str]:
     path = out / MANIFEST
     if not path.is_file():
         return [f"{path}: missing: the corpus is incomplete (rerun its build)"]
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return [f"{path}: unreadable manifest ({type(err).__name__}: {err})"]
+    if not isinstance(manifest, dict):
+        return [f"{path}: not a manifest (a JSON {type(manifest).__name__}, expected an object)"]
     problems = []
     if manifest.get("format_version") != FORMAT_VERSION:
         problems.append(

@@ -19,14 +19,14 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_prep.readers.base import Case, LoadedCase
-from megaseg.data.synthetic import (
-    GENERATOR_VERSION,
-    HELDOUT_SEED_OFFSET,
-    SyntheticConfig,
-    SyntheticTasks,
-)
+
+if TYPE_CHECKING:
+    from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
+
+# megaseg.data.synthetic (torch) is imported where it is used, so `prep synth --help` is quick
 
 MODALITY = "synthetic"
 _CASE_ID = re.compile(r"t(?P<task>\d+)_s(?P<index>\d+)")
@@ -37,6 +37,8 @@ def dataset_name(seed_offset: int) -> str:
     """``synthetic`` (training range), ``synthetic-heldout`` or ``synthetic-<offset>``."""
     if seed_offset == 0:
         return "synthetic"
+    from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
+
     if seed_offset == HELDOUT_SEED_OFFSET:
         return "synthetic-heldout"
     return f"synthetic-{seed_offset}"
@@ -76,6 +78,8 @@ class SyntheticLoader:
         """What a case's shard depends on: generator version, global task id, index, config."""
         task, index = self.task_index(case)
         seed = self.synthetic.subject_seed(task, index)
+        from megaseg.data.synthetic import GENERATOR_VERSION
+
         return f"v{GENERATOR_VERSION}:{seed}:{self.synthetic.config!r}"
 
 
@@ -89,6 +93,7 @@ def synthetic_job(
     """The ``DatasetJob`` of ``num_tasks`` synthetic tasks generated at ``size`` pixels."""
     from data_prep.pipeline import DatasetJob
     from data_prep.specs import DatasetSpec
+    from megaseg.data.synthetic import GENERATOR_VERSION, SyntheticConfig, SyntheticTasks
 
     base = config or SyntheticConfig()
     config = SyntheticConfig(**{**vars(base), "size": size, "num_subjects": num_subjects})
@@ -154,6 +159,14 @@ def write_synthetic(
     )
 
 
+def _seed_offset(text: str) -> int:
+    if text == "heldout":
+        from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
+
+        return HELDOUT_SEED_OFFSET
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="megaseg prep synth",
@@ -164,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=100, help="subjects per task")
     p.add_argument(
         "--seed-offset",
-        type=int,
+        type=_seed_offset,
         default=0,
-        help=f"0: training tasks; {HELDOUT_SEED_OFFSET}: held-out tasks (dataset synthetic-heldout)",
+        help="0: training tasks; 'heldout' (megaseg.data.synthetic.HELDOUT_SEED_OFFSET): "
+        "held-out tasks (dataset synthetic-heldout); another number: dataset synthetic-N",
     )
     p.add_argument("--resolutions", type=int, nargs="+", default=[128])
     p.add_argument("--workers", type=int, default=1)

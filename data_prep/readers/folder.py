@@ -26,8 +26,10 @@ from .base import Case, CaseError, DatasetError, LoadedCase
 from .io import (
     build_cases,
     channel_names_for,
+    check_inside,
     is_junk,
     is_readable_file,
+    label_values,
     load_case,
     split_ext,
 )
@@ -111,6 +113,8 @@ class FolderReader:
                 raise DatasetError(
                     f"{root}: spec {spec.name!r} template names unknown field {e}"
                 ) from e
+            for file in (*images, label[0]):
+                check_inside(root, file)
             entries.append((case_id, images, *label))
         return build_cases(spec, entries, channel_names, labels, root, binary=layout.binary)
 
@@ -118,7 +122,7 @@ class FolderReader:
         """Image ``(C, H, W)`` / ``(C, X, Y, Z)`` float32 (RGB -> gray), label with known values."""
         loaded = load_case(case)
         allowed = np.array([0, *(v for v, _ in case.labels)])
-        values = np.flatnonzero(np.bincount(loaded.label.ravel()))  # labels are >= 0 here
+        values = label_values(loaded.label)  # labels are >= 0 here
         unknown = values[~np.isin(values, allowed)]
         if unknown.size:
             raise CaseError(

@@ -9,6 +9,7 @@ as :class:`CaseError` or :class:`DatasetError` naming the file and the reason.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,6 +63,20 @@ def resolve_inside(root: Path, rel: str, json_path: Path) -> Path:
     if not path.is_relative_to(base):
         raise DatasetError(
             f"{json_path}: path {rel!r} resolves to {path}, outside the dataset folder {base}"
+        )
+    return path
+
+
+def check_inside(root: Path, path: Path) -> Path:
+    """``path`` (found by scanning ``root``) unchanged; DatasetError naming it when it, or a
+    link on the way to it, leads outside ``root`` (as :func:`resolve_inside` does for listed
+    paths)."""
+    base = Path(root).resolve()
+    target = Path(path).resolve()
+    if not target.is_relative_to(base):
+        raise DatasetError(
+            f"{path}: resolves to {target}, outside the dataset folder {base} (a symbolic "
+            "link); copy the file into the dataset or list the dataset from where it lives"
         )
     return path
 
@@ -137,6 +152,89 @@ def build_cases(
 # --------------------------------------------------------------------------- loading
 
 AFFINE_TOLERANCE_MM = 1e-3
+# A file may declare at most this many voxels (per channel-less volume: X*Y*Z*C); the
+# environment variable (set by ``prep build --max-voxels``) overrides it. 2**29 voxels is a
+# 2 GiB float32 volume, above whole-body CT at 512 x 512 x 1500.
+DEFAULT_MAX_VOXELS = 1 << 29
+# Distinct values a label map may hold when no labels are declared (each becomes a task).
+DEFAULT_MAX_LABELS = 100
+# Deflate cannot compress by more than 1032:1, so a .nii.gz of n bytes holds < 1032 n bytes.
+MAX_GZIP_RATIO = 1032
+
+
+def _limit(variable: str, default: int) -> int:
+    text = os.environ.get(variable, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise ValueError(f"{variable}={text!r}: expected a whole number") from None
+
+
+def max_voxels() -> int:
+    """Largest voxel count a file may declare: ``$MEGASEG_MAX_VOXELS`` or 2**29."""
+    return _limit("MEGASEG_MAX_VOXELS", DEFAULT_MAX_VOXELS)
+
+
+def max_labels() -> int:
+    """Most distinct undeclared label values a case may hold: ``$MEGASEG_MAX_LABELS`` or 100."""
+    return _limit("MEGASEG_MAX_LABELS", DEFAULT_MAX_LABELS)
+
+
+def label_values(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a non-negative integer label map, in bounded memory.
+
+    ``np.bincount`` (fast) when the largest value is small; ``np.unique`` otherwise, since a
+    bincount of one stray voxel valued 2**40 would ask for terabytes.
+    """
+    label = np.asarray(label)
+    if label.dtype == bool:
+        label = label.view(np.uint8)
+    if not label.size:
+        return np.zeros(0, np.int64)
+    if int(label.max()) < 1 << 16 and int(label.min()) >= 0:
+        return np.flatnonzero(np.bincount(label.ravel()))
+    return np.unique(label)
+
+
+def check_declared_values(case: Case, label: np.ndarray) -> None:
+    """Raise CaseError naming the label file when it holds values the dataset does not declare
+    (when it declares any): an undeclared structure would silently be dropped."""
+    if not case.labels:
+        return
+    allowed = np.array([0, *(v for v, _ in case.labels)])
+    values = label_values(label)
+    unknown = values[~np.isin(values, allowed)]
+    if unknown.size:
+        raise CaseError(
+            f"{case.label_path}: {unknown.size} label value(s) not declared, e.g. "
+            f"{unknown[:8].tolist()} (declared {dict(case.labels)}; a spec's or dataset.json's "
+            "labels must list every value; set binary for 0/255 masks)"
+        )
+
+
+def _check_declared_size(path: Path, header) -> None:
+    """Refuse a NIfTI whose header declares more data than the file can hold or than the
+    voxel limit, before any array is allocated (a 68-byte file can declare 1024**3 voxels)."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    nbytes = voxels * header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        if nbytes > MAX_GZIP_RATIO * size:
+            raise CaseError(
+                f"{path}: header declares shape {shape} ({nbytes} bytes), more than a "
+                f"{size}-byte gzip file can hold (at most {MAX_GZIP_RATIO}:1); damaged header"
+            )
+    elif nbytes > size - int(header.get_data_offset()):
+        raise CaseError(
+            f"{path}: header declares shape {shape} ({nbytes} bytes of data), the file holds "
+            f"{size} bytes; truncated file or damaged header"
+        )
+    if voxels > max_voxels():
+        raise CaseError(
+            f"{path}: header declares shape {shape} = {voxels} voxels, over the limit of "
+            f"{max_voxels()} (raise it with --max-voxels or MEGASEG_MAX_VOXELS)"
+        )
 
 
 def read_file(
@@ -168,6 +266,7 @@ def _read_nifti(path: Path, is_label: bool) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     img = nib.load(str(path))
+    _check_declared_size(path, img.header)
     data = np.asanyarray(img.dataobj) if is_label else img.get_fdata(dtype=np.float32)
     return data, np.asarray(img.affine, dtype=np.float64)
 
@@ -178,6 +277,11 @@ def _read_2d(path: Path, is_label: bool, binary: bool) -> np.ndarray:
     from megaseg.preprocess import to_grayscale
 
     with Image.open(path) as img:
+        if img.width * img.height > max_voxels():
+            raise CaseError(
+                f"{path}: image of {img.width} x {img.height} pixels, over the limit of "
+                f"{max_voxels()} (raise it with --max-voxels or MEGASEG_MAX_VOXELS)"
+            )
         if getattr(img, "n_frames", 1) > 1:
             raise CaseError(f"{path}: multi-frame image ({img.n_frames} frames) is not a 2D image")
         if img.mode == "P":
@@ -277,12 +381,25 @@ def load_case(case: Case) -> LoadedCase:
     else:
         label, label_affine = read_file(case.label_path, is_label=True, binary=case.binary)
         label = _label_to_int(label, case.label_path, case.binary)
+    if label_affine is not None and label.ndim != 3:
+        # a (X, Y) NIfTI would silently become a "2d" task of a volume dataset
+        raise CaseError(
+            f"{case.label_path}: label is a {label.ndim}-D NIfTI of shape {label.shape}; NIfTI "
+            "files are read as volumes (X, Y, Z): save a 2D slice as (X, Y, 1) or as PNG"
+        )
     channels = []
     for path in case.image_paths:
         data, affine = read_file(path)
         if data.ndim == label.ndim:
             data = data[None]
         elif data.ndim == label.ndim + 1:
+            if len(case.channel_names) == len(case.image_paths):
+                # one declared channel per file: a 4-D file here would silently add channels
+                # (and tasks) the dataset does not declare
+                raise CaseError(
+                    f"{path}: {data.ndim}-D image of shape {data.shape}, but the dataset "
+                    f"declares one channel per file ({', '.join(case.channel_names)})"
+                )
             data = np.moveaxis(data, -1, 0)
         if data.shape[1:] != label.shape or data.ndim != label.ndim + 1:
             raise CaseError(
@@ -314,8 +431,6 @@ def _names(case: Case, n: int) -> list[str]:
     names = list(case.channel_names)
     if not names:
         return [f"channel{i}" for i in range(n)]
-    if len(names) == 1:
-        return names * n
     if len(names) != n:
         raise CaseError(
             f"{case.image_paths[0]}: image has {n} channels, the dataset declares {len(names)} "

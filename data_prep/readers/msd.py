@@ -17,6 +17,8 @@ from .base import Case, DatasetError, LoadedCase
 from .io import (
     build_cases,
     channel_names_for,
+    check_declared_values,
+    check_inside,
     is_junk,
     load_case,
     read_dataset_json,
@@ -57,8 +59,12 @@ class MSDReader:
         return build_cases(spec, entries, channel_names, labels, json_path)
 
     def load(self, case: Case) -> LoadedCase:
-        """Image ``(C, X, Y, Z)`` float32 (4-D files moved to channel-first), label, affine."""
-        return load_case(case)
+        """Image ``(C, X, Y, Z)`` float32 (4-D files moved to channel-first), label, affine.
+
+        Raises CaseError for label values dataset.json does not declare."""
+        loaded = load_case(case)
+        check_declared_values(case, loaded.label)
+        return loaded
 
     @staticmethod
     def _listed(root: Path, training: Any, json_path: Path):
@@ -84,4 +90,5 @@ class MSDReader:
             raise DatasetError(f"{images}: missing (expected the Decathlon imagesTr folder)")
         for path in images.glob("*.nii*"):
             if not is_junk(path.name):
-                yield split_ext(path.name)[0], (path,), root / "labelsTr" / path.name
+                label = check_inside(root, root / "labelsTr" / path.name)
+                yield split_ext(path.name)[0], (check_inside(root, path),), label

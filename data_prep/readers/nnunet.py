@@ -19,6 +19,8 @@ from .io import (
     IMAGE_2D_EXTS,
     build_cases,
     channel_names_for,
+    check_declared_values,
+    check_inside,
     is_junk,
     load_case,
     read_dataset_json,
@@ -79,8 +81,12 @@ class NnUNetReader:
         return build_cases(spec, entries, channel_names, labels, json_path)
 
     def load(self, case: Case) -> LoadedCase:
-        """Image ``(C, X, Y, Z)`` or ``(C, H, W)`` float32, integer label, affine (None in 2D)."""
-        return load_case(case)
+        """Image ``(C, X, Y, Z)`` or ``(C, H, W)`` float32, integer label, affine (None in 2D).
+
+        Raises CaseError for label values dataset.json does not declare."""
+        loaded = load_case(case)
+        check_declared_values(case, loaded.label)
+        return loaded
 
     @staticmethod
     def _scanned(root: Path, ending: str, n_files: int):
@@ -95,7 +101,10 @@ class NnUNetReader:
                 ids.add(m.group("case"))
         for case_id in sorted(ids):
             files = tuple(images / f"{case_id}_{c:04d}{ending}" for c in range(n_files))
-            yield case_id, files, root / "labelsTr" / f"{case_id}{ending}"
+            label = root / "labelsTr" / f"{case_id}{ending}"
+            for path in (*files, label):
+                check_inside(root, path)
+            yield case_id, files, label
 
     @staticmethod
     def _listed(root: Path, listing: Any, json_path: Path):

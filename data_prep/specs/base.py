@@ -86,6 +86,9 @@ class DatasetSpec:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
+        from data_prep.store_writer import check_dataset_name
+
+        check_dataset_name(self.name)  # it becomes a folder name: refused unless plain
         per_structure = self.layout is not None and "{structure}" in self.layout.label
         if self.structures is not None:
             if not per_structure:

@@ -134,14 +134,24 @@ class Corpus:
                 f"{self.root}: no manifest.json: not a corpus, or its build did not finish "
                 "(rerun the same `megaseg prep build` command to finish it)"
             )
-        self.manifest: dict = json.loads(manifest_path.read_text())
+        try:
+            self.manifest: dict = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CorpusError(
+                f"{manifest_path}: unreadable ({type(err).__name__}: {err}); rerun the corpus's "
+                "`megaseg prep build` after moving the file away"
+            ) from None
+        if not isinstance(self.manifest, dict) or not isinstance(
+            self.manifest.get("datasets"), dict
+        ):
+            raise CorpusError(f"{manifest_path}: not a megaseg manifest (no datasets mapping)")
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise CorpusError(
                 f"{manifest_path}: format version {version}, this code reads {FORMAT_VERSION}"
             )
         self.datasets: list[str] = sorted(self.manifest["datasets"])
-        self._data = {name: _Dataset(self.root, name) for name in self.datasets}
+        self._data = {name: self._open(name) for name in self.datasets}
         self._ranges = {k: r for d in self._data.values() for k, r in d.ranges.items()}
         self.exclude = {n.casefold() for n in exclude}
         self._protocol = getattr(exclude, "name", "") or "exclude="
@@ -152,6 +162,23 @@ class Corpus:
                 f"{sorted(unknown)}",
                 stacklevel=2,
             )
+
+    def _open(self, name: str) -> _Dataset:
+        """The dataset ``name`` listed by the manifest; CorpusError naming what is missing."""
+        try:
+            return _Dataset(self.root, name)
+        except FileNotFoundError as err:
+            # a build killed while swapping a rebuilt dataset into place leaves it absent
+            raise CorpusError(
+                f"{self.root}: dataset {name!r} is listed in manifest.json but "
+                f"{err.filename} is missing: a build of this corpus was interrupted; rerun "
+                "the same `megaseg prep build` command to finish it"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CorpusError(
+                f"{self.root / 'datasets' / name}: unreadable ({type(err).__name__}: {err}); "
+                "run `megaseg prep verify` on the corpus"
+            ) from None
 
     def __repr__(self) -> str:
         return f"Corpus({str(self.root)!r}, datasets={len(self.datasets)}, exclude={sorted(self.exclude)})"
