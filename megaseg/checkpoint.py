@@ -4,31 +4,60 @@ A checkpoint is ``NAME.safetensors`` (tensors only) with ``NAME.json`` beside it
 what the model is, how it was trained, how its inputs are preprocessed). A raw state dict saved
 with ``torch.save`` is accepted too, read with ``torch.load(weights_only=True)``; a file that
 holds anything else than tensors and plain containers is refused.
+
+Loading checks before it allocates: the card is validated, the model it names is built on the
+``meta`` device (no memory) and every parameter shape is compared with the tensor shapes in the
+safetensors header (read without reading the tensors). Only a card that fits its weights is
+materialised, so a card asking for a 100000-feature network fails at once instead of
+allocating hundreds of GB. Weights holding NaN or inf are refused (``allow_nonfinite=True``
+to load them anyway). Every such refusal is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 CARD_FORMAT_VERSION = 1
+DEFAULT_MODEL = "universeg_v1"
+# The largest input size a card may ask for. v1 runs at 128; the cached support alone is
+# S*C*R*R*4 bytes (64 examples, 64 features at R=1024: 17 GB), so beyond this a card is
+# almost surely wrong and would allocate terabytes at set_support (2**20 -> ~4 TB).
+MAX_RESOLUTION = 1024
+# No registered model has more than a handful of levels; a longer list in a card's kwargs
+# would only make building the (meta) model slow.
+MAX_KWARG_SEQUENCE = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or its card cannot be used; the message names the file and the reason."""
 
 
 def card_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
+
+    ``suffix`` ends the temporary name (a writer that picks the format from the extension,
+    e.g. nibabel, needs ``.nii.gz``). A failed write leaves ``path`` untouched and no temporary.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -51,57 +80,229 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, A
     return path
 
 
+def read_card(weights: str | os.PathLike) -> dict | None:
+    """The card beside ``weights`` (a JSON object), or None when there is none.
+
+    Raises:
+        CheckpointError: the card is not readable JSON or not an object.
+    """
+    path = card_path(weights)
+    if path == Path(weights) or not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the checkpoint card is not valid JSON ({e})") from e
+    if not isinstance(card, dict):
+        raise CheckpointError(
+            f"{path}: the checkpoint card must be a JSON object, got {type(card).__name__}"
+        )
+    return card
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading any tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
-    """Read weights safely: ``(state_dict, card or None)``.
+    """Read weights safely: ``(state_dict, card or None)``. Values are not checked here.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a safetensors file or a tensors-only torch file.
+        CheckpointError: the file is not a safetensors file or a tensors-only torch file, or
+            its card is not a JSON object.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    card = None
-    if card_path(path).is_file() and card_path(path) != path:
-        card = json.loads(card_path(path).read_text())
+    card = read_card(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), card
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return load_torch_state_dict(path), card
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict saved with ``torch.save``, read with ``weights_only=True`` (no code runs).
+
+    A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped.
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: refused, the file holds pickled objects other than tensors "
             "(loading it could run arbitrary code). Re-save it as a plain state dict or "
             f"as safetensors. Detail: {str(e).splitlines()[0]}"
         ) from e
     except Exception as e:
-        raise ValueError(f"{path}: not a readable torch weights file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable torch weights file ({e})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
-    return dict(obj), card
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return dict(obj)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def model_spec(card: dict | None, path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The ``(name, kwargs)`` a card's ``model`` entry names; no card: a raw v1 state dict."""
+    if card is None or "model" not in card:
+        return DEFAULT_MODEL, {}
+    where = card_path(path)
+    spec = card["model"]
+    if not isinstance(spec, dict):
+        raise CheckpointError(
+            f'{where}: \'model\' must be an object {{"name": ..., "kwargs": {{...}}}}, '
+            f"got {json.dumps(spec)}"
+        )
+    name, kwargs = spec.get("name", DEFAULT_MODEL), spec.get("kwargs") or {}
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}: model.name must be a string, got {json.dumps(name)}")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(
+            f"{where}: model.kwargs must be an object of keyword arguments, got "
+            f"{json.dumps(kwargs)}"
+        )
+    for key, value in kwargs.items():
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if len(value) > MAX_KWARG_SEQUENCE:
+                raise CheckpointError(
+                    f"{where}: model.kwargs.{key} has {len(value)} entries (at most "
+                    f"{MAX_KWARG_SEQUENCE}); the card is not a model megaseg can build"
+                )
+    return name, kwargs
+
+
+def build_model(
+    name: str, kwargs: Mapping[str, Any], path: str | os.PathLike, device: str = "cpu"
+) -> nn.Module:
+    """``create_model(name, **kwargs)`` on ``device`` ("meta": shapes only, no memory), with any
+    failure turned into a :class:`CheckpointError` naming the card."""
+    from megaseg.models import create_model
+
+    try:
+        with torch.device(device):
+            return create_model(name, **kwargs)
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"{card_path(path)}: cannot build model {name!r} with kwargs {json.dumps(kwargs)}: {e}"
+        ) from e
+
+
+def check_shapes(
+    model: nn.Module, shapes: Mapping[str, Sequence[int]], path: str | os.PathLike
+) -> None:
+    """Raise :class:`CheckpointError` unless ``shapes`` (name -> shape of every tensor in the
+    file) are exactly ``model``'s state-dict names and shapes. Works on a meta model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v) for k, v in shapes.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = [
+        f"{k}: file {got[k]}, model {expected[k]}"
+        for k in expected.keys() & got.keys()
+        if got[k] != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", sorted(wrong))):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            parts.append(f"{what}: {'; '.join(items[:5])}{more}")
+    raise CheckpointError(
+        f"{path}: weights do not fit the model its card describes "
+        f"({type(model).__name__}, {sum(math.prod(s) for s in expected.values()):,} "
+        f"parameters): " + " | ".join(parts)
+    )
+
+
+def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike, allow: bool = False) -> None:
+    """Refuse weights holding NaN or inf (a diverged run): such a model predicts nothing
+    useful. ``allow=True`` turns the error into a warning."""
+    bad = {}
+    for k, v in state.items():
+        if v.is_floating_point() or v.is_complex():
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                bad[k] = n
+    if not bad:
+        return
+    names = ", ".join(f"{k} ({n} of {state[k].numel()})" for k, n in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    msg = f"{path}: {len(bad)} tensor(s) hold NaN or inf values: {names}{more}"
+    if not allow:
+        raise CheckpointError(
+            msg + "; the weights are unusable (did training diverge?). Pass "
+            "allow_nonfinite=True to load them anyway."
+        )
+    warnings.warn(msg + " (loaded because allow_nonfinite=True)", stacklevel=3)
+
+
+def card_resolution(card: dict | None, path: str | os.PathLike) -> int | None:
+    """The card's input size (``resolution``, or ``preprocessing.resolution`` / ``.size``),
+    checked to be an integer in ``[1, MAX_RESOLUTION]``; None when the card has none."""
+    card = card or {}
+    pre = card.get("preprocessing")
+    pre = pre if isinstance(pre, dict) else {}
+    value = card.get("resolution", pre.get("resolution", pre.get("size")))
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESOLUTION:
+        raise CheckpointError(
+            f"{card_path(path)}: resolution must be an integer from 1 to {MAX_RESOLUTION}, got "
+            f"{json.dumps(value)}"
+        )
+    return value
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module | None = None
+    path: str | os.PathLike, model: nn.Module | None = None, *, allow_nonfinite: bool = False
 ) -> tuple[nn.Module, dict]:
     """Build the model the card names (or use ``model``) and load the weights, strictly.
 
-    A file without a card is taken to be a raw ``universeg_v1`` state dict.
-    """
-    from megaseg.models import create_model
+    A file without a card is taken to be a raw ``universeg_v1`` state dict. The card and the
+    weights are checked against each other before anything large is allocated (see the
+    module docstring).
 
-    state, card = load_state_dict_file(path)
-    card = card or {"model": {"name": "universeg_v1", "kwargs": {}}}
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError (a ValueError): unreadable or unsafe file, malformed card, a model the
+            card cannot build, weights that do not fit it, NaN/inf weights (unless
+            ``allow_nonfinite``), a resolution out of range.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    card = read_card(path)
+    state = None
+    if path.suffix == ".safetensors":
+        shapes = safetensors_shapes(path)
+    else:  # a torch file's tensors are as large as the file: reading them is bounded
+        state = load_torch_state_dict(path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    card_resolution(card, path)
     if model is None:
-        spec = card.get("model", {})
-        model = create_model(spec.get("name", "universeg_v1"), **spec.get("kwargs", {}))
+        name, kwargs = model_spec(card, path)
+        check_shapes(build_model(name, kwargs, path, device="meta"), shapes, path)
+        model = build_model(name, kwargs, path)
+    else:
+        check_shapes(model, shapes, path)
+    if state is None:
+        state, _ = load_state_dict_file(path)
+    check_finite(state, path, allow_nonfinite)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model: {e}") from e
-    return model, card
+    except RuntimeError as e:  # e.g. a dtype the parameter cannot take
+        raise CheckpointError(f"{path}: weights do not fit the model: {e}") from e
+    return model, card or {"model": {"name": DEFAULT_MODEL, "kwargs": {}}}
