@@ -21,6 +21,7 @@ probability is largest, where that probability is above 0.5, else background 0".
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from megaseg.checkpoint import atomic_write
 from megaseg.preprocess import (
     normalize_intensity,
     prepare_image,
@@ -40,6 +42,9 @@ from megaseg.preprocess import (
 )
 
 DEFAULT_RESOLUTION = 128
+# The largest resolution accepted (see megaseg.checkpoint.MAX_RESOLUTION): the cached support
+# alone is S*C*R*R*4 bytes, 17 GB for S=64, C=64 at R=1024.
+MAX_RESOLUTION = 1024
 
 # Peak activation memory of one query, in units of one full-resolution support feature map
 # ``S * C * R * R * 4`` bytes (S support examples, C features, R resolution, float32). On the
@@ -140,6 +145,7 @@ class Segmenter:
         device: str | torch.device | None = None,
         *,
         resolution: int | None = None,
+        allow_nonfinite: bool = False,
         **kwargs,
     ) -> Segmenter:
         """Load weights safely (see :mod:`megaseg.checkpoint`) and wrap them.
@@ -148,12 +154,14 @@ class Segmenter:
         dict saved with ``torch.save`` (tensors only), or the name of a registered model to
         load the weights megaseg ships for it. ``resolution`` defaults to the card's
         (``resolution``, or ``preprocessing.resolution`` / ``preprocessing.size``), else 128.
-        ``kwargs`` go to :class:`Segmenter`.
+        ``kwargs`` go to :class:`Segmenter`. Weights holding NaN or inf are refused unless
+        ``allow_nonfinite=True``.
 
         Raises:
             FileNotFoundError: neither a file nor a registered model name.
-            ValueError: an unsafe or unreadable file, weights that do not fit, or a model
-                for which no weights are shipped.
+            megaseg.checkpoint.CheckpointError (a ValueError): an unsafe or unreadable file, a
+                malformed card, weights that do not fit the card's model or hold NaN/inf.
+            ValueError: a model for which no weights are shipped.
         """
         from megaseg.checkpoint import load_checkpoint
         from megaseg.models import create_model, list_models
@@ -161,10 +169,12 @@ class Segmenter:
 
         path = Path(path_or_name)
         if path.is_file():
-            model, card = load_checkpoint(path)
+            model, card = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
         elif isinstance(path_or_name, str) and path_or_name in list_models():
             model, card = load_checkpoint(
-                pretrained_path(path_or_name), model=create_model(path_or_name)
+                pretrained_path(path_or_name),
+                model=create_model(path_or_name),
+                allow_nonfinite=allow_nonfinite,
             )
         else:
             raise FileNotFoundError(
@@ -174,6 +184,40 @@ class Segmenter:
         if resolution is None:
             resolution = _card_resolution(card)
         return cls(model, resolution, device, card=card, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        device: str | torch.device | None = None,
+        *,
+        accept_license: bool = False,
+        path: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> Segmenter:
+        """Published weights by name: ``"universeg-v1-official"``, the UniverSeg authors' v1.
+
+        Their licence is research-only, so they are loaded only with
+        ``accept_license=True``; downloaded once to ``$MEGASEG_CACHE`` (default
+        ``~/.cache/megaseg``), or read from ``path`` / ``$MEGASEG_UNIVERSEG_WEIGHTS`` on a
+        machine without internet (see :mod:`megaseg.hub`). Runs at 128x128. ``kwargs`` go to
+        :class:`Segmenter`.
+
+        Raises:
+            megaseg.hub.LicenseNotAccepted (a ValueError): without ``accept_license=True``.
+            megaseg.hub.DownloadError (a ValueError): download failed or is not the weights.
+        """
+        from megaseg import hub
+
+        if name != hub.OFFICIAL_NAME:
+            raise ValueError(
+                f"{name!r}: unknown pretrained weights; available: {hub.OFFICIAL_NAME!r} (for "
+                "megaseg's own weights use Segmenter.from_checkpoint)"
+            )
+        weights = hub.official_weights(accept_license=accept_license, path=path)
+        model = hub.load_official(accept_license=True, path=weights)
+        resolution = kwargs.pop("resolution", hub.OFFICIAL_RESOLUTION)
+        return cls(model, resolution, device, card=hub.official_card(weights), **kwargs)
 
     # ------------------------------------------------------------------ support set
 
@@ -359,6 +403,7 @@ class Segmenter:
         support_size: int | None = None,
         seed: int = 0,
         return_probs: bool = False,
+        overwrite_input: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment a 3D volume slice by slice along ``axis``.
 
@@ -369,6 +414,9 @@ class Segmenter:
             axis: the slicing axis (0, 1 or 2).
             out_path: write the label map there as NIfTI (uint8 or int16 for the label
                 values), with the input's affine and header (identity affine for arrays).
+                Written atomically (a temporary file beside it, then renamed). The input file
+                itself (also through a symlink or hard link) is refused unless
+                ``overwrite_input=True``: a label map written over the scan destroys it.
             ensemble, support_size, seed: as in :meth:`predict`; every slice sees the same
                 support subsets.
             return_probs: also return the ``(K, X, Y, Z)`` float32 per-label probabilities.
@@ -377,6 +425,8 @@ class Segmenter:
             The merged label map, the volume's shape, with the support's label values.
         """
         sup = self._require_support()
+        if out_path is not None and not overwrite_input:
+            _refuse_input_as_output(volume, out_path)
         data, image = _load_volume(volume)
         if axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"axis: must be 0, 1 or 2 for a 3D volume, got {axis}")
@@ -412,26 +462,41 @@ class Segmenter:
     def _draw_subsets(
         self, ensemble: int, support_size: int | None, seed: int
     ) -> list[Tensor | None]:
-        """K index sets into the cached support, each without replacement; [None] = all."""
+        """K distinct index sets into the cached support, each without replacement;
+        ``[None]`` = the whole support.
+
+        An ensemble averages K *different* support sets: when the support holds fewer than K
+        distinct subsets of the asked size (``comb(S, N) < K``; e.g. N = S gives one) the
+        members would repeat each other, so it is refused, with the count in the message.
+        """
         S = self.support_size
         if ensemble < 1:
             raise ValueError(f"ensemble: must be >= 1, got {ensemble}")
-        if support_size is None:
-            if ensemble > 1:
-                raise ValueError(
-                    f"support_size: needed with ensemble={ensemble} (subsets of the whole "
-                    f"support set of {S} would all be the same)"
-                )
-            return [None]
-        if not 1 <= support_size <= S:
+        if support_size is not None and not 1 <= support_size <= S:
             raise ValueError(
                 f"support_size: {support_size} is not between 1 and the support set's "
                 f"size ({S} examples)"
             )
+        n = S if support_size is None else support_size
+        distinct = math.comb(S, n)
+        if ensemble > distinct:
+            raise ValueError(
+                f"support_size: ensemble={ensemble} needs {ensemble} different support sets, but "
+                f"a support set of {S} examples has {distinct} distinct subset(s) of "
+                f"{n}{' (support_size=None: the whole set)' if support_size is None else ''}; "
+                f"give a smaller support_size (or ensemble=1)"
+            )
+        if support_size is None:
+            return [None]
         gen = torch.Generator().manual_seed(seed)
-        return [
-            torch.randperm(S, generator=gen)[:support_size].to(self.device) for _ in range(ensemble)
-        ]
+        subsets, seen = [], set()
+        while len(subsets) < ensemble:  # terminates: at least `ensemble` distinct subsets exist
+            idx = torch.randperm(S, generator=gen)[:support_size]
+            key = tuple(sorted(idx.tolist()))
+            if key not in seen:
+                seen.add(key)
+                subsets.append(idx.to(self.device))
+        return subsets
 
 
 def segment(
@@ -502,10 +567,17 @@ def _card_preprocessing(card: dict | None) -> dict:
 def _card_resolution(card: dict | None) -> int:
     pre = _card_preprocessing(card)
     value = (card or {}).get("resolution", pre.get("resolution", pre.get("size")))
-    return DEFAULT_RESOLUTION if value is None else int(value)
+    return DEFAULT_RESOLUTION if value is None else value
 
 
 def _check_resolution(resolution: int, model: nn.Module) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer):
+        raise ValueError(f"resolution: expected an integer, got {resolution!r}")
+    if resolution > MAX_RESOLUTION:
+        raise ValueError(
+            f"resolution: {resolution} is above the largest supported, {MAX_RESOLUTION} (the "
+            "cached support set alone would need S*C*R*R*4 bytes)"
+        )
     step = 2 ** (getattr(model, "depth", 1) - 1)
     if resolution < 1 or resolution % step:
         raise ValueError(
@@ -535,10 +607,23 @@ def _finite(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _image_2d(x, name: str) -> np.ndarray:
-    """One 2D image, gray or RGB(A) -> ``(H, W)``, checked."""
+    """One 2D image, gray ``(H, W)`` (or ``(1, H, W)`` / ``(H, W, 1)``) or RGB(A)
+    ``(H, W, 3|4)`` -> ``(H, W)``, checked.
+
+    ``(3|4, H, W)`` is refused: channels-first RGB and three (or four) slices of a volume
+    look the same, and reading slices as colour would silently average them into one gray
+    image. Channels-last is what image readers (PIL, imageio, skimage) return, so that is
+    the RGB form accepted without a word.
+    """
     x = _numeric(x, name)
     if x.ndim not in (2, 3):
         raise ValueError(f"{name}: expected a 2D image (H,W) or RGB (H,W,3), got shape {x.shape}")
+    if x.ndim == 3 and x.shape[0] in (3, 4) and x.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"{name}: shape {x.shape} is ambiguous: channels-first RGB(A) or {x.shape[0]} "
+            "slices of a volume. Pass an RGB image channels-last, (H,W,3) (e.g. "
+            "np.moveaxis(x, 0, -1)), a single 2D slice (H,W), or a list of 2D images"
+        )
     try:
         x = to_grayscale(x)
     except ValueError as e:
@@ -571,6 +656,10 @@ def _examples(x, name: str) -> list:
             f"{name}: expected a list of 2D images or a stacked array (S,H,W), got an array "
             f"of shape {arr.shape}"
         )
+    if arr.ndim == 4 and arr.shape[1] in (3, 4) and arr.shape[-1] not in (3, 4):
+        # (S, C, H, W): the stack axis is explicit, so channels-first is the only reading
+        # (torch's NCHW); hand each example on channels-last.
+        arr = np.moveaxis(arr, 1, -1)
     return list(arr)
 
 
@@ -642,7 +731,36 @@ def _save_nifti(label_map: np.ndarray, image, out_path: str | os.PathLike) -> No
             out.set_qform(np.eye(4), code=1)
     out.set_data_dtype(label_map.dtype)
     out.header.set_slope_inter(1, 0)  # label values are stored as they are, not rescaled
-    nib.save(out, os.fspath(out_path))
+    out_path = Path(out_path)
+    # nibabel picks the format from the extension, so the temporary keeps it (.nii.gz).
+    suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else out_path.suffix
+    atomic_write(out_path, lambda tmp: nib.save(out, tmp), suffix=suffix)
+
+
+def _input_path(volume) -> Path | None:
+    """The file a volume argument was read from (a path or a nibabel image's file), if any."""
+    if isinstance(volume, str | os.PathLike):
+        return Path(volume)
+    get_filename = getattr(volume, "get_filename", None)
+    name = get_filename() if callable(get_filename) else None
+    return Path(name) if name else None
+
+
+def _refuse_input_as_output(volume, out_path: str | os.PathLike) -> None:
+    """Raise ValueError when ``out_path`` is the volume's own file: the same path after
+    resolving symlinks, or the same file through a hard link (``os.path.samefile``)."""
+    src = _input_path(volume)
+    if src is None:
+        return
+    out = Path(out_path)
+    same = src.resolve() == out.resolve()
+    if not same and src.exists() and out.exists():
+        same = os.path.samefile(src, out)
+    if same:
+        raise ValueError(
+            f"out_path: {out} is the input volume {src}; writing the label map there would "
+            "destroy the scan. Choose another out_path, or pass overwrite_input=True"
+        )
 
 
 __all__ = ["Prediction", "Segmenter", "merge_labels", "segment"]

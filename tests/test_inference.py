@@ -166,11 +166,35 @@ def test_ensemble_is_repeatable_with_a_seed_and_differs_across_seeds(seg, suppor
     assert not np.allclose(a, c)
 
 
-def test_ensemble_of_full_size_subsets_equals_plain_prediction(seg, support, query):
+def test_prediction_does_not_depend_on_the_support_order(seg, support, query):
+    full = seg.set_support(*support).predict(query).probs
+    images, labels = support
+    reverse = seg.set_support(images[::-1], labels[::-1]).predict(query).probs
+    np.testing.assert_allclose(reverse, full, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "distinct"),
+    [
+        ({"ensemble": 4, "support_size": 4}, 1),  # four copies of the whole support
+        ({"ensemble": 4}, 1),  # the same rule without support_size
+        ({"ensemble": 5, "support_size": 3}, 4),  # C(4, 3) = 4 < 5
+    ],
+)
+def test_ensemble_of_repeated_subsets_is_refused(seg, support, query, kwargs, distinct):
     seg.set_support(*support)
-    full = seg.predict(query).probs
-    ens = seg.predict(query, ensemble=2, support_size=4).probs  # permutations of all 4
-    np.testing.assert_allclose(ens, full, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"has {distinct} distinct subset\(s\)") as err:
+        seg.predict(query, **kwargs)
+    assert f"ensemble={kwargs['ensemble']} needs" in str(err.value)
+    assert str(err.value).startswith("support_size: ")
+
+
+def test_ensemble_members_are_distinct_subsets(seg, support):
+    seg.set_support(*support)
+    # C(4, 3) = 4 subsets for 4 members: random draws would repeat one with probability
+    # 1 - 4!/4**4 = 0.91; every member must be a different subset.
+    subsets = seg._draw_subsets(4, 3, seed=0)
+    assert len({tuple(sorted(s.tolist())) for s in subsets}) == 4
 
 
 def test_chunked_prediction_equals_one_batch(model, support):
@@ -302,7 +326,7 @@ def test_bad_query_is_refused_with_the_argument_named(seg, query, match):
             {"ensemble": 2, "support_size": 3},
             r"support_size: 3 is not between 1 and .* \(2 examples\)",
         ),
-        ({"ensemble": 2}, r"support_size: needed with ensemble=2"),
+        ({"ensemble": 2}, r"support_size: ensemble=2 needs 2 .* 1 distinct subset"),
         ({"ensemble": 0, "support_size": 1}, r"ensemble: must be >= 1"),
     ],
 )
@@ -391,3 +415,93 @@ def test_segment_in_one_call_equals_the_segmenter(model, support, query):
     expected = Segmenter(model, RES, "cpu").set_support(*support).predict(query).probs
     got = segment(query, *support, model=model, resolution=RES, device="cpu").probs
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- ambiguous layouts
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_channels_first_query_is_refused_as_ambiguous(seg, support, query, channels):
+    seg.set_support(*support)
+    stack = np.stack([query] * channels)  # (3|4, H, W): RGB(A) or 3-4 slices of a volume?
+    with pytest.raises(ValueError, match=rf"query: shape \({channels}, 37, 53\) is ambiguous") as e:
+        seg.predict(stack)
+    assert "(H,W,3)" in str(e.value) and "single 2D slice" in str(e.value)
+    # Channels-last is the image readers' layout: read as RGB(A) without a word.
+    assert seg.predict(np.moveaxis(stack, 0, -1)).probs.shape == query.shape
+
+
+def test_channels_first_support_image_is_refused_but_a_stack_of_them_is_nchw(seg, support, query):
+    images, labels = support
+    with pytest.raises(ValueError, match=r"support_images\[0\]: shape \(3, 40, 50\) is ambiguous"):
+        seg.set_support([np.stack([images[0]] * 3)] + images[1:], labels)
+    same = [np.full((30, 30), 40.0) * (1 + lab) for lab in [_disk(30, 30, 15, 15, 8)] * 2]
+    masks = [_disk(30, 30, 15, 15, 8)] * 2
+    gray = seg.set_support(same, masks).predict(query).probs
+    nchw = np.stack([np.stack([x] * 3) for x in same])  # (S, 3, H, W): the S axis is explicit
+    np.testing.assert_allclose(seg.set_support(nchw, masks).predict(query).probs, gray, atol=1e-5)
+
+
+def test_resolution_is_bounded(model):
+    with pytest.raises(ValueError, match=r"resolution: 1048576 is above the largest supported"):
+        Segmenter(model, resolution=2**20, device="cpu")
+
+
+# ---------------------------------------------------------------------- output next to the input
+
+
+@pytest.fixture
+def scan(tmp_path):
+    volume = np.random.default_rng(8).integers(0, 1000, (20, 24, 3)).astype(np.int16)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["same", "relative", "symlink", "hardlink", "image"])
+def test_out_path_equal_to_the_input_is_refused_and_the_input_survives(
+    seg, support, scan, how, monkeypatch
+):
+    seg.set_support(*support)
+    before = scan.read_bytes()
+    volume, out = scan, scan
+    if how == "relative":
+        monkeypatch.chdir(scan.parent)
+        out = "./" + scan.name
+    elif how == "symlink":
+        out = scan.parent / "link.nii.gz"
+        out.symlink_to(scan)
+    elif how == "hardlink":
+        out = scan.parent / "hard.nii.gz"
+        out.hardlink_to(scan)
+    elif how == "image":
+        volume = nib.load(scan)
+    with pytest.raises(ValueError, match=r"out_path: .* is the input volume .*overwrite_input"):
+        seg.predict_volume(volume, out_path=out)
+    assert scan.read_bytes() == before
+    assert sorted(p.name for p in scan.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_input_replaces_it_atomically(seg, support, scan):
+    seg.set_support(*support)
+    image = nib.load(scan)  # its data is read lazily from the file being replaced
+    labels = seg.predict_volume(image, out_path=scan, overwrite_input=True)
+    np.testing.assert_array_equal(np.asarray(nib.load(scan).dataobj), labels)
+    assert [p.name for p in scan.parent.iterdir()] == ["scan.nii.gz"]
+
+
+def test_failed_write_leaves_the_previous_output_untouched(seg, support, scan, monkeypatch):
+    seg.set_support(*support)
+    out = scan.parent / "seg.nii.gz"
+    out.write_bytes(b"previous result")
+
+    def broken_save(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        seg.predict_volume(scan, out_path=out)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in scan.parent.iterdir()) == ["scan.nii.gz", "seg.nii.gz"]
