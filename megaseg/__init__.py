@@ -19,6 +19,7 @@ _EXPORTS = {
     "Prediction": "megaseg.inference",
     "Segmenter": "megaseg.inference",
     "segment": "megaseg.inference",
+    "VolumeSession": "megaseg.annotate",
     "evaluate": "megaseg.evaluation",
 }
 

@@ -1,0 +1,520 @@
+"""Annotate a whole volume from a few labelled slices, guided by the model's uncertainty.
+
+    seg = Segmenter.from_checkpoint("universeg_v1_small")
+    session = VolumeSession(seg, "t1.nii.gz", axis=2)
+    session.add(90, labels_of_slice_90)             # (H, W) integer map: 0 bg, 1, 2, ...
+    result = session.segment()                      # result.labels, .uncertainty, .slice_scores
+    for index in session.suggest(2):                # the slices worth labelling next
+        session.add(index, label_them(index))
+    session.segment()                               # only the slices whose support changed
+    session.save("labels.nii.gz")                   # + labels_uncertainty.nii.gz, same affine
+
+How a slice is segmented. Every unlabelled slice is a query whose support set is its
+``max_support`` nearest labelled slices along the axis (the slices that look most like it), so
+the cost of a call does not grow with the number of labelled slices. When that support has at
+least ``min_ensemble_support`` slices, the prediction is the mean over ``ensemble`` random
+support subsets of half its size (1.5x the work of one pass at ``ensemble=3``); their
+disagreement shows up in the uncertainty. Labelled slices keep their labels as given.
+
+Uncertainty. Per voxel, the binary entropy (bits, in [0, 1]) of each label's mean probability,
+the largest over labels: 0 where every member is sure, 1 where the mean is 0.5 (members that
+disagree, or one member that hesitates). The slice score is the mean voxel uncertainty of the
+slice: about how many of its voxels may be wrong, as a fraction of the slice.
+
+What is cached between calls: the windowed and resized query slices (once per session), and
+each slice's probabilities with the labelled slices (and their versions) they came from; a call
+recomputes only the slices whose nearest labelled slices changed, and returns the previous
+result at once when nothing changed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megaseg.inference import merge_labels
+from megaseg.preprocess import normalize_intensity, prepare_image, restore
+
+ProgressCallback = Callable[[int, int], None]
+"""``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
+
+_CHUNK = 16  # queries per forward call: small enough for a progress bar that moves
+_SAVED_BY = b"megaseg annotate"
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """What :meth:`VolumeSession.segment` returns, in the volume's own ``(X, Y, Z)`` layout.
+
+    Attributes:
+        labels: ``(X, Y, Z)`` integer label map (uint8 / int16): the labelled slices as given,
+            every other slice predicted.
+        uncertainty: ``(X, Y, Z)`` float32 in [0, 1] (see the module doc); 0 on labelled slices.
+        slice_scores: ``(D,)`` float32 along the axis, the mean uncertainty of each slice.
+        labelled: the indices of the labelled slices, sorted.
+        predicted: how many slices this call had to predict (0: all came from the cache).
+        seconds: wall time of the call.
+    """
+
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    slice_scores: np.ndarray
+    labelled: tuple[int, ...]
+    predicted: int
+    seconds: float
+
+
+class VolumeSession:
+    """One volume, one slicing axis, the labelled slices and the model's guesses for the rest.
+
+    Args:
+        segmenter: a :class:`megaseg.Segmenter` (its support set is replaced by each call).
+        volume: ``(X, Y, Z)`` array or tensor, a NIfTI path, or a loaded nibabel image.
+        axis: the slicing axis, 0, 1 or 2 (negative allowed); slice ``i`` is
+            ``np.take(volume, i, axis)``, shape ``(H, W)``.
+        modality, window: intensity windowing of the whole volume (see
+            :func:`megaseg.preprocess.normalize_intensity`); default: the segmenter's.
+        affine: ``(4, 4)`` voxel-to-world matrix for :meth:`save` when ``volume`` is an array
+            (default identity); a NIfTI input keeps its own.
+        max_support: each slice's support is its ``max_support`` nearest labelled slices
+            (None: all of them).
+        ensemble: support subsets averaged per prediction once the support is large enough.
+        min_ensemble_support: the smallest support that is split into an ensemble.
+        progress: show a tqdm bar during :meth:`segment`.
+
+    Raises:
+        ValueError: a volume that is not 3D or holds NaN/inf, an axis that does not exist.
+    """
+
+    def __init__(
+        self,
+        segmenter,
+        volume,
+        axis: int = 2,
+        *,
+        modality: str | None = None,
+        window: tuple[float, float] | None = None,
+        affine: np.ndarray | None = None,
+        max_support: int | None = 4,
+        ensemble: int = 3,
+        min_ensemble_support: int = 4,
+        progress: bool = True,
+    ):
+        data, image = _load_volume(volume)
+        if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
+            raise ValueError(
+                f"axis: {axis!r} does not exist; a 3D volume {data.shape} has axes 0, 1 and 2"
+            )
+        if max_support is not None and max_support < 1:
+            raise ValueError(f"max_support: must be >= 1 or None, got {max_support}")
+        if ensemble < 1:
+            raise ValueError(f"ensemble: must be >= 1, got {ensemble}")
+        if min_ensemble_support < 2:
+            raise ValueError(f"min_ensemble_support: must be >= 2, got {min_ensemble_support}")
+        self.segmenter = segmenter
+        self.axis = int(axis) % 3
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
+        self.modality = segmenter.default_modality if modality is None else modality
+        self.window = segmenter.default_window if window is None else window
+        self.max_support = max_support
+        self.ensemble = int(ensemble)
+        self.min_ensemble_support = int(min_ensemble_support)
+        self.progress = progress
+        self._image = image  # nibabel image or None
+        if affine is not None:
+            affine = np.asarray(affine, dtype=np.float64)
+            if affine.shape != (4, 4):
+                raise ValueError(f"affine: expected a (4, 4) matrix, got shape {affine.shape}")
+        self._affine = affine
+        try:
+            windowed = normalize_intensity(data, self.modality, self.window)
+        except ValueError as e:
+            raise ValueError(f"volume: {e}") from e
+        # Slices first, (D, H, W), windowed once as a whole so every slice (support or query)
+        # sees the same intensity mapping.
+        self._slices = np.ascontiguousarray(np.moveaxis(windowed, self.axis, 0))
+        self._queries: torch.Tensor | None = None  # (D, 1, R, R), prepared on first use
+        self._pad = None
+        self._labels: dict[int, np.ndarray] = {}  # index -> (H, W) integer map
+        self._versions: dict[int, int] = {}  # index -> edit counter, part of cache keys
+        self._edits = 0
+        self._cache: dict[int, tuple[tuple, tuple[int, ...], torch.Tensor]] = {}
+        self._result: SessionResult | None = None
+        self._result_key: tuple | None = None
+
+    # ------------------------------------------------------------------ labelled slices
+
+    @property
+    def depth(self) -> int:
+        """D, the number of slices along the axis."""
+        return self.shape[self.axis]
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of one slice."""
+        return tuple(s for a, s in enumerate(self.shape) if a != self.axis)
+
+    @property
+    def labelled(self) -> tuple[int, ...]:
+        """Indices of the labelled slices, sorted."""
+        return tuple(sorted(self._labels))
+
+    def image(self, index: int) -> np.ndarray:
+        """The windowed slice ``index``, ``(H, W)`` float32 in [0, 1]."""
+        return self._slices[self._check_index(index, "index")]
+
+    def labels_of(self, index: int) -> np.ndarray:
+        """The labels given for slice ``index`` (a copy). Raises KeyError if it has none."""
+        if index not in self._labels:
+            raise KeyError(f"slice {index} has no labels; labelled: {list(self.labelled)}")
+        return self._labels[index].copy()
+
+    def add(self, index: int, labels) -> VolumeSession:
+        """Label slice ``index`` (new or corrected) with an ``(H, W)`` integer map; returns self.
+
+        0 is background, every other value a structure (several at once allowed). A slice
+        whose labels are all 0 is kept as given (it stays background) but cannot serve as a
+        support example. Raises ValueError for an index outside the volume, a map of another
+        shape, or values that are not integers.
+        """
+        index = self._check_index(index, "index")
+        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+        lab = np.asarray(lab)
+        where = f"labels for slice {index} (axis {self.axis})"
+        if lab.shape != self.slice_shape:
+            raise ValueError(
+                f"{where}: shape {lab.shape} does not match the slice shape {self.slice_shape} "
+                f"of volume {self.shape}"
+            )
+        if lab.dtype == bool:
+            lab = lab.astype(np.uint8)
+        if lab.dtype.kind == "f":
+            if not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab)):
+                raise ValueError(f"{where}: expected integer label values, got fractional ones")
+        elif lab.dtype.kind not in "iu":
+            raise ValueError(f"{where}: expected an integer label map, got dtype {lab.dtype}")
+        if lab.min() < 0:
+            raise ValueError(f"{where}: label values must be >= 0 (0 = background)")
+        self._labels[index] = lab.astype(np.int64)
+        self._edits += 1
+        self._versions[index] = self._edits
+        return self
+
+    def add_volume(self, label_volume, indices: Sequence[int] | None = None) -> VolumeSession:
+        """Take labelled slices from an ``(X, Y, Z)`` label volume; returns self.
+
+        ``indices`` None: every slice along the axis that holds a nonzero label (what a user
+        painted). Slices whose labels did not change keep their cached predictions.
+        """
+        vol = np.asarray(label_volume)
+        if vol.shape != self.shape:
+            raise ValueError(
+                f"label_volume: shape {vol.shape} does not match the volume {self.shape}"
+            )
+        stack = np.moveaxis(vol, self.axis, 0)
+        if indices is None:
+            indices = np.flatnonzero(stack.reshape(self.depth, -1).any(axis=1)).tolist()
+        for i in indices:
+            i = self._check_index(i, "indices")
+            if i in self._labels and np.array_equal(self._labels[i], stack[i]):
+                continue
+            self.add(i, stack[i])
+        return self
+
+    def remove(self, index: int) -> VolumeSession:
+        """Forget the labels of slice ``index`` (it will be predicted again); returns self."""
+        index = self._check_index(index, "index")
+        if self._labels.pop(index, None) is not None:
+            self._versions.pop(index)
+            self._edits += 1
+        return self
+
+    def _check_index(self, index, name: str) -> int:
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise ValueError(f"{name}: slice index must be an integer, got {index!r}")
+        if not 0 <= index < self.depth:
+            raise ValueError(
+                f"{name}: slice {index} is outside the volume; axis {self.axis} of {self.shape} "
+                f"has slices 0..{self.depth - 1}"
+            )
+        return int(index)
+
+    # ------------------------------------------------------------------ segmentation
+
+    def support_for(self, index: int) -> tuple[int, ...]:
+        """The labelled slices (with foreground) that serve as support for slice ``index``:
+        the ``max_support`` nearest along the axis (ties: the lower index), sorted."""
+        usable = [i for i in self.labelled if self._labels[i].any()]
+        usable.sort(key=lambda i: (abs(i - index), i))
+        if self.max_support is not None:
+            usable = usable[: self.max_support]
+        return tuple(sorted(usable))
+
+    def segment(self, callback: ProgressCallback | None = None) -> SessionResult:
+        """Predict every unlabelled slice; see :class:`SessionResult`.
+
+        ``callback(done, total)`` is called after each chunk of slices (for a GUI); it may
+        raise to cancel. Raises ValueError when no labelled slice has any foreground.
+        """
+        start = time.perf_counter()
+        key = (self._edits, self.max_support, self.ensemble, self.min_ensemble_support)
+        if self._result is not None and self._result_key == key:
+            return replace(self._result, predicted=0, seconds=time.perf_counter() - start)
+        if not any(lab.any() for lab in self._labels.values()):
+            raise ValueError(
+                "no labelled slice with foreground: add(index, labels) at least one slice that "
+                "shows the structure(s) to segment"
+            )
+        todo: dict[tuple[int, ...], list[int]] = {}
+        for i in range(self.depth):
+            if i in self._labels:
+                continue
+            support = self.support_for(i)
+            sig = tuple((j, self._versions[j]) for j in support) + key[1:]
+            cached = self._cache.get(i)
+            if cached is None or cached[0] != sig:
+                todo.setdefault(support, []).append(i)
+        total = sum(len(v) for v in todo.values())
+        if total:
+            self._predict(todo, total, key[1:], callback)
+        result = self._assemble(total, time.perf_counter() - start)
+        self._result, self._result_key = result, key
+        return result
+
+    def _prepared_queries(self) -> torch.Tensor:
+        """``(D, 1, R, R)``: every slice windowed, padded and resized once per session."""
+        if self._queries is None:
+            R = self.segmenter.resolution
+            prepared = [prepare_image(s, R, normalize=False) for s in self._slices]
+            self._pad = prepared[0][1]  # every slice has the same size
+            self._queries = torch.stack([t for t, _ in prepared])
+        return self._queries
+
+    def _predict(self, todo, total: int, settings: tuple, callback) -> None:
+        queries = self._prepared_queries()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="segment", unit="slice", leave=False)
+        done = 0
+        try:
+            for support, indices in todo.items():
+                seg = self.segmenter
+                seg.set_support(
+                    [self._slices[j] for j in support],
+                    [self._labels[j] for j in support],
+                    window=(0.0, 1.0),  # already windowed as a volume: identity on [0, 1]
+                )
+                S = len(support)
+                kwargs: dict[str, Any] = {}
+                if self.ensemble > 1 and S >= self.min_ensemble_support:
+                    # Deterministic per support set, so a re-run gives the same answer.
+                    kwargs = {
+                        "ensemble": self.ensemble,
+                        "support_size": S - S // 2,
+                        "seed": zlib.crc32(repr(support).encode()),
+                    }
+                sig = tuple((j, self._versions[j]) for j in support) + settings
+                for lo in range(0, len(indices), _CHUNK):
+                    chunk = indices[lo : lo + _CHUNK]
+                    probs = seg.predict_prepared(queries[chunk], **kwargs)  # (K, b, 1, R, R)
+                    for b, i in enumerate(chunk):
+                        self._cache[i] = (sig, seg.labels, probs[:, b, 0].clone())
+                    done += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    if callback is not None:
+                        callback(done, total)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _assemble(self, predicted: int, seconds: float) -> SessionResult:
+        values = sorted(
+            {int(v) for lab in self._labels.values() for v in np.unique(lab) if v != 0}
+            | {v for i, (_, vals, _) in self._cache.items() if i not in self._labels for v in vals}
+        )
+        D, (H, W) = self.depth, self.slice_shape
+        dtype = _label_dtype(values)
+        labels = np.zeros((D, H, W), dtype)
+        unc = np.zeros((D, H, W), np.float32)
+        todo = [i for i in range(D) if i not in self._labels]
+        for lo in range(0, len(todo), 64):  # restore in chunks: (K, b, H, W) float32 each
+            chunk = todo[lo : lo + 64]
+            R = self.segmenter.resolution
+            small = torch.zeros(len(values), len(chunk), R, R)
+            for b, i in enumerate(chunk):
+                _, vals, probs = self._cache[i]
+                for k, v in enumerate(vals):
+                    small[values.index(v), b] = probs[k]
+            full = restore(small, self._pad).numpy()  # (K, b, H, W)
+            labels[chunk] = merge_labels(full, values)
+            unc[chunk] = _entropy(full)
+        for i, lab in self._labels.items():
+            labels[i] = lab
+        scores = unc.reshape(D, -1).mean(axis=1)
+        return SessionResult(
+            labels=np.ascontiguousarray(np.moveaxis(labels, 0, self.axis)),
+            uncertainty=np.ascontiguousarray(np.moveaxis(unc, 0, self.axis)),
+            slice_scores=scores.astype(np.float32),
+            labelled=self.labelled,
+            predicted=predicted,
+            seconds=seconds,
+        )
+
+    # ------------------------------------------------------------------ guidance
+
+    def suggest(self, k: int = 1, callback: ProgressCallback | None = None) -> list[int]:
+        """The ``k`` unlabelled slices whose labels should help most, best first.
+
+        Greedy: take the slice with the highest score ``slice_score * min(1, d / gap)``, where
+        ``d`` is its distance along the axis to the nearest labelled (or already suggested)
+        slice and ``gap`` half the spacing that ``k`` more slices would have if evenly spread,
+        so that suggestions are uncertain and spread out, not neighbours of labelled slices.
+        Segments first if needed. With nothing labelled: ``k`` evenly spaced slices.
+        Never returns a labelled slice; fewer than ``k`` when fewer are unlabelled.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k: must be a positive integer, got {k!r}")
+        D = self.depth
+        free = [i for i in range(D) if i not in self._labels]
+        k = min(int(k), len(free))
+        if not any(lab.any() for lab in self._labels.values()):
+            picks = np.linspace(0, len(free) - 1, k + 2)[1:-1] if k else []
+            return [free[int(round(p))] for p in picks]
+        scores = self.segment(callback).slice_scores.astype(np.float64)
+        taken = list(self.labelled)
+        gap = max(1.0, D / (2 * (len(taken) + k)))
+        picks: list[int] = []
+        for _ in range(k):
+            pos = np.arange(D)
+            dist = np.min(np.abs(pos[:, None] - np.array(taken)[None, :]), axis=1)
+            value = scores * np.minimum(1.0, dist / gap)
+            value[taken] = -np.inf
+            if not np.isfinite(value).any():
+                break
+            if value.max() <= 0:  # no uncertainty left: the farthest slice instead
+                value = np.where(np.isfinite(value), dist.astype(np.float64), -np.inf)
+            best = int(np.argmax(value))
+            picks.append(best)
+            taken.append(best)
+        return picks
+
+    # ------------------------------------------------------------------ output
+
+    def save(
+        self, path: str | os.PathLike, uncertainty_path: str | os.PathLike | None = None
+    ) -> tuple[Path, Path]:
+        """Write the labels and the uncertainty as NIfTI on the input's affine, atomically.
+
+        ``uncertainty_path`` defaults to ``<name>_uncertainty.nii.gz`` beside ``path``.
+        Segments first if needed. Returns both paths.
+        """
+        path = Path(path)
+        if not path.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{path}: label maps are written as .nii or .nii.gz")
+        if uncertainty_path is None:
+            stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
+            uncertainty_path = path.with_name(f"{stem}_uncertainty.nii.gz")
+        uncertainty_path = Path(uncertainty_path)
+        result = self.segment()
+        for data, out in ((result.labels, path), (result.uncertainty, uncertainty_path)):
+            img = self._nifti(data)
+            _atomic_nifti(img, out)
+        return path, uncertainty_path
+
+    def _nifti(self, data: np.ndarray):
+        import nibabel as nib
+
+        src = self._image
+        if isinstance(src, nib.Nifti1Image | nib.Nifti2Image):
+            img = type(src)(data, src.affine, header=src.header.copy())
+        else:
+            affine = np.eye(4) if self._affine is None else self._affine
+            if src is not None:
+                affine = np.asarray(src.affine)
+            img = nib.Nifti1Image(data, affine)
+            img.set_sform(affine, code=1)
+            img.set_qform(affine, code=1)
+        img.set_data_dtype(data.dtype)
+        img.header.set_slope_inter(1, 0)  # values stored as they are, not rescaled
+        img.header["descrip"] = _SAVED_BY
+        return img
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _load_volume(volume) -> tuple[np.ndarray, Any]:
+    """A path, nibabel image, array or tensor -> (``(X, Y, Z)`` float32, nibabel image or None)."""
+    image = None
+    name = "volume"
+    if isinstance(volume, str | os.PathLike):
+        import nibabel as nib
+
+        name = os.fspath(volume)
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"{name}: no such volume file")
+        try:
+            image = nib.load(name)
+        except Exception as e:  # nibabel raises several types for unreadable files
+            raise ValueError(f"{name}: not a readable NIfTI/medical image ({e})") from e
+    elif hasattr(volume, "affine") and hasattr(volume, "get_fdata"):
+        image = volume
+    if image is not None:
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+    else:
+        if isinstance(volume, torch.Tensor):
+            volume = volume.detach().cpu().numpy()
+        data = np.asarray(volume)
+        if data.dtype != bool and not np.issubdtype(data.dtype, np.number):
+            raise ValueError(f"volume: expected numbers, got an array of dtype {data.dtype}")
+        data = data.astype(np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"{name}: expected a 3D volume, got shape {data.shape}")
+    if min(data.shape) < 1:
+        raise ValueError(f"{name}: empty volume of shape {data.shape}")
+    return data, image
+
+
+def _label_dtype(values: Sequence[int]) -> np.dtype:
+    top = max(values, default=0)
+    return np.dtype(np.uint8 if top <= 255 else np.int16 if top < 2**15 else np.int32)
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """``(K, ...)`` probabilities -> ``(...)`` largest binary entropy over K, in bits."""
+    if probs.shape[0] == 0:
+        return np.zeros(probs.shape[1:], np.float32)
+    p = np.clip(probs, 1e-6, 1 - 1e-6)
+    h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return h.max(axis=0).astype(np.float32)
+
+
+def _atomic_nifti(img, path: Path) -> None:
+    """``nib.save`` to a temporary name with the same extension, then ``os.replace``."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(img, os.fspath(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["ProgressCallback", "SessionResult", "VolumeSession"]

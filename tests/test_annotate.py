@@ -1,0 +1,230 @@
+"""megaseg.annotate.VolumeSession on a small real volume: the MNI152 template shipped in nilearn,
+downsampled 6x (33 x 39 x 32 voxels), with its grey (1) and white (2) matter labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megaseg.annotate import VolumeSession
+
+pytest.importorskip("nilearn")
+
+CHECKPOINT = "universeg_v1_small"  # the weights megaseg ships (checkpoints/)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from megaseg import Segmenter
+
+    return Segmenter.from_checkpoint(CHECKPOINT, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mni():
+    """``(t1, labels, affine)`` at 6 mm: every 6th voxel of the 1 mm template."""
+    from megaseg.examples import mni152_volume
+
+    t1, labels, affine = mni152_volume()
+    step = 6
+    scaled = affine.copy()
+    scaled[:3, :3] *= step
+    return t1[::step, ::step, ::step].copy(), labels[::step, ::step, ::step].copy(), scaled
+
+
+def _session(segmenter, mni, axis=2, **kwargs):
+    t1, _, affine = mni
+    kwargs.setdefault("progress", False)
+    return VolumeSession(segmenter, t1, axis=axis, affine=affine, **kwargs)
+
+
+def _slice(labels, axis, i):
+    return np.take(labels, i, axis=axis)
+
+
+def _dice(pred, truth, value):
+    a, b = pred == value, truth == value
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_labels_stay_where_given(segmenter, mni, axis):
+    _, labels, _ = mni
+    session = _session(segmenter, mni, axis=axis)
+    depth = labels.shape[axis]
+    given = {
+        depth // 3: _slice(labels, axis, depth // 3),
+        depth // 2: _slice(labels, axis, depth // 2),
+    }
+    # A corrected slice that differs from the truth, and an all-background slice: both kept.
+    corrected = _slice(labels, axis, 2 * depth // 3).copy()
+    corrected[: corrected.shape[0] // 2] = 0
+    given[2 * depth // 3] = corrected
+    given[0] = np.zeros_like(corrected)
+    for i, lab in given.items():
+        session.add(i, lab)
+    result = session.segment()
+    assert result.labels.shape == labels.shape
+    assert result.labelled == tuple(sorted(given))
+    for i, lab in given.items():
+        np.testing.assert_array_equal(_slice(result.labels, axis, i), lab)
+        assert _slice(result.uncertainty, axis, i).max() == 0
+        assert result.slice_scores[i] == 0
+    unlabelled = [i for i in range(depth) if i not in given]
+    assert result.slice_scores[unlabelled].max() > 0
+
+
+def test_multi_structure_segmentation(segmenter, mni):
+    """Both tissues are predicted on unlabelled slices, better than copying the labels of the
+    nearest labelled slice (what a user gets without a model)."""
+    _, labels, _ = mni
+    session = _session(segmenter, mni)
+    for i in (10, 16, 22):
+        session.add(i, labels[:, :, i])
+    result = session.segment()
+    assert result.labels.dtype == np.uint8
+    mask = np.ones(labels.shape[2], bool)
+    mask[[10, 16, 22]] = False
+    pred, truth = result.labels[:, :, mask], labels[:, :, mask]
+    assert set(np.unique(pred)) == {0, 1, 2}
+    nearest = [min((10, 16, 22), key=lambda j: abs(j - i)) for i in range(labels.shape[2])]
+    copied = labels[:, :, nearest][:, :, mask]
+    for value in (1, 2):
+        assert _dice(pred, truth, value) > max(0.4, _dice(copied, truth, value)), value
+    assert result.uncertainty.dtype == np.float32
+    assert 0 <= result.uncertainty.min() and result.uncertainty.max() <= 1
+
+
+def test_predictions_change_after_add_and_cache(segmenter, mni):
+    _, labels, _ = mni
+    session = _session(segmenter, mni, max_support=2)
+    for i in (8, 16, 24):
+        session.add(i, labels[:, :, i])
+    first = session.segment()
+    assert first.predicted == labels.shape[2] - 3
+    again = session.segment()  # nothing changed: everything from the cache
+    assert again.predicted == 0
+    np.testing.assert_array_equal(again.labels, first.labels)
+
+    session.add(12, labels[:, :, 12])
+    after = session.segment()
+    # Slices whose two nearest labelled slices did not change are not predicted again...
+    assert 0 < after.predicted < labels.shape[2] - 4
+    np.testing.assert_array_equal(after.labels[:, :, 28:], first.labels[:, :, 28:])
+    # ...and slices next to the new one are.
+    assert not np.array_equal(after.labels[:, :, 10:15], first.labels[:, :, 10:15])
+
+    # The incremental result equals a fresh session's with the same labelled slices.
+    fresh = _session(segmenter, mni, max_support=2)
+    fresh.add_volume(np.where(np.isin(np.arange(32), [8, 12, 16, 24]), labels, 0))
+    np.testing.assert_array_equal(fresh.segment().labels, after.labels)
+
+    # A corrected slice invalidates the slices that used it.
+    session.add(16, np.zeros_like(labels[:, :, 16]) + (labels[:, :, 16] == 2) * 2)
+    corrected = session.segment()
+    assert corrected.predicted > 0
+    assert not np.array_equal(corrected.labels, after.labels)
+
+
+def test_ensemble_and_progress(segmenter, mni):
+    _, labels, _ = mni
+    calls = []
+    session = _session(segmenter, mni, max_support=None, ensemble=3, min_ensemble_support=4)
+    for i in (6, 12, 18, 24):
+        session.add(i, labels[:, :, i])
+    result = session.segment(callback=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (result.predicted, result.predicted)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # Same labelled slices, same answer: the support subsets are drawn deterministically.
+    again = _session(segmenter, mni, max_support=None, ensemble=3, min_ensemble_support=4)
+    again.add_volume(np.where(np.isin(np.arange(32), [6, 12, 18, 24]), labels, 0))
+    np.testing.assert_array_equal(again.segment().uncertainty, result.uncertainty)
+
+
+def test_suggest_never_returns_labelled_slices(segmenter, mni):
+    _, labels, _ = mni
+    session = _session(segmenter, mni)
+    depth = labels.shape[2]
+    first = session.suggest(3)  # nothing labelled yet: evenly spaced
+    assert len(first) == 3 and len(set(first)) == 3
+    session.add(16, labels[:, :, 16])
+    for k in (1, 4):
+        picks = session.suggest(k)
+        assert len(picks) == k and len(set(picks)) == k
+        assert 16 not in picks
+        assert all(0 <= p < depth for p in picks)
+        # spread out: no suggestion next to the labelled slice
+        assert all(abs(p - 16) > 1 for p in picks)
+    for i in session.suggest(4):
+        session.add(i, _slice(labels, 2, i))
+    picks = session.suggest(depth)  # more than there are: every unlabelled slice once
+    assert sorted(picks) == [i for i in range(depth) if i not in session.labelled]
+
+
+def test_save_keeps_affine(segmenter, mni, tmp_path):
+    import nibabel as nib
+
+    t1, labels, affine = mni
+    src = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(t1, affine), src)
+    session = VolumeSession(segmenter, src, axis=1, progress=False)
+    session.add(20, labels[:, 20, :])
+    out, unc = session.save(tmp_path / "out" / "labels.nii.gz")
+    assert unc == tmp_path / "out" / "labels_uncertainty.nii.gz"
+    result = session.segment()
+    saved, saved_unc = nib.load(out), nib.load(unc)
+    np.testing.assert_allclose(saved.affine, affine)
+    np.testing.assert_allclose(saved_unc.affine, affine)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), result.labels)
+    np.testing.assert_allclose(saved_unc.get_fdata(), result.uncertainty, atol=1e-6)
+    assert saved.get_data_dtype() == np.uint8
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "labels.nii.gz",
+        "labels_uncertainty.nii.gz",
+    ]
+
+
+def test_array_volume_saves_given_affine(segmenter, mni, tmp_path):
+    import nibabel as nib
+
+    _, labels, affine = mni
+    session = _session(segmenter, mni)
+    session.add(16, labels[:, :, 16])
+    out, _ = session.save(tmp_path / "labels.nii")
+    np.testing.assert_allclose(nib.load(out).affine, affine)
+    with pytest.raises(ValueError, match=r"\.nii or \.nii\.gz"):
+        session.save(tmp_path / "labels.png")
+
+
+def test_bad_input_is_refused(segmenter, mni, tmp_path):
+    t1, labels, _ = mni
+    session = _session(segmenter, mni)
+    with pytest.raises(ValueError, match=r"shape \(10, 10\) does not match the slice shape"):
+        session.add(3, np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="slice 32 is outside the volume"):
+        session.add(32, labels[:, :, 0])
+    with pytest.raises(ValueError, match="slice -1 is outside the volume"):
+        session.add(-1, labels[:, :, 0])
+    with pytest.raises(ValueError, match="integer label values"):
+        session.add(3, labels[:, :, 3] * 0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        session.add(3, -labels[:, :, 3].astype(np.int16))
+    with pytest.raises(ValueError, match="no labelled slice with foreground"):
+        session.add(0, np.zeros_like(labels[:, :, 0])).segment()
+    with pytest.raises(ValueError, match="label_volume: shape"):
+        session.add_volume(labels[:, :, :5])
+    for axis in (3, -4, 1.0):
+        with pytest.raises(ValueError, match="does not exist"):
+            VolumeSession(segmenter, t1, axis=axis)
+    with pytest.raises(ValueError, match="expected a 3D volume"):
+        VolumeSession(segmenter, t1[:, :, 0])
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        VolumeSession(segmenter, tmp_path / "missing.nii.gz")
+    with pytest.raises(ValueError, match="k: must be a positive integer"):
+        session.suggest(0)
+
+
+def test_lazy_export():
+    import megaseg
+
+    assert megaseg.VolumeSession is VolumeSession
