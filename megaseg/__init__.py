@@ -15,6 +15,7 @@ _EXPORTS = {
     "create_model": "megaseg.models",
     "list_models": "megaseg.models",
     "load_checkpoint": "megaseg.checkpoint",
+    "CheckpointError": "megaseg.checkpoint",
     "save_checkpoint": "megaseg.checkpoint",
     "Prediction": "megaseg.inference",
     "Segmenter": "megaseg.inference",

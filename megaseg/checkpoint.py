@@ -21,6 +21,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,15 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
     A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped.
     """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (the legacy format: a pickle, b"\x80..."); anything
+    # else is not a weights file, and would otherwise be reported as "pickled objects".
+    if not (zipfile.is_zipfile(path) or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path}: not a readable torch weights file (neither a torch.save archive nor a "
+            f"safetensors file; starts with {head!r})"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -11,7 +11,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 # Weights that megaseg itself trained and ships, by model name then tag; the first tag is the
 # default for ``pretrained=True``. Paths are relative to the checkpoints/ folder. This never
-# refers to the official UniverSeg release.
+# refers to the official UniverSeg release (that is ``pretrained="official"``, megaseg.hub).
 _PRETRAINED: dict[str, dict[str, str]] = {
     # 32-feature v1 trained 35 min on a 2-core CPU on synthetic tasks at 64x64; see
     # checkpoints/README.md (its model card) and configs/megaseg_small_synth64.yaml.
@@ -59,12 +59,29 @@ def pretrained_path(name: str, tag: str | bool = True) -> Path:
     return checkpoints_dir() / tags[key]
 
 
-def create_model(name: str, pretrained: bool | str = False, **kwargs) -> nn.Module:
-    """Build a registered model; ``pretrained=True`` (or a tag) loads megaseg's shipped weights."""
-    model = model_builder(name)(**kwargs)
-    if pretrained:
-        from megaseg.checkpoint import load_state_dict_file
+def create_model(
+    name: str, pretrained: bool | str = False, *, accept_license: bool = False, **kwargs
+) -> nn.Module:
+    """Build a registered model, optionally with weights.
 
-        state, _ = load_state_dict_file(pretrained_path(name, pretrained))
-        model.load_state_dict(state, strict=True)
+    ``pretrained``: False (random init), True or a tag (weights megaseg ships, see
+    :func:`pretrained_path`), or ``"official"`` for ``universeg_v1``: the weights released by
+    the UniverSeg authors, downloaded once to a cache (:mod:`megaseg.hub`); their licence is
+    research-only, so they load only with ``accept_license=True``.
+
+    Raises:
+        ValueError: unknown model or tag; megaseg.checkpoint.CheckpointError (a ValueError)
+            for weights that do not fit or hold NaN/inf.
+    """
+    if pretrained == "official":
+        from megaseg.hub import load_official
+
+        return load_official(name, accept_license=accept_license, **kwargs)
+    if accept_license:
+        raise ValueError("accept_license: only used with pretrained='official'")
+    if not pretrained:
+        return model_builder(name)(**kwargs)
+    from megaseg.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(pretrained_path(name, pretrained), model_builder(name)(**kwargs))
     return model
