@@ -184,7 +184,8 @@ def task_count_text(name: str, info: dict, tasks: list[dict]) -> str:
     """How a dataset's task count arises: its labels, and the combinations present."""
     mine = [t for t in tasks if t["dataset"] == name]
     parts = {k: sorted({str(t[k]) for t in mine}) for k in ("group", "modality", "axis", "label")}
-    counts = " x ".join(f"{len(v)} {k}s" for k, v in parts.items())
+    plural = {"group": "groups", "modality": "modalities", "axis": "axes", "label": "labels"}
+    counts = " x ".join(f"{len(v)} {k if len(v) == 1 else plural[k]}" for k, v in parts.items())
     bound = 1
     for v in parts.values():
         bound *= len(v)

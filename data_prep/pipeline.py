@@ -236,7 +236,10 @@ def process_case(
     if loaded.is_3d:
         if loaded.affine is None:
             raise CaseError(f"{_image_path(case)}: volume without an affine")
-        image, label = orient_and_resample(image, label, loaded.affine, spec_spacing(spec))
+        try:
+            image, label = orient_and_resample(image, label, loaded.affine, spec_spacing(spec))
+        except CaseError as err:
+            raise CaseError(f"{_image_path(case)}: {err}") from err
     window = getattr(spec, "window", None)
     try:
         image = np.stack(

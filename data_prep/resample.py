@@ -22,6 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from data_prep.readers.base import CaseError
+from data_prep.readers.io import max_voxels
+
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 # Index mappings whose off-diagonal terms stay below this are axis-aligned (separable).
 AXIS_ALIGNED_TOLERANCE = 1e-6
@@ -50,6 +53,13 @@ def orient_and_resample(
     img, lab = orient(MetaTensor(image, affine=aff)), orient(MetaTensor(label, affine=aff))
     grid = Spacing(pixdim=spacing, lazy=True)(img)  # the output grid only: nothing is resampled
     shape = tuple(int(n) for n in grid.peek_pending_shape())
+    if int(np.prod(shape, dtype=object)) > max_voxels():
+        # a damaged header (voxel size 1e30 mm) would ask for an impossible volume
+        raise CaseError(
+            f"resampling {tuple(label.shape[1:])} voxels to {tuple(spacing)} mm gives shape "
+            f"{shape}, over the limit of {max_voxels()} voxels (MEGASEG_MAX_VOXELS); check "
+            "the voxel size in the header"
+        )
     src = np.asarray(img.affine, np.float64)
     xform = np.linalg.solve(src, np.asarray(grid.peek_pending_affine(), np.float64))
     linear = xform[:3, :3]
