@@ -5,34 +5,54 @@
         [--folder my_images/] [--synthetic-tasks 50] \\
         [--support-sizes 1 2 4 8 16 32 64] [--draws-per-n 5] [--ensemble 1] \\
         [--methods megaseg mean_label supervised random_init] [--supervised-steps 300] \\
-        [--out eval/] [--seed 0] [--allow-overlap]
+        [--out megaseg_work/eval] [--seed 0] [--allow-overlap]
 
     # the same draws for another checkpoint (sources re-opened from draws.json):
-    megaseg evaluate --checkpoint other.safetensors --draws eval/draws.json --out eval_other/
+    megaseg evaluate --checkpoint other.safetensors --draws megaseg_work/eval/draws.json \\
+        --out megaseg_work/eval_other
 
 Writes predictions.csv, tasks.csv, summary.csv / .md / .json, draws.json and PNG plots to
-``--out`` and prints the summary. Exit codes: 0 done, 2 bad arguments or refused (e.g. a
-dataset the checkpoint was trained on, without ``--allow-overlap``).
+``--out`` (default ``megaseg_work/eval``, see :func:`megaseg.paths.work_dir`) and prints the
+summary. Exit codes: 0 done, 2 bad arguments or refused (e.g. a dataset the checkpoint was
+trained on, without ``--allow-overlap``; a malformed protocol or draws file), with a one-line
+message on stderr and no traceback.
+
+Nothing heavy is imported at module level or while parsing: ``--help`` answers without
+loading torch, MONAI or Lightning.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
+PROG = "megaseg evaluate"
+
 
 def parser() -> argparse.ArgumentParser:
-    from megaseg.evaluation.protocol import DEFAULT_DRAWS_PER_N, DEFAULT_SUPPORT_SIZES
-    from megaseg.evaluation.runner import DEFAULT_METHODS
+    from megaseg.evaluation.defaults import (
+        DEFAULT_DRAWS_PER_N,
+        DEFAULT_METHODS,
+        DEFAULT_RESAMPLES,
+        DEFAULT_SUPERVISED_STEPS,
+        DEFAULT_SUPPORT_SIZES,
+    )
+    from megaseg.paths import work_dir
 
     p = argparse.ArgumentParser(
-        prog="megaseg evaluate",
+        prog=PROG,
         description="Held-out evaluation: Dice vs support size N for a checkpoint and baselines, "
-        "on the same support draws, with bootstrap 95% intervals over tasks.",
+        "on the same support draws, with bootstrap 95% intervals over tasks. Exit code 2 "
+        "with a message when an input is refused.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--checkpoint", required=True, help="weights (.safetensors + .json card) or a model name"
+        "--checkpoint",
+        required=True,
+        help="weights (.safetensors with its .json card, or a torch state dict) or the name of "
+        "a model megaseg ships weights for",
     )
     src = p.add_argument_group("what to evaluate on (any combination)")
     src.add_argument("--corpus", help="a corpus built by `megaseg prep build`")
@@ -40,39 +60,54 @@ def parser() -> argparse.ArgumentParser:
         "--datasets", nargs="+", default=[], metavar="NAME", help="held-out datasets of --corpus"
     )
     src.add_argument(
-        "--protocol", help="a protocol YAML (held_out: [...]) naming datasets of --corpus"
-    )
+        "--protocol", help="a protocol YAML (held_out: [names or patterns]) naming datasets of "
+        "--corpus",
+    )  # fmt: skip
     src.add_argument("--folder", nargs="+", default=[], metavar="PATH",
                      help="folders data_prep can read (nnU-Net, Decathlon, image/mask pairs)")  # fmt: skip
     src.add_argument("--slices-per-plane", type=int, default=0, metavar="K",
                      help="--folder volumes: per plane and label, K more slices spread over the "
-                          "label's extent besides the corpus's mid and largest-area slices; for "
-                          "datasets of few subjects (default 0: exactly the corpus's slices)")  # fmt: skip
+                          "label's extent besides the corpus's mid and largest-area slices, for "
+                          "datasets of few subjects (0: exactly the corpus's slices)")  # fmt: skip
     src.add_argument("--synthetic-tasks", type=int, default=0, metavar="T",
                      help="T held-out synthetic tasks (seeds never used in training)")  # fmt: skip
     sweep = p.add_argument_group("the sweep (ignored with --draws)")
-    sweep.add_argument("--support-sizes", nargs="+", type=int, default=list(DEFAULT_SUPPORT_SIZES))
-    sweep.add_argument("--draws-per-n", type=int, default=DEFAULT_DRAWS_PER_N)
+    sweep.add_argument("--support-sizes", nargs="+", type=int, metavar="N",
+                       default=list(DEFAULT_SUPPORT_SIZES),
+                       help="support sizes N; an N above a task's pool is capped to the pool")  # fmt: skip
+    sweep.add_argument("--draws-per-n", type=int, default=DEFAULT_DRAWS_PER_N, metavar="D",
+                       help="random support draws per task and N")  # fmt: skip
     sweep.add_argument(
-        "--ensemble", type=int, default=1, help="K support sets averaged per prediction"
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K support sets averaged per prediction",
     )
-    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--seed", type=int, default=0, help="seed of every draw")
     sweep.add_argument(
-        "--max-queries", type=int, default=None, help="queries per task (default all)"
-    )
-    p.add_argument("--draws", help="replay exactly the draws of this draws.json")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS)
-    p.add_argument("--supervised-steps", type=int, default=300)
-    p.add_argument(
-        "--label", default="megaseg", help="name of the checkpoint's rows (default megaseg)"
-    )
-    p.add_argument("--out", default="eval", help="output folder (default ./eval)")
+        "--max-queries", type=int, default=None, metavar="Q",
+        help="at most Q queries per task, picked by the seed; when not given, all",
+    )  # fmt: skip
+    p.add_argument("--draws", metavar="DRAWS_JSON",
+                   help="replay exactly the draws of this draws.json (its sources are re-opened "
+                        "unless given)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS,
+                   help="methods evaluated on the same draws; the first one's best, median and "
+                        "worst predictions are plotted")  # fmt: skip
+    p.add_argument("--supervised-steps", type=int, default=DEFAULT_SUPERVISED_STEPS,
+                   help="training steps of the supervised U-Net baseline per support set")  # fmt: skip
+    p.add_argument("--label", default="megaseg", help="name of the checkpoint's rows")
+    p.add_argument("--out", type=Path, default=work_dir("eval"), help="output folder")
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate even on datasets the checkpoint was trained on (flagged everywhere)")  # fmt: skip
-    p.add_argument("--resolution", type=int, default=None, help="default: the checkpoint card's")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--bootstrap", type=int, default=2000, metavar="B", help="bootstrap resamples")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="network input size; when not given, the checkpoint card's, else 128")  # fmt: skip
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1; when not given, cuda if available, else cpu")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="B",
+                   help="bootstrap resamples of the 95%% intervals")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -105,11 +140,16 @@ def _protocol_datasets(path: str, corpus) -> list[str]:
     """The corpus datasets a protocol holds out: its names and shell patterns (``WBC-*``),
     matched case-insensitively; names absent from the corpus are reported, not an error."""
     import fnmatch
-    import warnings
+
+    import yaml
 
     from megaseg.data.store import load_protocol
 
-    protocol = load_protocol(path)
+    try:
+        protocol = load_protocol(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        detail = " ".join(str(e).split())  # yaml's messages span lines
+        raise ValueError(f"{path}: not a readable protocol YAML ({detail})") from e
     found, missing = [], []
     for pattern in sorted(protocol):
         hits = [d for d in corpus.datasets if fnmatch.fnmatch(d.casefold(), pattern.casefold())]
@@ -117,10 +157,10 @@ def _protocol_datasets(path: str, corpus) -> list[str]:
         if not hits:
             missing.append(pattern)
     if missing:
-        warnings.warn(
-            f"protocol {protocol.name!r}: held-out datasets not in the corpus: {missing}",
-            stacklevel=2,
-        )
+        logging.getLogger("megaseg.evaluation").warning(
+            "protocol %r (%s): held-out datasets not in the corpus: %s",
+            protocol.name, path, ", ".join(missing),
+        )  # fmt: skip
     if not found:
         raise ValueError(f"protocol {path}: none of its held-out datasets is in {corpus.root}")
     return found
@@ -140,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.draws:
             draws = DrawSet.load(args.draws)
             if not sources:
-                sources = sources_from_record(draws.sources, seg.resolution)
+                sources = sources_from_record(
+                    draws.sources, seg.resolution, base=Path(args.draws).parent
+                )
         if not sources:
             raise ValueError(
                 "nothing to evaluate on: give --corpus with --datasets, --folder, "
@@ -163,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             model_label=args.label,
             progress=not args.no_progress,
         )
+    # ValueError covers CheckpointError, ProtocolError and malformed protocol/draws files.
     except (OverlapError, ValueError, FileNotFoundError, KeyError, CorpusError) as err:
-        print(f"megaseg evaluate: {err}", file=sys.stderr)
+        print(f"{PROG}: {err}", file=sys.stderr)
         return 2
     print(result.report)
     print(f"outputs: {Path(args.out).resolve()}")

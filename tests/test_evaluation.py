@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -112,9 +113,13 @@ def test_bootstrap_is_seeded_and_the_stratified_form_reduces_to_it():
 # ------------------------------------------------------------------------------ draws
 
 
-def test_draws_are_subject_disjoint_and_n_is_capped_with_a_warning(disks):
-    with pytest.warns(UserWarning, match="capped"):
+def test_draws_are_subject_disjoint_and_n_is_capped_with_one_plain_line(disks, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cap is a log line, not a source-prefixed warning
         ds = make_draws([disks], R, support_sizes=(1, 4, 64), draws_per_n=3, ensemble=2)
+    assert caplog.messages == [
+        "Disks: N=64 capped to the support pool (6-12 examples) in 3 of 3 task(s)"
+    ]
     tasks = {t.name: t for t in disks.tasks()}
     assert ds.tasks["Disks/a"]["support_pool"] == 12 and ds.tasks["Disks/a"]["capped"] == [64]
     for d in ds.draws:
@@ -410,7 +415,7 @@ def test_folder_source_adds_slices_per_plane_and_replays_them(tmp_path):
 # ------------------------------------------------------------------------------ command line
 
 
-def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, capsys):
+def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, capsys, caplog):
     from megaseg.evaluate_cli import main
 
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
@@ -437,9 +442,210 @@ def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, caps
     assert "nothing to evaluate on" in capsys.readouterr().err
     # a protocol file: names and shell patterns, case-insensitive; absent names are reported
     (tmp_path / "p.yaml").write_text("name: p\nheld_out: [dataset001_*, ACDC]\n")
-    with pytest.warns(UserWarning, match="not in the corpus: \\['ACDC'\\]"):
-        code = main([*base, "--corpus", str(corpus), "--protocol", str(tmp_path / "p.yaml"),
-                     "--out", str(tmp_path / "d")])  # fmt: skip
+    code = main([*base, "--corpus", str(corpus), "--protocol", str(tmp_path / "p.yaml"),
+                 "--out", str(tmp_path / "d")])  # fmt: skip
+    assert "held-out datasets not in the corpus: ACDC" in caplog.text
     assert code == 0 and {r["dataset"] for r in read_csv(tmp_path / "d" / "predictions.csv")} == {
         "Dataset001_Tiny"
     }
+
+
+# ------------------------------------------------------------------------------ CLI refusals
+# Each user error ends as one line on stderr and exit code 2, never a traceback.
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, tmp_path_factory):
+    """One small evaluation on the corpus, run from the corpus's parent with a RELATIVE
+    --corpus path: (arguments shared by replays, its out folder)."""
+    import os
+
+    from megaseg.evaluate_cli import main
+
+    tmp = tmp_path_factory.mktemp("first_run")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp / "m.safetensors", create_model("universeg_v1", **TINY),
+                           {"model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
+                            "training_datasets": ["SomethingElse"]})  # fmt: skip
+    base = ["--checkpoint", str(ckpt), "--support-sizes", "1", "2", "--draws-per-n", "2",
+            "--methods", "mean_label", "--no-progress", "--bootstrap", "50"]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(corpus.parent)
+    try:
+        code = _quiet(main, [*base, "--corpus", corpus.name, "--datasets", "Skin2D",
+                             "--out", str(tmp / "a")])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return base, tmp / "a"
+
+
+def _run_cli(argv, capsys) -> tuple[int, str]:
+    from megaseg.cli import main
+
+    code = _quiet(main, ["evaluate", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _edited_draws(first_run, tmp_path, edit) -> str:
+    data = json.loads((first_run[1] / "draws.json").read_text())
+    edit(data)
+    path = tmp_path / "edited" / "draws.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def _set(path, value):
+    """An edit of draws.json: ``path`` is a list of keys into the JSON."""
+
+    def edit(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (_set(["draws", 0, "N"], 10**9), r"draws\[0\]: N=1000000000 is not one of the file's "
+                                         r"support sizes \[1, 2\]"),
+        (_set(["draws", 0, "N"], "1"), r"draws\[0\]: 'N' must be int, got '1'"),
+        (_set(["draws", 0, "r"], 7), r"draws\[0\]: r=7, but the file has draws_per_n=2"),
+        (_set(["draws", 0, "support"], [["train:999"]]),
+         r"draws\[0\]: .*support ids not in the task's support pool: \['train:999'\]"),
+        (_set(["draws", 0, "queries"], ["train:0"]),
+         r"draws\[0\]: .*queries not in the task's query pool: \['train:0'\]"),
+        (_set(["draws", 0, "task"], "no/such/task"),
+         r"draws\[0\]: task 'no/such/task' is not in the source 'Skin2D'"),
+        (_set(["draws", 0, "support"], [[]]), r"draws\[0\]: 'support' must be a non-empty list"),
+        (_set(["draws", 0, "support"], [["train:0"], ["train:1"]]),
+         r"draws\[0\]: 2 support set\(s\), but the file's ensemble is 1"),
+        (_set(["settings", "draws_per_n"], None), r"'draws_per_n' must be int, got None"),
+        (_set(["draws"], []), r"'draws' is empty"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_an_edited_draws_file_naming_it(first_run, tmp_path, capsys, edit, reason):
+    base, _ = first_run
+    draws = _edited_draws(first_run, tmp_path, edit)
+    code, err = _run_cli([*base, "--draws", draws, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.startswith(f"megaseg evaluate: {draws}: "), err
+    assert re.search(reason, err), err
+    assert not (tmp_path / "out").exists()  # refused before anything was evaluated or written
+
+
+def test_cli_refuses_a_support_size_that_is_not_min_of_n_and_pool(first_run, tmp_path, capsys):
+    def shrink(data):
+        d = next(d for d in data["draws"] if d["N"] == 2)
+        d["support"] = [d["support"][0][:1]]
+
+    base, _ = first_run
+    draws = _edited_draws(first_run, tmp_path, shrink)
+    code, err = _run_cli([*base, "--draws", draws, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "support sets of 1 examples, but N=2 on a pool of" in err
+
+
+def test_cli_refuses_the_query_as_its_own_support(first_run, tmp_path, capsys):
+    def leak(data):
+        d = data["draws"][0]
+        d["support"] = [[d["queries"][0]]]  # a test-split id: not a support candidate
+
+    base, _ = first_run
+    draws = _edited_draws(first_run, tmp_path, leak)
+    code, err = _run_cli([*base, "--draws", draws, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "not in the task's support pool" in err and draws in err
+
+
+def test_cli_refuses_unreadable_draws_and_protocol_files(first_run, corpus, tmp_path, capsys):
+    base, _ = first_run
+    bad = tmp_path / "draws.json"
+    bad.write_text("{not json")
+    code, err = _run_cli([*base, "--draws", str(bad)], capsys)
+    assert code == 2 and f"{bad}: cannot read the draws file" in err
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text("held_out: [WBC\nname: : x\n")
+    code, err = _run_cli([*base, "--corpus", str(corpus), "--protocol", str(protocol)], capsys)
+    assert code == 2 and f"{protocol}: not a readable protocol YAML" in err
+    assert len(err.strip().splitlines()) == 1  # one line, yaml's multi-line detail folded
+
+
+def test_cli_replays_from_another_folder(first_run, corpus, tmp_path, capsys, monkeypatch):
+    base, first = first_run
+    recorded = json.loads((first / "draws.json").read_text())["sources"][0]["root"]
+    assert recorded == str(corpus.resolve())  # made with a relative --corpus, recorded absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _ = _run_cli([*base, "--draws", str(first / "draws.json"), "--out", "b"], capsys)
+    assert code == 0
+    dice = [r["dice"] for r in read_csv(first / "predictions.csv")]
+    assert [r["dice"] for r in read_csv(elsewhere / "b" / "predictions.csv")] == dice
+    # a draws file of an older version, with the root relative to the draws file's folder
+    old = json.loads((first / "draws.json").read_text())
+    old["sources"][0]["root"] = corpus.name
+    legacy = corpus.parent / "legacy_draws.json"
+    legacy.write_text(json.dumps(old))
+    code, _ = _run_cli([*base, "--draws", str(legacy), "--out", "c"], capsys)
+    assert code == 0
+    assert [r["dice"] for r in read_csv(elsewhere / "c" / "predictions.csv")] == dice
+
+
+def test_cli_reports_capped_n_as_one_clean_line(first_run, corpus, tmp_path, capsys, caplog):
+    base, _ = first_run
+    args = [*base, "--corpus", str(corpus), "--datasets", "Skin2D", "--support-sizes", "1", "500",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-overlap note is not what is tested here
+        from megaseg.cli import main
+
+        assert main(["evaluate", *args]) == 0
+    capped = [m for m in caplog.messages if "capped" in m]
+    assert len(capped) == 1 and "\n" not in capped[0]
+    assert re.fullmatch(r"Skin2D: N=500 capped to the support pool \(\d+ examples\) in 1 of 1 "
+                        r"task\(s\)", capped[0]), capped  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ CLI help
+
+
+def test_cli_help_imports_no_torch_and_shows_every_default(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\nfrom megaseg.cli import main\n"
+        "try:\n    main(['evaluate', '--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = [m for m in ('torch', 'monai', 'lightning', 'numpy') if m in sys.modules]\n"
+        "print('RESULT', code, heavy)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MEGASEG_WORK"}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert out.stdout.strip().endswith("RESULT 0 []"), out.stdout + out.stderr
+    assert seconds < 10  # ~0.1 s measured; importing torch alone took 2-4 s before
+    text = " ".join(out.stdout.split())
+    for default in ("(default: megaseg_work/eval)", "(default: 5)", "(default: 300)",
+                    "(default: 2000)", "(default: [1, 2, 4, 8, 16, 32, 64])"):  # fmt: skip
+        assert default in text, default
+    assert list(tmp_path.iterdir()) == []  # --help writes nothing
+
+
+def test_cli_every_option_is_explained_and_out_defaults_to_the_work_dir(monkeypatch):
+    from megaseg.evaluate_cli import parser
+
+    monkeypatch.setenv("MEGASEG_WORK", "/some/work")
+    p = parser()
+    assert isinstance(p.formatter_class, type) and issubclass(
+        p.formatter_class, __import__("argparse").ArgumentDefaultsHelpFormatter
+    )
+    assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    assert str(p.parse_args(["--checkpoint", "x"]).out) == "/some/work/eval"

@@ -3,46 +3,52 @@
 ``evaluate(checkpoint_or_model, sources, ...) -> EvaluationResult`` (see :mod:`.runner`);
 sources in :mod:`.sources`, the protocol in :mod:`.protocol`, baselines in :mod:`.baselines`,
 intervals in :mod:`.stats`, outputs in :mod:`.report`. The command line is ``megaseg evaluate``.
+
+The names below are imported on first use, so that ``megaseg.evaluation.defaults`` (what
+``megaseg evaluate --help`` reads) does not pay for torch and MONAI.
 """
 
-from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
-from megaseg.evaluation.overlap import OverlapError, card_training_datasets
-from megaseg.evaluation.protocol import Draw, DrawSet, ProtocolError, check_draw, make_draws
-from megaseg.evaluation.runner import DEFAULT_METHODS, EvaluationResult, evaluate
-from megaseg.evaluation.sources import (
-    ArraySource,
-    CorpusSource,
-    EvalTask,
-    Source,
-    SyntheticSource,
-    corpus_sources,
-    folder_source,
-)
-from megaseg.evaluation.stats import bootstrap_ci, stratified_bootstrap_ci
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_METHODS",
-    "ArraySource",
-    "CorpusSource",
-    "Draw",
-    "DrawSet",
-    "EvalTask",
-    "EvaluationResult",
-    "MeanLabel",
-    "Method",
-    "ModelMethod",
-    "OverlapError",
-    "ProtocolError",
-    "Source",
-    "SupervisedUNet",
-    "SyntheticSource",
-    "bootstrap_ci",
-    "card_training_datasets",
-    "check_draw",
-    "corpus_sources",
-    "evaluate",
-    "folder_source",
-    "make_draws",
-    "random_init",
-    "stratified_bootstrap_ci",
-]
+import importlib
+
+_EXPORTS = {
+    "MeanLabel": "baselines",
+    "Method": "baselines",
+    "ModelMethod": "baselines",
+    "SupervisedUNet": "baselines",
+    "random_init": "baselines",
+    "OverlapError": "overlap",
+    "card_training_datasets": "overlap",
+    "Draw": "protocol",
+    "DrawSet": "protocol",
+    "ProtocolError": "protocol",
+    "check_draw": "protocol",
+    "make_draws": "protocol",
+    "DEFAULT_METHODS": "defaults",
+    "EvaluationResult": "runner",
+    "evaluate": "runner",
+    "ArraySource": "sources",
+    "CorpusSource": "sources",
+    "EvalTask": "sources",
+    "Source": "sources",
+    "SyntheticSource": "sources",
+    "corpus_sources": "sources",
+    "folder_source": "sources",
+    "bootstrap_ci": "stats",
+    "stratified_bootstrap_ci": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -12,18 +12,23 @@ drawn without replacement from the task's support pool, and the queries they ser
 - Truth is binarized at 0.5 (``label > 0.5``, as predictions are ``prob > 0.5``); queries whose
   binarized truth is empty are excluded before drawing, and counted.
 - N larger than the pool is capped to the pool's size (the row keeps the requested N as its
-  column and the used size as ``support_size``), with one warning listing the tasks.
+  column and the used size as ``support_size``), with one logged line per dataset naming the
+  capped Ns and the pool sizes (the per-task detail is in ``draws.json``).
 
 A draw's randomness is a pure function of ``(seed, dataset, task, N, r)`` (plus the query for
 within-subject draws), so adding a dataset or an N leaves every other draw unchanged. All draws
 are written to ``draws.json`` (:meth:`DrawSet.save`); evaluating with ``draws=`` replays
 exactly those draws, so two checkpoints or methods are compared on the same support sets.
+A replayed file is checked in full before any example is loaded (:func:`replay_check`): every
+field's type, every N, r, ensemble and support size against the file's own settings and the
+task's pool, every id against the task's pools, and the protocol rules (:func:`check_draw`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -35,18 +40,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaseg.checkpoint import atomic_write
+from megaseg.evaluation.defaults import DEFAULT_DRAWS_PER_N, DEFAULT_SUPPORT_SIZES
 from megaseg.evaluation.sources import EvalTask, Source
 
 DRAWS_FORMAT = "megaseg-draws"
 DRAWS_VERSION = 1
-DEFAULT_SUPPORT_SIZES = (1, 2, 4, 8, 16, 32, 64)
-DEFAULT_DRAWS_PER_N = 5
 TRUTH_THRESHOLD = 0.5
 
+# Capped N and skipped tasks are reported as one plain line per dataset on this logger (with
+# no logging configured, Python prints WARNING lines to stderr as they are).
+log = logging.getLogger("megaseg.evaluation")
 
-class ProtocolError(AssertionError):
+
+class ProtocolError(ValueError):
     """A draw breaks the protocol (support and query share a subject, a query in its own
-    support, an id that is not in the task's pools)."""
+    support, an id that is not in the task's pools) or a draws file is not consistent."""
 
 
 @dataclass(frozen=True)
@@ -81,15 +90,32 @@ class Draw:
 
     @classmethod
     def from_json(cls, d: dict) -> Draw:
+        """Parse one recorded draw, strictly: ValueError naming the field that is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object, got {type(d).__name__}")
+        ids = _field(d, "queries", list)
+        support = _field(d, "support", list)
+        if not ids or not all(isinstance(q, str) for q in ids):
+            raise ValueError(f"'queries' must be a non-empty list of example ids, got {ids!r}")
+        if not support or not all(
+            isinstance(s, list) and s and all(isinstance(i, str) for i in s) for s in support
+        ):
+            raise ValueError(
+                f"'support' must be a non-empty list of non-empty lists of example ids, got "
+                f"{support!r}"
+            )
+        within = d.get("within_subject", False)
+        if not isinstance(within, bool):
+            raise ValueError(f"'within_subject' must be true or false, got {within!r}")
         return cls(
-            dataset=str(d["dataset"]),
-            task=str(d["task"]),
-            N=int(d["N"]),
-            r=int(d["r"]),
-            seed=int(d["seed"]),
-            queries=tuple(str(q) for q in d["queries"]),
-            support=tuple(tuple(str(i) for i in s) for s in d["support"]),
-            within_subject=bool(d.get("within_subject", False)),
+            dataset=_field(d, "dataset", str),
+            task=_field(d, "task", str),
+            N=_field(d, "N", int, minimum=1),
+            r=_field(d, "r", int, minimum=0),
+            seed=_field(d, "seed", int, minimum=0),
+            queries=tuple(ids),
+            support=tuple(tuple(s) for s in support),
+            within_subject=within,
         )
 
 
@@ -107,10 +133,10 @@ class DrawSet:
     draws: list[Draw]
     tasks: dict[str, dict] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "format": DRAWS_FORMAT,
             "version": DRAWS_VERSION,
@@ -120,11 +146,15 @@ class DrawSet:
             "skipped": self.skipped,
             "draws": [d.to_json() for d in self.draws],
         }
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        text = json.dumps(data, indent=1) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DrawSet:
+        """Read a draws file, checking every field's type and the draws against the file's
+        own settings (ValueError naming the file, the draw and the reason). Whether the draws
+        fit the data is checked by :func:`replay_check`."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -136,17 +166,85 @@ class DrawSet:
             raise ValueError(
                 f"{path}: draws format version {data.get('version')}, this code reads {DRAWS_VERSION}"
             )
-        return cls(
-            settings=data["settings"],
-            sources=data["sources"],
-            draws=[Draw.from_json(d) for d in data["draws"]],
-            tasks=data.get("tasks", {}),
-            skipped=data.get("skipped", []),
-        )
+        try:
+            settings = _settings(_field(data, "settings", dict))
+            sources = _field(data, "sources", list)
+            for i, s in enumerate(sources):
+                if not isinstance(s, dict) or not isinstance(s.get("dataset"), str):
+                    raise ValueError(f"sources[{i}]: expected an object with a 'dataset' name")
+            tasks = data.get("tasks", {})
+            skipped = data.get("skipped", [])
+            if not isinstance(tasks, dict) or not isinstance(skipped, list):
+                raise ValueError("'tasks' must be an object and 'skipped' a list")
+            raw = _field(data, "draws", list)
+            if not raw:
+                raise ValueError("'draws' is empty")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        draws = []
+        for i, d in enumerate(raw):
+            try:
+                draw = Draw.from_json(d)
+                _check_against_settings(draw, settings)
+            except ValueError as e:
+                raise ValueError(f"{path}: draws[{i}]: {e}") from e
+            draws.append(draw)
+        return cls(settings, sources, draws, tasks, skipped, path=path)
 
     @property
     def datasets(self) -> list[str]:
         return list(dict.fromkeys(d.dataset for d in self.draws))
+
+
+def _field(d: dict, key: str, kind: type, minimum: int | None = None):
+    """``d[key]``, which must be of ``kind`` (an int is not a bool, nor a string of digits)."""
+    if key not in d:
+        raise ValueError(f"missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key!r} must be {kind.__name__}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key!r} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _settings(settings: dict) -> dict:
+    """Check the types of a draws file's ``settings``; returns them."""
+    sizes = _field(settings, "support_sizes", list)
+    if not sizes or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes
+    ):
+        raise ValueError(f"settings: 'support_sizes' must be integers >= 1, got {sizes!r}")
+    _field(settings, "draws_per_n", int, minimum=1)
+    _field(settings, "ensemble", int, minimum=1)
+    _field(settings, "seed", int)
+    for key in ("max_queries", "resolution"):
+        value = settings.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"settings: {key!r} must be an integer >= 1 or null, got {value!r}")
+    return settings
+
+
+def _check_against_settings(draw: Draw, settings: dict) -> None:
+    """A draw must be one the file's own settings make: its N among the sweep's sizes, r below
+    ``draws_per_n``, ``ensemble`` support sets of one size, at most N."""
+    if draw.N not in settings["support_sizes"]:
+        raise ValueError(
+            f"N={draw.N} is not one of the file's support sizes {settings['support_sizes']}"
+        )
+    if draw.r >= settings["draws_per_n"]:
+        raise ValueError(f"r={draw.r}, but the file has draws_per_n={settings['draws_per_n']}")
+    if draw.ensemble != settings["ensemble"]:
+        raise ValueError(
+            f"{draw.ensemble} support set(s), but the file's ensemble is {settings['ensemble']}"
+        )
+    sizes = {len(s) for s in draw.support}
+    if len(sizes) != 1 or draw.support_size > draw.N:
+        raise ValueError(f"support sets of sizes {sorted(sizes)} for N={draw.N}")
+    if draw.within_subject and len(draw.queries) != 1:
+        raise ValueError(f"a within-subject draw serves one query, got {len(draw.queries)}")
 
 
 # ------------------------------------------------------------------------------ seeds
@@ -200,7 +298,7 @@ def make_draws(
         "truth_threshold": TRUTH_THRESHOLD,
     }
     out = DrawSet(settings, [s.describe() for s in sources], [])
-    capped: list[str] = []
+    capped: dict[str, list[tuple[int, list[int]]]] = {}  # dataset -> (pool, capped Ns) per task
     for source in sources:
         for task in source.tasks():
             key = f"{task.dataset}/{task.name}"
@@ -221,7 +319,7 @@ def make_draws(
                 queries = [q for i, q in enumerate(queries) if i in keep]
             task_capped = [N for N in support_sizes if N > pool]
             if task_capped:
-                capped.append(f"{key} (pool {pool}: N={task_capped})")
+                capped.setdefault(task.dataset, []).append((pool, task_capped))
             out.tasks[key] = {
                 "queries": len(queries),
                 "excluded_empty": excluded,
@@ -235,18 +333,24 @@ def make_draws(
                     for d in _draw(task, queries, N, n, r, ensemble, seed):
                         check_draw(d, task)  # e.g. a source whose splits are not by subject
                         out.draws.append(d)
-    if capped:
-        warnings.warn(
-            f"{len(capped)} task(s) have fewer support candidates than the requested N; N is "
-            f"capped to what the task has: {'; '.join(capped)}",
-            stacklevel=2,
-        )
-    if out.skipped:
-        warnings.warn(
-            f"{len(out.skipped)} task(s) skipped: "
-            + "; ".join(f"{s['dataset']}/{s['task']}: {s['reason']}" for s in out.skipped),
-            stacklevel=2,
-        )
+    for dataset, items in capped.items():
+        pools = sorted({p for p, _ in items})
+        Ns = sorted({n for _, ns in items for n in ns})
+        span = f"{pools[0]}" if len(pools) == 1 else f"{pools[0]}-{pools[-1]}"
+        total = sum(k.startswith(f"{dataset}/") for k in out.tasks)
+        log.warning(
+            "%s: N=%s capped to the support pool (%s examples) in %d of %d task(s)",
+            dataset, ",".join(map(str, Ns)), span, len(items), total,
+        )  # fmt: skip
+    skipped: dict[str, dict[str, int]] = {}
+    for s in out.skipped:
+        reasons = skipped.setdefault(s["dataset"], {})
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    for dataset, reasons in skipped.items():
+        log.warning(
+            "%s: %d task(s) skipped: %s",
+            dataset, sum(reasons.values()), "; ".join(f"{r} ({n})" for r, n in reasons.items()),
+        )  # fmt: skip
     if not out.draws:
         raise ValueError("no task could be evaluated (see the skipped tasks above)")
     return out
@@ -332,11 +436,14 @@ def check_draw(draw: Draw, task: EvalTask) -> None:
 
 
 def replay_check(draws: DrawSet, sources: Sequence[Source], resolution: int) -> None:
-    """Raise ValueError unless ``sources`` are the data ``draws`` were made on.
+    """Raise ValueError unless ``sources`` are the data ``draws`` were made on and every draw
+    fits them; nothing is loaded before this passes.
 
     Each dataset of the draws needs a source whose :meth:`describe` equals the recorded one
     (same corpus index checksum, same synthetic generator and seeds, same arrays). A different
-    resolution is allowed (the same examples, seen at another size) with a warning.
+    resolution is allowed (the same examples, seen at another size) with a warning. Then every
+    draw must name a task of its source, pass :func:`check_draw` (ids in the pools, no shared
+    subject) and use ``min(N, pool)`` examples per support set (:class:`ProtocolError`).
     """
     have = {s.dataset: s.describe() for s in sources}
     recorded = {d["dataset"]: d for d in draws.sources}
@@ -363,6 +470,26 @@ def replay_check(draws: DrawSet, sources: Sequence[Source], resolution: int) -> 
             f"{resolution}: same examples, different pixels",
             stacklevel=3,
         )
+    where = draws.path or "draws"
+    tasks = {
+        (t.dataset, t.name): t for s in sources if s.dataset in draws.datasets for t in s.tasks()
+    }
+    for i, d in enumerate(draws.draws):
+        task = tasks.get((d.dataset, d.task))
+        if task is None:
+            raise ProtocolError(
+                f"{where}: draws[{i}]: task {d.task!r} is not in the source {d.dataset!r}"
+            )
+        try:
+            check_draw(d, task)
+        except ProtocolError as e:
+            raise ProtocolError(f"{where}: draws[{i}]: {e}") from e
+        pool = len(task.support_pool) - (1 if task.within_subject else 0)
+        if d.support_size != min(d.N, pool):
+            raise ProtocolError(
+                f"{where}: draws[{i}] {d.dataset}/{d.task}: support sets of {d.support_size} "
+                f"examples, but N={d.N} on a pool of {pool} candidates gives {min(d.N, pool)}"
+            )
 
 
 def _comparable(desc: dict) -> dict:

@@ -32,6 +32,7 @@ from torch import nn
 
 from megaseg.evaluation import report
 from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
+from megaseg.evaluation.defaults import DEFAULT_METHODS
 from megaseg.evaluation.overlap import OverlapError, card_training_datasets, find_overlaps
 from megaseg.evaluation.protocol import (
     DEFAULT_DRAWS_PER_N,
@@ -48,7 +49,6 @@ from megaseg.evaluation.sources import Source
 from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from megaseg.inference import Segmenter
 
-DEFAULT_METHODS = ("megaseg", "mean_label", "supervised", "random_init")
 MODEL_METHOD = "megaseg"
 
 

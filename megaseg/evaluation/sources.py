@@ -178,7 +178,8 @@ class CorpusSource:
         return {
             "kind": "corpus",
             "dataset": self.dataset,
-            "root": str(self.corpus.root),
+            # absolute, so that a replay from another folder finds it
+            "root": str(self.corpus.root.resolve()),
             "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest(),
         }
 
@@ -424,11 +425,15 @@ def folder_source(
     return ArraySource(spec.name, tasks, info=info)
 
 
-def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source]:
+def sources_from_record(
+    records: Sequence[dict], resolution: int, base: str | os.PathLike | None = None
+) -> list[Source]:
     """Re-open the sources a draws file recorded (``DrawSet.sources``), for a replay.
 
     Corpora and synthetic tasks re-open from their record; folders are re-read (at
-    ``resolution``). In-memory arrays cannot be re-opened: pass them as sources.
+    ``resolution``). In-memory arrays cannot be re-opened: pass them as sources. A relative
+    root (written by older versions) is looked up beside the draws file, ``base`` (its
+    folder), then in the current folder.
     """
     import dataclasses
 
@@ -438,7 +443,7 @@ def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source
     for rec in records:
         kind = rec.get("kind")
         if kind == "corpus":
-            out.append(CorpusSource(rec["root"], rec["dataset"]))
+            out.append(CorpusSource(_recorded_root(rec, base), rec["dataset"]))
         elif kind == "synthetic":
             lo, hi = rec["seed_range"]
             if lo != HELDOUT_SEED_OFFSET:
@@ -455,7 +460,7 @@ def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source
         elif kind == "folder":
             out.append(
                 folder_source(
-                    rec["root"],
+                    _recorded_root(rec, base),
                     rec["dataset"],
                     resolution,
                     rec.get("split_seed", 0),
@@ -468,6 +473,17 @@ def sources_from_record(records: Sequence[dict], resolution: int) -> list[Source
                 "a source to replay it"
             )
     return out
+
+
+def _recorded_root(rec: dict, base: str | os.PathLike | None) -> Path:
+    root = rec.get("root")
+    if not isinstance(root, str) or not root:
+        raise ValueError(f"draws: dataset {rec.get('dataset')!r} has no recorded 'root' folder")
+    path = Path(root)
+    if path.is_absolute() or base is None:
+        return path
+    beside = Path(base) / path
+    return beside if beside.exists() or not path.exists() else path
 
 
 __all__ = [

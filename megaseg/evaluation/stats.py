@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_RESAMPLES = 2000
-DEFAULT_LEVEL = 0.95
+from megaseg.evaluation.defaults import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 
 def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
