@@ -29,6 +29,7 @@ result at once when nothing changed.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -318,8 +319,9 @@ class VolumeSession:
                 kwargs: dict[str, Any] = {}
                 if self.ensemble > 1 and S >= self.min_ensemble_support:
                     # Deterministic per support set, so a re-run gives the same answer.
+                    # Segmenter refuses more members than distinct subsets (C(S, n)).
                     kwargs = {
-                        "ensemble": self.ensemble,
+                        "ensemble": min(self.ensemble, math.comb(S, S - S // 2)),
                         "support_size": S - S // 2,
                         "seed": zlib.crc32(repr(support).encode()),
                     }
