@@ -1,0 +1,219 @@
+"""The napari dock widget: segment a volume from the slices painted in a labels layer.
+
+Workflow: open a 3D image, add a labels layer of the same shape, paint a few slices (several
+label values allowed), press *Segment*. The widget runs :meth:`VolumeSession.segment` in a
+worker thread, adds the layers ``megaseg labels`` and ``megaseg uncertainty``, and moves the
+viewer to the slice :meth:`VolumeSession.suggest` names. Correct that slice (or press
+*Copy prediction here* to start from the model's guess, then fix it) and press *Segment*
+again: only slices whose nearest labelled slices changed are predicted again.
+
+Labelled slices are the slices of the labels layer that hold any nonzero label; erasing a
+slice completely un-labels it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
+from magicgui.widgets import create_widget
+from qtpy.QtCore import QObject, Signal
+
+import napari
+from napari.qt.threading import thread_worker
+
+DEFAULT_CHECKPOINT = "universeg_v1_small"  # the weights megaseg ships (checkpoints/)
+LABELS_LAYER = "megaseg labels"
+UNCERTAINTY_LAYER = "megaseg uncertainty"
+
+
+def _avoid_triton_after_opengl() -> None:
+    """Keep triton out of a napari process on a machine without CUDA.
+
+    torchvision (imported by timm, imported by megaseg.models) imports torch._dynamo, which
+    imports triton when it is installed. Loading triton's bundled LLVM into a process where
+    Mesa's OpenGL driver (which links its own LLVM) is already loaded segfaults: measured
+    with napari 0.9 / PyQt5 under Xvfb (llvmpipe), triton 3.8. triton only serves
+    torch.compile on GPUs, so without CUDA it is never needed here; with CUDA, or when triton
+    was imported before the viewer (then the order is safe), nothing is changed.
+    """
+    import torch
+
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        sys.modules["triton"] = None  # `import triton` now raises ImportError: "not installed"
+
+
+class _Progress(QObject):
+    """Carries ``(done, total)`` from the worker thread to the GUI thread (queued signal)."""
+
+    changed = Signal(int, int)
+
+
+class AnnotateWidget(Container):
+    """Dock widget around :class:`megaseg.annotate.VolumeSession`.
+
+    Attributes (for scripts and tests): ``session`` (the current session), ``result`` (the
+    last :class:`~megaseg.annotate.SessionResult`), ``suggested`` (the slices suggested last),
+    ``worker`` (the running or last worker; its ``finished`` signal fires after the layers are
+    updated).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        _avoid_triton_after_opengl()
+        # Import the model stack here, in the GUI thread, not first in the worker thread.
+        import megaseg.annotate  # noqa: F401
+        import megaseg.checkpoint  # noqa: F401
+        import megaseg.models  # noqa: F401
+
+        self.viewer = napari_viewer
+        self._image = create_widget(annotation=napari.layers.Image, label="image")
+        self._labels = create_widget(annotation=napari.layers.Labels, label="labelled slices")
+        self._axis = ComboBox(label="slicing axis", choices=[0, 1, 2], value=0)
+        self._checkpoint = LineEdit(label="checkpoint", value=DEFAULT_CHECKPOINT)
+        self._checkpoint.tooltip = "a .safetensors file, or the name of a model megaseg ships"
+        self._run = PushButton(text="Segment")
+        self._copy = PushButton(text="Copy prediction here")
+        self._copy.tooltip = "copy the predicted labels of the current slice into the labels layer"
+        self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
+        self._status = Label(label="", value="Paint a few slices, then press Segment.")
+        self.extend(
+            [
+                self._image,
+                self._labels,
+                self._axis,
+                self._checkpoint,
+                self._run,
+                self._copy,
+                self._progress,
+                self._status,
+            ]
+        )
+        self._signal = _Progress()
+        self._signal.changed.connect(self._on_progress)
+        self._run.changed.connect(self.run)
+        self._copy.changed.connect(self.copy_prediction)
+        self._segmenters: dict[str, object] = {}
+        self.session = None
+        self._session_key = None
+        self.result = None
+        self.suggested: list[int] = []
+        self.worker = None
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+        self.reset_choices()
+        if self.viewer.dims.ndim == 3 and self.viewer.dims.not_displayed:
+            self._axis.value = int(self.viewer.dims.not_displayed[0])
+
+    # ------------------------------------------------------------------ actions
+
+    def run(self, *_):
+        """Start segmenting in a worker thread; returns the worker (None if refused)."""
+        if self.worker is not None and self.worker.is_running:
+            self._status.value = "Already running."
+            return None
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            self._status.value = "Choose an image layer and a labels layer."
+            return None
+        data, painted = np.asarray(image.data), np.asarray(labels.data)
+        if data.ndim != 3 or painted.shape != data.shape:
+            self._status.value = (
+                f"Need a 3D image and a labels layer of the same shape; got {data.shape} "
+                f"and {painted.shape}."
+            )
+            return None
+        axis, checkpoint = int(self._axis.value), self._checkpoint.value.strip()
+        key = (id(image), data.shape, axis, checkpoint)
+        self._run.enabled = False
+        self._status.value = "Segmenting..."
+        self._progress.value = 0
+        self.worker = self._work(key, data, painted, axis, checkpoint, image.name)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(lambda: setattr(self._run, "enabled", True))
+        self.worker.start()
+        return self.worker
+
+    @thread_worker
+    def _work(self, key, data, painted, axis, checkpoint, name):
+        from megaseg import Segmenter
+        from megaseg.annotate import VolumeSession
+
+        start = time.perf_counter()
+        if checkpoint not in self._segmenters:
+            self._segmenters[checkpoint] = Segmenter.from_checkpoint(checkpoint)
+        if self.session is None or self._session_key != key:
+            self.session = VolumeSession(self._segmenters[checkpoint], data, axis, progress=False)
+            self._session_key = key
+        session = self.session
+        stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
+        painted_now = set(np.flatnonzero(stack.any(axis=1)).tolist())
+        for i in set(session.labelled) - painted_now:  # erased by the user: un-label
+            session.remove(i)
+        session.add_volume(painted, sorted(painted_now))
+        result = session.segment(callback=self._signal.changed.emit)
+        suggested = session.suggest(3)
+        return result, suggested, time.perf_counter() - start, name
+
+    def copy_prediction(self, *_):
+        """Copy the predicted labels of the viewer's current slice into the labels layer."""
+        labels = self._labels.value
+        if self.result is None or labels is None:
+            self._status.value = "Segment first."
+            return
+        axis = self.session.axis
+        index = int(self.viewer.dims.current_step[axis])
+        target = np.moveaxis(labels.data, axis, 0)  # a view: writes go to the layer's data
+        target[index] = np.take(self.result.labels, index, axis=axis)
+        labels.refresh()
+        self._status.value = f"Copied the prediction of slice {index}; correct it, then Segment."
+
+    # ------------------------------------------------------------------ callbacks (GUI thread)
+
+    def _on_progress(self, done: int, total: int):
+        self._progress.max = max(1, total)
+        self._progress.value = done
+
+    def _on_done(self, value):
+        result, suggested, seconds, name = value
+        self.result, self.suggested = result, suggested
+        image = self._image.value
+        place = {}
+        if image is not None:
+            place = {"scale": image.scale, "translate": image.translate}
+        if LABELS_LAYER in self.viewer.layers:
+            self.viewer.layers[LABELS_LAYER].data = result.labels
+        else:
+            self.viewer.add_labels(result.labels, name=LABELS_LAYER, opacity=0.5, **place)
+        if UNCERTAINTY_LAYER in self.viewer.layers:
+            self.viewer.layers[UNCERTAINTY_LAYER].data = result.uncertainty
+        else:
+            self.viewer.add_image(
+                result.uncertainty,
+                name=UNCERTAINTY_LAYER,
+                colormap="magma",
+                blending="additive",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.6,
+                visible=False,
+                **place,
+            )
+        if self._labels.value is not None:  # keep the user's paint layer on top and selected
+            self.viewer.layers.selection.active = self._labels.value
+        axis = self.session.axis
+        if suggested:
+            self.viewer.dims.set_current_step(axis, suggested[0])
+        self._progress.max = max(1, self._progress.max)
+        self._progress.value = self._progress.max
+        self._status.value = (
+            f"{name}: {len(result.labelled)} labelled slices, {result.predicted} predicted in "
+            f"{seconds:.1f} s. Label next: {', '.join(map(str, suggested)) or '-'} "
+            f"(axis {axis}; now showing {suggested[0] if suggested else '-'})."
+        )
+
+    def _on_error(self, error: Exception):
+        self._status.value = f"Error: {error}"
+        napari.utils.notifications.show_error(f"megaseg: {error}")
