@@ -109,9 +109,7 @@ def test_plugin_manifest_registers_the_widget(make_napari_viewer):
     import npe2
 
     manifest = npe2.PluginManager.instance().get_manifest("megaseg")
-    assert [w.display_name for w in manifest.contributions.widgets] == [
-        "Annotate volume (megaseg)"
-    ]
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Annotate volume (megaseg)"]
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("megaseg", "Annotate volume (megaseg)")
     assert isinstance(widget, AnnotateWidget)

@@ -16,13 +16,19 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
-from magicgui.widgets import create_widget
-from qtpy.QtCore import QObject, Signal
-
 import napari
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    create_widget,
+)
 from napari.qt.threading import thread_worker
+from qtpy.QtCore import QObject, Signal
 
 DEFAULT_CHECKPOINT = "universeg_v1_small"  # the weights megaseg ships (checkpoints/)
 LABELS_LAYER = "megaseg labels"
