@@ -123,13 +123,27 @@ NOT_GIVEN = "not given"
 
 
 def cmd_info(args) -> int:
-    from megaseg.data.store import SPLITS, Corpus, CorpusError
+    from megaseg.data.store import Corpus, CorpusError
 
     try:
         corpus = Corpus(args.corpus)
     except CorpusError as err:
         print(f"prep info: {err}", file=sys.stderr)
         return 2
+    try:
+        return _info(args, corpus)
+    except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or foreign manifest
+        print(
+            f"prep info: {Path(args.corpus) / 'manifest.json'}: missing or malformed field "
+            f"({type(err).__name__}: {err}); run `megaseg prep verify`",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _info(args, corpus) -> int:
+    from megaseg.data.store import SPLITS
+
     m = corpus.manifest
     print(f"corpus {args.corpus}: format {m['format_version']}, megaseg {m['megaseg_version']}, "
           f"{len(corpus.datasets)} datasets, {len(m['tasks'])} tasks")  # fmt: skip

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,6 +441,7 @@ def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) ->
             else:
                 os.environ[name] = value
     if parent is not None:
+        _WORKER["marked"] = True
         _exit_with(parent)
 
 
@@ -474,12 +476,20 @@ def _exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-build", daemon=True).start()
 
 
+def _started(npz: Path) -> Path:
+    """Marker a worker keeps beside a case's shard while it processes the case."""
+    return npz.with_suffix(".started")
+
+
 def _run_case(item) -> tuple[int, int, str | None]:
     """Process one case and write its shard (or its skip record); returns the skip reason."""
     from data_prep.store_writer import write_shard, write_skip
 
     j, i, case, npz, skip = item
     spec, resolutions = _WORKER["specs"][j], _WORKER["resolutions"]
+    if _WORKER.get("marked"):  # in a worker: names the case if this process dies
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        _started(npz).write_text(str(os.getpid()))
     try:
         slices = process_case(case, _WORKER["loads"][j](case), spec, resolutions)
     except CaseError as err:
@@ -488,14 +498,22 @@ def _run_case(item) -> tuple[int, int, str | None]:
         reason = f"{case.label_path}: {type(err).__name__}: {err}"
     else:
         write_shard(npz, case, slices, resolutions)
+        _started(npz).unlink(missing_ok=True)
         return j, i, None
     if not _WORKER["strict"]:
         write_skip(skip, case, reason)
+    _started(npz).unlink(missing_ok=True)
     return j, i, reason
 
 
 def _run_cases(pending: list, workers: int, init: tuple):
-    """Yield ``(job, case, skip reason or None)`` per pending case, here or in worker processes."""
+    """Yield ``(job, case, skip reason or None)`` per pending case, here or in worker processes.
+
+    A case that kills its worker process (the OS's out-of-memory killer, a crash in a file
+    reader) breaks the pool: the cases then in flight (those with a ``.started`` marker) are
+    rerun one at a time in a pool of their own; the one that breaks it again is skipped and
+    named, and the other cases continue in a new pool.
+    """
     if workers <= 1 or len(pending) <= 1:
         threads = torch.get_num_threads()
         _init_worker(*init)
@@ -504,21 +522,61 @@ def _run_cases(pending: list, workers: int, init: tuple):
         finally:
             torch.set_num_threads(threads)
         return
+    from data_prep.store_writer import write_skip
+
     # forkserver: workers fork from a server process that imported the pipeline (and MONAI)
     # once but never ran torch ops, so no thread-pool state is forked, and starting a worker
-    # costs no import (spawn took ~10 s per worker on a busy 2-core machine). A worker that
-    # dies breaks the pool with an error instead of hanging the build.
+    # costs no import (spawn took ~10 s per worker on a busy 2-core machine).
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["data_prep.pipeline", "monai.transforms"])
     init = (*init, os.getpid())
+    strict = init[3]
+    queue = list(pending)
+    while queue:
+        broken = yield from _pool_round(ctx, workers, init, queue)
+        if not broken:
+            return
+        suspects = [item for item in broken if _started(item[3]).exists()]
+        if not suspects:
+            raise BrokenProcessPool("a worker process died outside any case")
+        for item in suspects:
+            _started(item[3]).unlink(missing_ok=True)
+            if (yield from _pool_round(ctx, 1, init, [item])):
+                j, i, case, npz, skip = item
+                _started(npz).unlink(missing_ok=True)
+                reason = (
+                    f"{case.label_path}: the worker process died while processing this case "
+                    "(killed by the OS, e.g. out of memory, or a crash in a file reader)"
+                )
+                if not strict:
+                    write_skip(skip, case, reason)
+                yield j, i, reason
+        queue = [item for item in broken if item not in suspects]
+
+
+def _pool_round(ctx, workers: int, init: tuple, items: list):
+    """Run ``items`` in a new pool, yielding results; returns the items its breaking stopped."""
+    broken = []
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=init) as pool:
-        futures = [pool.submit(_run_case, item) for item in pending]
+        futures = {}
         try:
+            for n, item in enumerate(items):
+                try:
+                    futures[pool.submit(_run_case, item)] = item
+                except BrokenProcessPool:
+                    broken += items[n:]
+                    break
             for future in as_completed(futures):
-                yield future.result()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    broken.append(futures[future])
+                    continue
+                yield result
         finally:
             for future in futures:
                 future.cancel()
+    return broken
 
 
 def build_corpus(
@@ -633,6 +691,7 @@ def _build(
         for _, _, _, npz, skip in pending:
             npz.unlink(missing_ok=True)
             skip.unlink(missing_ok=True)
+            _started(npz).unlink(missing_ok=True)
         for job in jobs:
             _remove_empty(sw.shard_dir(out, job.spec.name))
         _remove_empty(out / sw.WORK_DIR / "shards")

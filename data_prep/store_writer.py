@@ -128,7 +128,7 @@ def build_lock(out: Path):
     path = Path(out) / LOCK
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise BuildRefused(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -570,9 +570,14 @@ def verify_files(out: Path) -> list[str]:
         problems.append(
             f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    for rel, digest in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return [*problems, f"{path}: no files mapping (path -> sha256)"]
+    for rel, digest in files.items():
         f = out / rel
-        if not f.is_file():
+        if not f.resolve().is_relative_to(out.resolve()):
+            problems.append(f"{path}: file {rel!r} lies outside the corpus")
+        elif not f.is_file():
             problems.append(f"{f}: missing")
         elif sha256_file(f) != digest:
             problems.append(f"{f}: checksum mismatch")

@@ -227,6 +227,38 @@ def test_4_memory_error_in_one_case_is_a_skip_not_a_crash(tmp_path):
     ]
 
 
+class _Tiny2D:
+    """Picklable ``load``: a small 2D case; the process dies (SIGKILL, as the OS's
+    out-of-memory killer does) on case ``dies_on``."""
+
+    def __init__(self, dies_on: str):
+        self.dies_on = dies_on
+
+    def __call__(self, case):
+        from data_prep.readers.base import LoadedCase
+
+        if case.case_id == self.dies_on:
+            os.kill(os.getpid(), signal.SIGKILL)
+        label = np.zeros((12, 12), np.uint8)
+        label[2:8, 2:8] = 1
+        return LoadedCase(label[None].astype(np.float32), label, None, ["MR"])
+
+
+def test_4_case_that_kills_its_worker_is_skipped_and_the_build_goes_on(tmp_path):
+    cases = [memory_case("K", f"c{i}", f"s{i}", {1: "a"}) for i in range(6)]
+    spec = DatasetSpec(name="K", reader="folder2d", root=".", layout=_dummy_layout())
+    job = DatasetJob(spec, cases, _Tiny2D("c2"), fingerprint=lambda c: "v1")
+    summary = build_corpus([job], tmp_path / "c", workers=2, resolutions=(16,), progress=False)
+    assert summary.ok and summary.written == {"K": 5}
+    assert summary.skipped["K"] == [
+        (
+            "c2",
+            "<memory>/K/c2: the worker process died while processing this case (killed by "
+            "the OS, e.g. out of memory, or a crash in a file reader)",
+        )
+    ]
+
+
 # -- 5. a NIfTI header is checked against the file before anything is read --------------------
 
 
