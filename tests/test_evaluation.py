@@ -585,6 +585,9 @@ def test_cli_replays_from_another_folder(first_run, corpus, tmp_path, capsys, mo
     assert code == 0
     dice = [r["dice"] for r in read_csv(first / "predictions.csv")]
     assert [r["dice"] for r in read_csv(elsewhere / "b" / "predictions.csv")] == dice
+    written = sorted(p.name for p in (elsewhere / "b").iterdir())
+    assert "draws.json" in written and "summary.json" in written
+    assert not [n for n in written if n.startswith(".")]  # atomic writes leave no temporaries
     # a draws file of an older version, with the root relative to the draws file's folder
     old = json.loads((first / "draws.json").read_text())
     old["sources"][0]["root"] = corpus.name

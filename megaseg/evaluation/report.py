@@ -44,14 +44,28 @@ MEAN = "mean"  # the ``dataset`` of the mean-over-datasets rows (their ``scope``
 
 
 def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV, atomically (an interrupted run leaves no half file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _cell(row.get(k)) for k in columns})
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: _cell(row.get(k)) for k in columns})
+
+    _atomic(path, write)
     return path
+
+
+def _atomic(path: Path, write) -> None:
+    from megaseg.checkpoint import atomic_write  # imported here: it pulls in torch
+
+    atomic_write(path, write)
+
+
+def _save_png(fig, path: Path) -> None:
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _cell(v: Any) -> Any:
@@ -285,7 +299,7 @@ def plot_dice_vs_n(summary: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"dice_vs_n_{_slug(d)}.png"
-        fig.savefig(path)
+        _save_png(fig, path)
         paths.append(path)
     return paths
 
@@ -318,8 +332,7 @@ def plot_cases(cases: Sequence[dict], path: Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_png(fig, path)
     return path
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from megaseg.checkpoint import atomic_write
 from megaseg.evaluation import report
 from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
 from megaseg.evaluation.defaults import DEFAULT_METHODS
@@ -350,11 +351,10 @@ def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> d
             out / "summary.csv", result.summary, report.SUMMARY_COLUMNS
         ),
     }
-    (out / "summary.md").write_text(result.report)
+    text = json.dumps({"meta": result.meta, "summary": result.summary}, indent=1, default=str)
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(result.report))
     paths["summary_md"] = out / "summary.md"
-    (out / "summary.json").write_text(
-        json.dumps({"meta": result.meta, "summary": result.summary}, indent=1, default=str) + "\n"
-    )
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text + "\n"))
     paths["summary_json"] = out / "summary.json"
     paths["plots"] = report.plot_dice_vs_n(result.summary, out)
     if cases:
