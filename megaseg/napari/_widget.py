@@ -84,7 +84,9 @@ class AnnotateWidget(Container):
         self._copy = PushButton(text="Copy prediction here")
         self._copy.tooltip = "copy the predicted labels of the current slice into the labels layer"
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
-        self._status = Label(label="", value="Paint a few slices, then press Segment.")
+        self._status = Label(value="Paint a few slices, then press Segment.")
+        self._status.native.setWordWrap(True)  # long messages wrap instead of widening the dock
+        self.native.setMaximumWidth(420)
         self.extend(
             [
                 self._image,
@@ -194,6 +196,7 @@ class AnnotateWidget(Container):
             self.viewer.layers[LABELS_LAYER].data = result.labels
         else:
             self.viewer.add_labels(result.labels, name=LABELS_LAYER, opacity=0.5, **place)
+            self.viewer.reset_view()
         if UNCERTAINTY_LAYER in self.viewer.layers:
             self.viewer.layers[UNCERTAINTY_LAYER].data = result.uncertainty
         else:
