@@ -652,3 +652,11 @@ def test_cli_every_option_is_explained_and_out_defaults_to_the_work_dir(monkeypa
     )
     assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
     assert str(p.parse_args(["--checkpoint", "x"]).out) == "/some/work/eval"
+
+
+def test_cli_refuses_a_bad_checkpoint_card_naming_it(model, tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
+        "model": {"name": "universeg_v1", "kwargs": {"encoder_widths": [100000] * 4}},
+    })  # fmt: skip
+    code, err = _run_cli(["--checkpoint", str(ckpt), "--synthetic-tasks", "1"], capsys)
+    assert code == 2 and f"{ckpt}: weights do not fit the model" in err
