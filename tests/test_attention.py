@@ -115,13 +115,19 @@ def test_zero_attention_readout_is_exactly_v1():
         assert (attn(q, si, sl) - v1(q, si, sl)).abs().max().item() <= 1e-12
 
 
-def test_a_variant_trains_a_few_steps():
+def variant_losses(seed: int = 0, perturb: float = 0.0, perturb_seed: int = 0, fast: bool = True):
+    """Mean training loss of the first and last 5 of 40 steps of the hybrid attention variant;
+    ``perturb``: init moved as by ``learning.perturb_`` (``benchmarks/learning_margins.py``)."""
+    from learning import perturb_
+
     # Task: the label is the image thresholded at a level that differs per episode, so it
     # can only be read from the support.
-    torch.manual_seed(0)
-    model = create_model("universeg_attn_hybrid", encoder_widths=(16, 16, 16, 16))
+    torch.manual_seed(seed)
+    model = create_model("universeg_attn_hybrid", encoder_widths=(16, 16, 16, 16), fast=fast)
+    if perturb:
+        perturb_(model, perturb, perturb_seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
 
     def batch(B=4, S=4, size=32):
         smooth = torch.nn.functional.avg_pool2d(
@@ -143,7 +149,15 @@ def test_a_variant_trains_a_few_steps():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    assert last < 0.7 * first, (first, last)
+    return {"first": first, "last": last, "ratio": last / first}
+
+
+def test_a_variant_trains_a_few_steps():
+    """Margin, from ``benchmarks/learning_margins.py attention``: last/first loss 0.433-0.446
+    (bound 0.7) over 4 init perturbations of 1e-6 std, 2 threads and the published forward
+    path; other seeds: 0.16 and 0.38."""
+    r = variant_losses()
+    assert r["ratio"] < 0.7, r
 
 
 # -- construction --------------------------------------------------------------------------

@@ -80,18 +80,38 @@ def test_random_init_is_the_same_architecture_with_new_weights(model):
     assert floor.predict(images, images, labels).shape == (2, 1, R, R)
 
 
-def test_supervised_baseline_learns_an_easy_task():
-    images, labels = disks(4, seed=0)
-    query, truth = disks(6, seed=1)
+def supervised_scores(seed: int = 0, perturb: float = 0.0, perturb_seed: int = 0) -> dict:
+    """Dice of the supervised baseline (40 steps) and of the mean support label on an easy task;
+    ``perturb``: the network's init moved as by ``learning.perturb_`` (for
+    ``benchmarks/learning_margins.py``)."""
+    from learning import perturb_
+
+    class Perturbed(SupervisedUNet):
+        def _network(self):
+            net = super()._network()
+            if perturb:
+                perturb_(net, perturb, perturb_seed)
+            return net
+
+    images, labels = disks(4, seed=2 * seed)
+    query, truth = disks(6, seed=2 * seed + 1)
     truth = binarize(truth)
-    method = SupervisedUNet(
+    method = Perturbed(
         steps=40, lr=3e-3, batch_size=4, features=(8, 8, 16, 32, 64, 8), device="cpu"
     )
-    probs = method.predict(query, images, labels, seed=0)
+    probs = method.predict(query, images, labels, seed=seed)
     trivial = MeanLabel().predict(query, images, labels)
     learned, chance = dice(probs, truth).mean().item(), dice(trivial, truth).mean().item()
-    assert learned > 0.7 and learned > chance + 0.3, (learned, chance)
     assert len(method.timings) == 1 and method.last_seconds > 0
+    return {"learned": learned, "chance": chance, "gain": learned - chance}
+
+
+def test_supervised_baseline_learns_an_easy_task():
+    """Margin, from ``benchmarks/learning_margins.py supervised``: Dice 0.974-0.976 (bound 0.7)
+    and gain over the mean label 0.937-0.939 (bound 0.3) over 4 init perturbations of 1e-6 std
+    and 2 threads; other seeds (other disks too): Dice 0.79 and 0.86, gains 0.58 and 0.85."""
+    s = supervised_scores()
+    assert s["learned"] > 0.7 and s["gain"] > 0.3, s
 
 
 def test_supervised_baseline_is_deterministic_given_the_seed():
