@@ -178,3 +178,65 @@ def test_prep_synth_writes_a_readable_corpus(tmp_path):
     want_image, want_mask = synth.example(task, label, index)
     assert abs(image - want_image.numpy()).max() <= 0.5 / 255 + 1e-6  # uint8 storage
     assert (mask == want_mask.numpy()).all()
+
+
+# Generator v1 output pinned before v2 was added (commit after 229aaec): label maps by sha256
+# (integer ids), images by 4 fixed random projections each (sums over 4,096 pixels, so float
+# rounding of another CPU moves them by ~1e-4, any real change by far more than the tolerance).
+_V1_PINNED = {
+    (0, 0): (
+        11,
+        "01664541734c463c0afcbaef6ff39f08cfcad1618aa7d390054624c2c2aad52b",
+        [
+            [-36.469771, 10.513088, 63.490078, -6.662433],
+            [-62.809251, 1.92753, 73.803606, -13.685807],
+            [-43.500195, 6.804863, 53.828578, 11.416839],
+        ],
+    ),
+    (0, 2): (
+        6,
+        "9e7d88b2858f4bfb96c69c2923be8e1797666a1d1ca2c0a24ffc5e1ff9bd055c",
+        [
+            [-10.67361, 3.956425, 30.982686, -15.293304],
+            [-15.567607, -21.890931, 34.846629, -20.200096],
+            [-36.570002, -16.151564, 11.985009, -11.087805],
+        ],
+    ),
+    (HELDOUT_SEED_OFFSET, 0): (
+        16,
+        "0e1b6d2ffa3c9b67ce7425a73000101baf916b369dd8aa7acd7542132c7d1ad1",
+        [
+            [-60.236209, -22.021606, 69.776951, -6.822996],
+            [-31.13304, -29.217157, 58.744745, -38.453223],
+            [-46.482035, -15.452235, 72.652595, -10.96406],
+        ],
+    ),
+    (HELDOUT_SEED_OFFSET, 2): (
+        5,
+        "2424ebcab5e66971f4ca3d2e8fbbf5f5043b12fb5c179623d12cb65236938208",
+        [
+            [-14.646764, -12.956409, -0.000637, -2.574219],
+            [-38.690342, -7.915132, 20.686035, -2.2844],
+            [-34.339346, -28.023511, 36.15216, -9.080174],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("offset_task", list(_V1_PINNED))
+def test_generator_v1_output_is_pinned(offset_task):
+    """Generator v1 stays reproducible: corpora and checkpoints trained on it remain traceable."""
+    import hashlib
+
+    offset, task = offset_task
+    num, label_sha, projections = _V1_PINNED[offset_task]
+    assert synthetic.GENERATOR_VERSION == 1
+    gen = SyntheticTasks(3, offset, SMALL)
+    images, labels = gen.subjects(task, [0, 5, 9])
+    assert gen.num_labels(task) == num
+    assert hashlib.sha256(labels.numpy().tobytes()).hexdigest() == label_sha
+    proj = torch.randn(4, 64 * 64, generator=torch.Generator().manual_seed(1234)).double()
+    got = images[:, 0].flatten(1).double() @ proj.T
+    torch.testing.assert_close(
+        got, torch.tensor(projections, dtype=torch.float64), atol=2e-3, rtol=0
+    )
