@@ -467,10 +467,8 @@ def _exit_with(pid: int) -> None:
         while True:
             try:
                 os.kill(pid, 0)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # gone, or reused by another user
                 os._exit(1)
-            except PermissionError:
-                pass  # the PID was reused by another user's process: cannot happen to a live parent
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="exit-with-build", daemon=True).start()
