@@ -228,3 +228,38 @@ def test_lazy_export():
     import megaseg
 
     assert megaseg.VolumeSession is VolumeSession
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    """notebooks/annotate.ipynb runs on a CPU, offline, writing only under MEGASEG_WORK /
+    MEGASEG_NOTEBOOK_OUT (here tmp_path), never into notebooks/."""
+    from pathlib import Path
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    before = sorted(notebooks.rglob("*"))
+    monkeypatch.setenv("MEGASEG_NOTEBOOK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("MEGASEG_WORK", str(tmp_path / "work"))
+    monkeypatch.delenv("MEGASEG_CHECKPOINT", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(notebooks / "annotate.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "clear outputs"
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError, with the failing cell, on any error
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]  # fmt: skip
+    assert len(images) == 3
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == [
+        "annotate_dice.png",
+        "mni152_annotated.nii.gz",
+        "mni152_annotated_uncertainty.nii.gz",
+    ]
+    assert sorted(notebooks.rglob("*")) == before, "the notebook wrote into notebooks/"
