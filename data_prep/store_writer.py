@@ -178,6 +178,12 @@ def check_owned(out: Path, names: Sequence[str]) -> None:
             f"{manifest}: not a megaseg manifest (unreadable, not JSON or without format_version, "
             "datasets and files); the build would replace it: move it away or choose another --out"
         )
+    datasets = out / "datasets"
+    if datasets.is_symlink() or (datasets.exists() and not datasets.is_dir()):
+        raise BuildRefused(
+            f"{datasets}: not a folder megaseg made (a link or a file); the build writes its "
+            "datasets there: move it away or choose another --out"
+        )
     for name in names:
         folder = dataset_dir(out, name)
         if (folder.exists() or folder.is_symlink()) and not _is_dataset_folder(folder):

@@ -92,6 +92,14 @@ def test_1_foreign_build_folder_and_manifest_are_refused(tmp_path, capsys):
     assert f"{out / 'manifest.json'}: not a megaseg manifest" in capsys.readouterr().err
     assert (out / "manifest.json").read_text() == '{"my": "own manifest"}'
 
+    (out / "manifest.json").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "datasets").symlink_to(elsewhere)  # the build would write outside --out
+    assert main(["build", str(root), "--out", str(out), *OPTS]) == 2
+    assert f"{out / 'datasets'}: not a folder megaseg made" in capsys.readouterr().err
+    assert not any(elsewhere.iterdir())
+
 
 def test_1_megaseg_dataset_folder_is_still_replaced_on_rebuild(tmp_path):
     root = write_nnunet(tmp_path, n_cases=2, channels=("CT",))
