@@ -17,6 +17,11 @@ three steps, each safe to kill at any moment:
    splits and the sha256 of each file, is written last, atomically. A corpus without a
    manifest is incomplete; once the manifest is written the work folder is removed.
 
+Only what megaseg marked is ever deleted or replaced (:func:`check_owned`, before anything is
+written): ``.build`` holds ``megaseg-work.json``, a dataset folder its ``build_key.json``, and
+``manifest.json`` must parse as a manifest. ``.lock`` (``flock``, holding the builder's PID)
+keeps two builds of one corpus apart.
+
 Everything checksummed is deterministic (sorted, no timestamps, no absolute output paths), so
 a build that was killed and resumed verifies and equals an uninterrupted one.
 """

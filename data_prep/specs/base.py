@@ -44,7 +44,9 @@ class FolderLayout:
 class DatasetSpec:
     """A public (or user's) dataset, declared.
 
-    name: unique id used in the corpus (``"ACDC"``, ``"MSD-Task02_Heart"``).
+    name: unique id used in the corpus (``"ACDC"``, ``"MSD-Task02_Heart"``); it becomes the
+        folder ``datasets/NAME``, so it must be a plain folder name (no ``/``, ``\\``,
+        leading ``.`` or control characters; ValueError otherwise).
     reader: ``"nnunet"``, ``"msd"``, ``"folder"`` (paired files, NIfTI or 2D) or ``"folder2d"``.
     root: where the dataset folder is, relative to the user's data directory (the name the
         download unpacks to); an absolute path for an ad-hoc spec. See :meth:`locate`.
