@@ -10,7 +10,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import SaveConfigCallback
 
 from megaseg.checkpoint import atomic_write
@@ -42,6 +41,7 @@ class ExportWeights(pl.Callback):
     def __init__(self, dirpath: str | None = None, raw: bool = False):
         self.dirpath, self.raw = dirpath, raw
         self._config: dict | None = None
+        self.exported: Path | None = None  # the last file written
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         if self.dirpath:
@@ -62,6 +62,7 @@ class ExportWeights(pl.Callback):
             export_weights(
                 out / f"{name}_raw.safetensors", module, trainer, self._config, ema=False
             )
+        self.exported = path
         return path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -134,22 +135,30 @@ def save_grid(path: Path, batch: dict, logits: torch.Tensor, max_rows: int = 4, 
     return path
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(pl.Callback):
     """Writes each ``megaseg predict`` batch as it comes: ``{set}_batch{i:04d}.npz`` (query,
     support images and labels, ``probs``, and ``query_label`` / ``dice`` when known) and a PNG
     grid of its first episodes, under ``dirpath`` (default ``<default_root_dir>/predictions``).
     Each file is written to a temporary name and renamed: an interrupted run leaves whole files.
+
+    A plain callback, not Lightning's ``BasePredictionWriter``: that one asks the loader for
+    each batch's sample indices, which episode streams (``batch_size=None``) do not have, and
+    warns on every run; the file names here use the batch index instead.
     """
 
     def __init__(self, dirpath: str | None = None, max_rows: int = 4):
-        super().__init__(write_interval="batch")
         self.dirpath, self.max_rows = dirpath, max_rows
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "predictions")
 
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.write_on_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
     def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+        self, trainer, pl_module, prediction, batch, batch_idx, dataloader_idx=0
     ) -> None:
         out = self._dir(trainer)  # atomic_write makes the folder
         stem = f"{prediction['set']}_batch{batch_idx:04d}"

@@ -3,7 +3,7 @@
 The data module is the authority on the values it shares with the model: ``data.resolution``
 and ``data.support_size`` are linked to ``model.resolution`` and ``model.support_size``.
 
-Every run under ``trainer.default_root_dir`` (ROOT):
+Every run under ``trainer.default_root_dir`` (ROOT), and the run's last lines name them:
 
 - ``ROOT/checkpoints/``: Lightning's resumable ``.ckpt`` files (a ``ModelCheckpoint`` without a
   ``dirpath`` is pointed here, so ``--ckpt_path last`` finds them from one run to the next);
@@ -11,23 +11,33 @@ Every run under ``trainer.default_root_dir`` (ROOT):
 - ``ROOT/predictions/`` (``megaseg predict``): per test-episode batch an ``.npz`` with the
   probabilities and a PNG (:class:`PredictionWriter`);
 - ``ROOT/lightning_logs/version_N/``: ``metrics.csv`` (and TensorBoard events when tensorboard
-  is installed), the resolved ``config.yaml``, ``val_examples/*.png``.
+  is installed), the resolved ``config.yaml``, ``val_examples/*.png``; N counts up per run.
+
+On a CPU the run shares the cores between torch's intra-op threads and data workers
+(:mod:`megaseg.training.threads`) and says so in its first lines.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from megaseg.training.callbacks import EpisodeThroughput, ExportWeights, PredictionWriter
 from megaseg.training.datamodule import EpisodeDataModule
 from megaseg.training.module import InContextSegModule
+from megaseg.training.threads import auto_workers, available_cores, plan_cpu
+
+# A run logs at least this many times, so that a short run still writes metrics.csv rows.
+MIN_LOGGED_STEPS = 4
 
 
 def default_loggers(root: str) -> list:
@@ -39,38 +49,192 @@ def default_loggers(root: str) -> list:
     return loggers
 
 
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_third_party_notices() -> None:
+    """Hide two notices megaseg can do nothing about: Lightning's advertisement for its cloud
+    logger (printed on every run) and torch's deprecation of ``LeafSpec``, which Lightning's
+    own pytree code still uses (pytorch_lightning/utilities/_pytree.py)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
+            logger.addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _say(line: str) -> None:
+    if _is_rank_zero():
+        print(line, flush=True)
+
+
+def _on_cpu(accelerator) -> bool:
+    if isinstance(accelerator, str) and accelerator in ("cpu", "auto"):
+        return accelerator == "cpu" or not torch.cuda.is_available()
+    return False
+
+
+def _processes(devices) -> int:
+    if isinstance(devices, int):
+        return max(1, devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return max(1, int(devices))
+    if isinstance(devices, list | tuple):
+        return max(1, len(devices))
+    return 1
+
+
 class MegasegCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.resolution", "model.resolution")
         parser.link_arguments("data.support_size", "model.support_size")
+        parser.add_argument(
+            "--cpu_threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op threads of a CPU run (default: the cores left after the data "
+            "workers; OMP_NUM_THREADS, when set, is left to torch)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Share the CPU between threads and workers, and keep a short run's metrics."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        if _on_cpu(trainer.accelerator):
+            plan = plan_cpu(
+                cfg.data.num_workers, cfg.get("cpu_threads"), _processes(trainer.devices)
+            )
+            cfg.data.num_workers = plan.workers
+            if plan.threads is not None:
+                torch.set_num_threads(plan.threads)
+            _say(plan.describe(torch.get_num_threads()))
+        elif cfg.data.num_workers is None:
+            cores = available_cores() // _processes(trainer.devices)
+            cfg.data.num_workers = auto_workers(cores)
+            _say(f"megaseg: {cfg.data.num_workers} data-loader workers (--data.num_workers N)")
+        if self.subcommand == "fit":
+            steps, every = trainer.max_steps or -1, trainer.log_every_n_steps or 50
+            if steps > 0 and every * MIN_LOGGED_STEPS > steps:
+                trainer.log_every_n_steps = max(1, steps // MIN_LOGGED_STEPS)
+                _say(
+                    f"megaseg: logging every {trainer.log_every_n_steps} steps, not {every}: "
+                    f"the run has {steps} steps"
+                )
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_fit(self) -> None:
+    def _checkpoints_under_root(self) -> None:
+        # Every subcommand, not only fit: otherwise test/predict resolve the folder elsewhere and
+        # Lightning warns that "the dirpath has changed" when they load a checkpoint.
         root = Path(self.trainer.default_root_dir)
         for cb in self.trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(root / "checkpoints")
 
+    def before_fit(self) -> None:
+        self._checkpoints_under_root()
+
+    def before_validate(self) -> None:
+        self._checkpoints_under_root()
+
+    def before_test(self) -> None:
+        self._checkpoints_under_root()
+
     def before_predict(self) -> None:
+        self._checkpoints_under_root()
         # Without a writer of the user's, each batch's predictions are written as they come.
         if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
 
+    def after_fit(self) -> None:
+        self._report("fit")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def after_predict(self) -> None:
+        self._report("predict")
+
+    def _report(self, subcommand: str) -> None:
+        """The closing lines: every file or folder this run wrote to, that exists."""
+        if not self.trainer.is_global_zero:
+            return
+        for line in written_paths(self.trainer, subcommand):
+            print(line, flush=True)
+
+
+def written_paths(trainer, subcommand: str) -> list[str]:
+    """``["megaseg fit wrote:", "  checkpoints: ...", ...]`` for the paths that exist."""
+    rows: list[tuple[str, Path]] = []
+    if subcommand == "fit":
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.dirpath:
+            last = ckpt.last_model_path or ckpt.best_model_path
+            rows.append(("checkpoints", Path(last) if last else Path(ckpt.dirpath)))
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExportWeights) and cb.exported is not None:
+                export = cb.exported.parent
+                final = export / "final.safetensors"
+                rows.append(("weights", final if final.is_file() else export))
+    if subcommand == "predict":
+        for cb in trainer.callbacks:
+            if isinstance(cb, PredictionWriter):
+                rows.append(("predictions", cb._dir(trainer)))
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            rows.append(("metrics", Path(logger.log_dir) / "metrics.csv"))
+    # Not trainer.log_dir: under DDP it is a collective call, and only rank 0 gets here.
+    log_dir = Path(
+        (trainer.loggers[0].log_dir if trainer.loggers else None) or trainer.default_root_dir
+    )
+    if any(isinstance(cb, SaveConfigCallback) for cb in trainer.callbacks):
+        rows.append(("config", log_dir / "config.yaml"))
+    rows.append(("val images", log_dir / "val_examples"))
+    existing = [(name, path.resolve()) for name, path in rows if path.exists()]
+    if not existing:
+        return []
+    width = max(len(name) for name, _ in existing) + 1
+    lines = [f"megaseg {subcommand} wrote:"]
+    lines += [f"  {name + ':':<{width}} {path}{os.sep if path.is_dir() else ''}"
+              for name, path in existing]  # fmt: skip
+    return lines
+
 
 def lightning_main(argv: list[str] | None = None) -> int:
-    """Run the Lightning CLI on ``argv`` (``[subcommand, --config, ...]``); returns 0."""
+    """Run the Lightning CLI on ``argv`` (``[subcommand, --config, ...]``); returns 0.
+
+    The thread count a CPU run sets is put back afterwards, so a caller in the same process
+    (a test, a notebook) keeps its own.
+    """
     if argv is not None and list(argv) == sys.argv[1:]:
         argv = None  # the command line itself: let LightningCLI read sys.argv
-    MegasegCLI(
-        InContextSegModule,
-        EpisodeDataModule,
-        args=argv,
-        trainer_defaults={"callbacks": [ExportWeights(), EpisodeThroughput()]},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    quiet_third_party_notices()
+    threads = torch.get_num_threads()
+    try:
+        MegasegCLI(
+            InContextSegModule,
+            EpisodeDataModule,
+            args=argv,
+            trainer_defaults={"callbacks": [ExportWeights(), EpisodeThroughput()]},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
     return 0

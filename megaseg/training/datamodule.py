@@ -86,7 +86,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         augment: training augmentation preset (:mod:`megaseg.data.augment`, reference
             probabilities): "reference" (task-level and in-task), "task", "in_task", or None.
             From Python, any ``(images, labels, generator) -> (images, labels)`` callable.
-        num_workers: DataLoader workers (the batches are the same for any number).
+        num_workers: DataLoader workers (the batches are the same for any number); None: chosen
+            by ``megaseg fit`` from the cores (:mod:`megaseg.training.threads`), 0 from Python.
         seed: seed of the episode streams.
     """
 
@@ -108,7 +109,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         test_batches: int = 16,
         synthetic_val: bool = True,
         augment: str | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -137,7 +138,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.test_batches = test_batches
         self.synthetic_val = synthetic_val or not corpora
         self.augment = make_augment(augment) if isinstance(augment, str) else augment
-        self.num_workers = num_workers
+        self.num_workers = 0 if num_workers is None else num_workers
         self.seed = seed
         self._corpora: list[Corpus] | None = None
         self.eval_names: dict[str, list[str]] = {}

@@ -20,6 +20,7 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -28,8 +29,14 @@ from megaseg.models import create_model
 
 class WarmupCosine(LambdaLR):
     """Linear warm-up from ``start_factor * lr`` to ``lr`` over ``warmup_steps``, then cosine
-    decay to ``min_factor * lr`` at ``total_steps`` (constant after warm-up if None). Step it
-    every optimizer step."""
+    decay to ``min_factor * lr`` at ``total_steps``. Step it every optimizer step.
+
+    ``total_steps=None``: the trainer's number of optimizer steps (``trainer.max_steps``),
+    filled in by :class:`InContextSegModule` when training starts, so that
+    ``--trainer.max_steps 100`` shortens the whole schedule; constant after warm-up when the
+    run has no step limit. Warm-up is capped to ``max_warmup_fraction`` of the total, so a
+    short run leaves it.
+    """
 
     def __init__(
         self,
@@ -38,11 +45,29 @@ class WarmupCosine(LambdaLR):
         total_steps: int | None = None,
         start_factor: float = 0.01,
         min_factor: float = 0.0,
+        max_warmup_fraction: float = 0.2,
         last_epoch: int = -1,
     ):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        if not 0.0 <= max_warmup_fraction <= 1.0:
+            raise ValueError(f"max_warmup_fraction must be in [0, 1], got {max_warmup_fraction}")
+        self.warmup_steps, self.total_steps = warmup_steps, None
         self.start_factor, self.min_factor = start_factor, min_factor
+        self.max_warmup_fraction = max_warmup_fraction
         super().__init__(optimizer, self.factor, last_epoch)
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Decay to ``min_factor`` at ``total_steps``; warm-up capped to its fraction of it;
+        the optimizer's learning rates follow at once."""
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
+        self.warmup_steps = min(self.warmup_steps, int(self.max_warmup_fraction * self.total_steps))
+        factor = self.factor(max(0, self.last_epoch))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -51,6 +76,14 @@ class WarmupCosine(LambdaLR):
             return 1.0
         t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def describe(self) -> str:
+        if self.total_steps is None:
+            return f"WarmupCosine: {self.warmup_steps} warm-up steps, then constant"
+        return (
+            f"WarmupCosine: {self.warmup_steps} warm-up steps, cosine decay to "
+            f"{self.min_factor:g} x lr at step {self.total_steps}"
+        )
 
 
 def episode_metrics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,6 +269,13 @@ class InContextSegModule(pl.LightningModule):
         if self.lr_scheduler_fn is None:
             return optimizer
         scheduler = self.lr_scheduler_fn(optimizer)
+        if isinstance(scheduler, WarmupCosine):
+            trainer = self._trainer  # None when called outside a Trainer
+            if scheduler.total_steps is None and trainer is not None:
+                total = trainer.estimated_stepping_batches
+                if math.isfinite(total) and total > 0:
+                    scheduler.set_total_steps(int(total))
+            rank_zero_info(f"megaseg: learning-rate schedule {scheduler.describe()}")
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
