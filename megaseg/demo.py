@@ -3,6 +3,9 @@
     megaseg demo                                  # shipped weights, else a 45 s synthetic model
     megaseg demo --checkpoint run/export/final.safetensors --support-size 16 --out demo/
 
+Writes to ``--out`` (default ``megaseg_work/demo``, see :func:`megaseg.paths.work_dir`) and
+ends by naming what it wrote.
+
 Data: the MNI152 T1 template with its grey / white matter maps (inside the nilearn wheel, see
 :mod:`megaseg.examples`). It is one subject, so the demo is *within-subject*: the support set is
 ``--support-size`` labelled slices of the volume, the queries are other slices of the same
@@ -30,11 +33,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-DEFAULT_OUT = "megaseg_demo"
+from megaseg.paths import work_dir
+
+if TYPE_CHECKING:  # torch is imported where it is used: `megaseg demo --help` does without
+    import torch
+
 DEFAULT_SUPPORT_SIZE = 8
 DEFAULT_TRAIN_SECONDS = 45.0
 DEFAULT_QUERIES = 3
@@ -127,6 +134,7 @@ def train_synthetic_model(
         ``(network, card, steps, elapsed_seconds)``; the network is in eval mode on the CPU.
     """
     import pytorch_lightning as pl
+    import torch
 
     from megaseg.checkpoint import save_checkpoint
     from megaseg.training import EpisodeDataModule, InContextSegModule, WarmupCosine, build_card
@@ -391,6 +399,8 @@ def plot_demo(
 def _cpu_threads():
     """Use as many torch threads as there are idle cores (at least 1): on a shared, busy CPU,
     threads that wait for each other make small networks several times slower than one."""
+    import torch
+
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
@@ -416,7 +426,8 @@ def _parser() -> argparse.ArgumentParser:
                    "trained on synthetic tasks")  # fmt: skip
     p.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE,
                    help=f"labelled slices in the support set (default {DEFAULT_SUPPORT_SIZE})")  # fmt: skip
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT}/)")
+    p.add_argument("--out", help=f"output folder (default {work_dir('demo')}/; "
+                   "$MEGASEG_WORK moves megaseg_work)")  # fmt: skip
     p.add_argument("--train-seconds", type=float, default=DEFAULT_TRAIN_SECONDS,
                    help="training budget of the synthetic fallback, when no checkpoint is "
                    f"given or shipped (default {DEFAULT_TRAIN_SECONDS:.0f})")  # fmt: skip
@@ -451,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("megaseg demo: --queries must be >= 1", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    out, plane = Path(args.out), args.axis
+    out, plane = Path(args.out or work_dir("demo")), args.axis
     try:
         from megaseg.examples import MNI152_REFERENCE, mni152_slices, mni152_volume
 
@@ -515,8 +526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model.is_fallback:
         print("  (a minute of training on synthetic tasks only: expect low Dice; the baseline "
               "predicts the average of the support labels, with no learning at all)")  # fmt: skip
-    print(f"  overlay PNG: {png.resolve()}")
     print(f"  total {time.perf_counter() - start:.0f} s")
+    print("megaseg demo wrote:")
+    print(f"  overlay PNG: {png.resolve()}")
+    if model.is_fallback and model.path is not None and model.path.is_file():
+        print(f"  weights:     {model.path.resolve()} (+ .json card)")
     return 0
 
 

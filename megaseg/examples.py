@@ -99,13 +99,18 @@ def brain_extent(labels: np.ndarray, axis: int, min_fraction: float = 0.25) -> t
     return int(keep[0]), int(keep[-1]) + 1
 
 
-def write_mni152_nnunet(root: str | os.PathLike) -> Path:
-    """The template as a one-subject nnU-Net v2 raw dataset under ``root``:
+def write_mni152_nnunet(root: str | os.PathLike | None = None) -> Path:
+    """The template as a one-subject nnU-Net v2 raw dataset under ``root`` (default
+    ``megaseg_work/mni``, see :func:`megaseg.paths.work_dir`):
     ``Dataset900_MNI152/{dataset.json, imagesTr/mni152_0000.nii.gz, labelsTr/mni152.nii.gz}``
     (the T1 file copied byte for byte, the labels of :func:`mni152_volume`). Returns the
     dataset folder, readable by ``megaseg.evaluation.folder_source`` and ``megaseg prep``."""
     import nibabel as nib
 
+    if root is None:
+        from megaseg.paths import work_dir
+
+        root = work_dir("mni")
     folder = Path(root) / MNI152_DATASET
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)

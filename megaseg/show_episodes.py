@@ -2,19 +2,25 @@
 
 One row per episode: the query image, the query with its label overlaid, then support examples
 with their labels; above each row, the task-level augmentations that were drawn for it. Episodes
-come from synthetic tasks (default) or from a corpus built by ``megaseg prep build``.
+come from synthetic tasks (default) or from a corpus built by ``megaseg prep build``. The PNG
+goes to ``--out`` (default ``megaseg_work/episodes.png``, see :func:`megaseg.paths.work_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from megaseg.data.augment import EpisodeAugment, EpisodeParams
+from megaseg.paths import work_dir
+
+if TYPE_CHECKING:  # torch is imported where it is used: `--help` does without it
+    import torch
+    from torch import Tensor
+
+    from megaseg.data.augment import EpisodeParams
 
 _OVERLAY_RGB = np.array([1.0, 0.15, 0.1])  # label colour
 _OVERLAY_ALPHA = 0.5
@@ -22,7 +28,8 @@ _OVERLAY_ALPHA = 0.5
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaseg show-episodes", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("episodes.png"), help="PNG to write")
+    p.add_argument("--out", type=Path, help=f"PNG to write (default {work_dir('episodes.png')};"
+                   " $MEGASEG_WORK moves megaseg_work)")  # fmt: skip
     p.add_argument("--episodes", type=int, default=4, help="rows")
     p.add_argument("--support", type=int, default=6, help="support examples per episode")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and augmentations")
@@ -39,6 +46,8 @@ def synthetic_episodes(
     num_episodes: int, num_examples: int, size: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Episodes of random synthetic tasks: ``images, labels (B, N, 1, H, W)`` and row names."""
+    import torch
+
     from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
 
     tasks = SyntheticTasks(num_tasks=1000, config=SyntheticConfig(size=size))
@@ -65,6 +74,8 @@ def corpus_episodes(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Episodes of random corpus tasks with at least ``num_examples`` examples in ``split``."""
+    import torch
+
     from megaseg.data.store import Corpus
 
     corpus = Corpus(root)
@@ -124,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.episodes < 1 or args.support < 1:
         raise SystemExit("megaseg show-episodes: --episodes and --support must be >= 1")
+    import torch
+
+    from megaseg.data.augment import EpisodeAugment
+
     generator = torch.Generator().manual_seed(args.seed)
     num_examples = 1 + args.support
     if args.corpus is not None:
@@ -139,6 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         augment = EpisodeAugment()
         params = augment.sample(args.episodes, num_examples, generator)
         images, labels = augment.apply(images, labels, params)
-    path = render(args.out, images, labels, names, params)
-    print(f"wrote {path}")
+    path = render(args.out or work_dir("episodes.png"), images, labels, names, params)
+    print(f"megaseg show-episodes wrote: {Path(path).resolve()}")
     return 0

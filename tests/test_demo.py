@@ -81,6 +81,18 @@ def test_demo_runs_a_given_checkpoint_without_training(tmp_path, capsys):
     assert png.name == "mni152_coronal_overlay.png" and png.stat().st_size > 10_000
 
 
+def test_demo_writes_under_the_work_folder_by_default_and_names_what_it_wrote(
+    tmp_path, capsys, monkeypatch
+):
+    weights = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    monkeypatch.setenv("MEGASEG_WORK", str(tmp_path / "work"))
+    assert cli_main(["demo", "--checkpoint", str(weights), "--support-size", "2"]) == 0
+    out = capsys.readouterr().out
+    wrote = out.split("megaseg demo wrote:\n")[-1]
+    png = (tmp_path / "work" / "demo" / "mni152_axial_overlay.png").resolve()
+    assert f"overlay PNG: {png}" in wrote and png.is_file()
+
+
 def test_demo_uses_the_shipped_weights_from_the_registry(tmp_path, capsys, monkeypatch):
     from megaseg.models import UniverSeg, registry
 
@@ -144,6 +156,15 @@ def test_mni152_volume_matches_the_test_fixture():
     images, masks = mni152_slices(t1, labels, 2, [90, 91])
     assert images[0].shape == masks[0].shape == MNI_SHAPE[:2]
     np.testing.assert_array_equal(masks[1], labels[:, :, 91])
+
+
+def test_mni152_dataset_goes_to_the_work_folder_by_default(tmp_path, monkeypatch):
+    from megaseg.examples import write_mni152_nnunet
+
+    monkeypatch.setenv("MEGASEG_WORK", str(tmp_path / "work"))
+    folder = write_mni152_nnunet()
+    assert folder == tmp_path / "work" / "mni" / "Dataset900_MNI152"
+    assert (folder / "labelsTr" / "mni152.nii.gz").is_file()
 
 
 def test_written_mni152_dataset_is_the_fixture_dataset(tmp_path):

@@ -17,7 +17,11 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["few_shot_inference.ipynb", "evaluate.ipynb"])
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
+    """Executed in ``tmp_path`` (the kernel's working folder, its outputs and the executed copy),
+    so nothing lands in notebooks/."""
+    before = sorted(NOTEBOOKS.rglob("*"))
     monkeypatch.setenv("MEGASEG_NOTEBOOK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("MEGASEG_WORK", str(tmp_path / "work"))
     monkeypatch.setenv("MEGASEG_TRAIN_SECONDS", "8")  # the synthetic fallback, when it is needed
     monkeypatch.delenv("MEGASEG_CHECKPOINT", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the test processes (see conftest.py)
@@ -38,3 +42,4 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     ]  # fmt: skip
     assert images, f"{name} displayed no figure"
     assert any((tmp_path / "out").iterdir())
+    assert sorted(NOTEBOOKS.rglob("*")) == before, "the notebook wrote into notebooks/"
