@@ -53,11 +53,11 @@ def resolve_dataset(arg: str, data_dir: Path):
         fields = yaml.safe_load(path.read_text())
         if not isinstance(fields, dict):
             raise ValueError(f"{path}: expected a mapping of DatasetSpec fields")
-        if isinstance(fields.get("layout"), dict):
-            fields["layout"] = FolderLayout(**fields["layout"])
-        try:  # DatasetSpec turns YAML lists into tuples
+        try:  # DatasetSpec turns YAML lists into tuples and checks the fields' types
+            if isinstance(fields.get("layout"), dict):
+                fields["layout"] = FolderLayout(**fields["layout"])
             spec = DatasetSpec(**fields)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
         return spec, (path.parent / spec.root)
     if path.suffix or os.sep in arg:

@@ -552,3 +552,27 @@ def test_12_info_lists_labels_explains_task_count_and_missing_provenance(tmp_pat
     assert "labels: liver, tumour" in text
     assert "| not given | not given |" in text and "licence not given" in text
     assert "`licence: CC BY 4.0`" in text and "?" not in text.split("Provenance")[1]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"layout": {"images": 5, "label": "{stem}"}}, "layout: images must be str, got 5"),
+        ({"layout": {"images": "*", "label": "{stem}", "match": "["}}, "match '[' is not a"),
+        ({"window": [1]}, "window must be [low, high] numbers, got [1]"),
+        ({"modality": 5}, "modality must be a name or a list of names, got 5"),
+        ({"root": [1]}, "root must be str or Path, got [1]"),
+        ({"spacing_mm": 0}, "spacing_mm must be a number in (0, 1000) mm, got 0"),
+        ({"subject_regex": "(?P<subject>["}, "subject_regex '(?P<subject>[' is not a regular"),
+        ({"labels": {"a": "b"}}, "labels must map integer values to names"),
+        ({"planes": "xyz"}, "planes must be a list of axes 0, 1, 2, got 'xyz'"),
+    ],
+)
+def test_11_malformed_spec_file_is_a_message_naming_file_and_field(
+    tmp_path, capsys, fields, message
+):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({"name": "A", "reader": "nnunet", "root": "data"} | fields))
+    assert main(["build", str(spec), "--out", str(tmp_path / "c"), *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prep build: {spec}: ") and message in err

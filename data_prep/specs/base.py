@@ -36,8 +36,19 @@ class FolderLayout:
     binary: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.channels, tuple):  # a list from YAML; a spec must stay hashable
+        if isinstance(self.channels, list):  # a list from YAML; a spec must stay hashable
             object.__setattr__(self, "channels", tuple(self.channels))
+        # a spec may come from a user's YAML file: wrong types are a ValueError naming the field
+        for name in ("images", "label", "case_id"):
+            _expect(self, name, str)
+        for name in ("match", "exclude"):
+            _expect(self, name, str, none=True)
+            _regex(self, name)
+        if not isinstance(self.channels, tuple) or not all(
+            isinstance(c, str) for c in self.channels
+        ):
+            raise ValueError(f"layout: channels must be a list of templates, got {self.channels!r}")
+        _expect(self, "binary", bool)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,44 @@ class DatasetSpec:
         from data_prep.store_writer import check_dataset_name
 
         check_dataset_name(self.name)  # it becomes a folder name: refused unless plain
+        where = f"spec {self.name!r}"
+        for name in ("reader", "group", "licence", "citation", "source", "version", "notes"):
+            _expect(self, name, str, where=where)
+        _expect(self, "root", (str, Path), where=where)
+        for name in ("subject_regex", "case_regex"):
+            _expect(self, name, str, none=True, where=where)
+            _regex(self, name, where=where)
+        if self.layout is not None and not isinstance(self.layout, FolderLayout):
+            raise ValueError(f"{where}: layout must be a mapping of FolderLayout fields")
+        spacing = self.spacing_mm
+        if (
+            isinstance(spacing, bool)
+            or not isinstance(spacing, int | float)
+            or not 0 < spacing < 1e3
+        ):
+            raise ValueError(
+                f"{where}: spacing_mm must be a number in (0, 1000) mm, got {spacing!r}"
+            )
+        modality = self.modality
+        if not (
+            modality is None
+            or isinstance(modality, str)
+            or (isinstance(modality, list | tuple) and all(isinstance(m, str) for m in modality))
+        ):
+            raise ValueError(
+                f"{where}: modality must be a name or a list of names, got {modality!r}"
+            )
+        window = self.window
+        if window is not None and (
+            not isinstance(window, list | tuple)
+            or len(window) != 2
+            or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in window)
+        ):
+            raise ValueError(f"{where}: window must be [low, high] numbers, got {window!r}")
+        if not isinstance(self.planes, list | tuple) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in self.planes
+        ):
+            raise ValueError(f"{where}: planes must be a list of axes 0, 1, 2, got {self.planes!r}")
         per_structure = self.layout is not None and "{structure}" in self.layout.label
         if self.structures is not None:
             if not per_structure:
@@ -113,7 +162,12 @@ class DatasetSpec:
                     "not labels"
                 )
         if self.labels is not None:
-            object.__setattr__(self, "labels", _label_pairs(self.labels))
+            try:
+                object.__setattr__(self, "labels", _label_pairs(self.labels))
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"spec {self.name!r}: labels must map integer values to names ({err})"
+                ) from None
         # lists (from a YAML or JSON spec file) -> tuples: a spec is immutable and hashable
         for name in ("modality", "planes", "window"):
             if isinstance(getattr(self, name), list):
@@ -147,6 +201,28 @@ class DatasetSpec:
         raise FileNotFoundError(
             f"dataset {self.name!r} not found: tried {', '.join(map(str, tried))} ({self.source})"
         )
+
+
+def _expect(obj, name: str, kind, none: bool = False, where: str = "layout") -> None:
+    """ValueError naming the field when ``obj.name`` is not a ``kind`` (or None if allowed)."""
+    value = getattr(obj, name)
+    if not (isinstance(value, kind) or (none and value is None)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: {name} must be {names}, got {value!r}")
+
+
+def _regex(obj, name: str, where: str = "layout") -> None:
+    """ValueError naming the field when ``obj.name`` is not a valid regular expression."""
+    import re
+
+    value = getattr(obj, name)
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(
+                f"{where}: {name} {value!r} is not a regular expression ({err})"
+            ) from None
 
 
 def _label_pairs(labels: Mapping | Iterable) -> tuple[tuple[int, str], ...]:
