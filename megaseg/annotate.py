@@ -11,9 +11,12 @@
 
 How a slice is segmented. Every unlabelled slice is a query whose support set is its
 ``max_support`` nearest labelled slices along the axis (the slices that look most like it), so
-the cost of a call does not grow with the number of labelled slices. When that support has at
-least ``min_ensemble_support`` slices, the prediction is the mean over ``ensemble`` random
-support subsets of half its size (1.5x the work of one pass at ``ensemble=3``); their
+the cost of a call does not grow with the number of labelled slices, and adding a slice only
+changes the slices around it. The default, 2 (about one labelled slice on each side), was both
+the fastest and the most accurate setting measured (benchmarks/annotate_loop.py, "support
+per slice": on MNI152 more or all labelled slices as support gave a lower Dice). When the
+support has at least ``min_ensemble_support`` slices (only with a larger ``max_support``), the
+prediction is the mean over ``ensemble`` random support subsets of half its size; their
 disagreement shows up in the uncertainty. Labelled slices keep their labels as given.
 
 Uncertainty. Per voxel, the binary entropy (bits, in [0, 1]) of each label's mean probability,
@@ -87,7 +90,8 @@ class VolumeSession:
             (default identity); a NIfTI input keeps its own.
         max_support: each slice's support is its ``max_support`` nearest labelled slices
             (None: all of them).
-        ensemble: support subsets averaged per prediction once the support is large enough.
+        ensemble: support subsets averaged per prediction once the support is large enough
+            (at most as many as there are distinct subsets).
         min_ensemble_support: the smallest support that is split into an ensemble.
         progress: show a tqdm bar during :meth:`segment`.
 
@@ -104,7 +108,7 @@ class VolumeSession:
         modality: str | None = None,
         window: tuple[float, float] | None = None,
         affine: np.ndarray | None = None,
-        max_support: int | None = 4,
+        max_support: int | None = 2,
         ensemble: int = 3,
         min_ensemble_support: int = 4,
         progress: bool = True,
