@@ -1,0 +1,166 @@
+"""Synthetic tasks v2: purity, per-subject geometry, objects on backgrounds, real label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megaseg.data import synthetic, synthetic_v2
+from megaseg.data.synthetic_v2 import (
+    GENERATOR_VERSION,
+    SyntheticTasksV2,
+    SyntheticV2Config,
+    preview_png,
+)
+from megaseg.data.tasks import SyntheticSource
+
+SMALL = SyntheticV2Config(size=64, num_subjects=12)
+OBJECTS = SyntheticV2Config(size=64, num_subjects=12, kind_weights=(1.0, 0.0, 0.0))
+
+
+def _toy_maps(size: int = 64) -> torch.Tensor:
+    """Two hand-made label maps: a square (1) beside a bar (2); a cross (1)."""
+    maps = torch.zeros(2, size, size, dtype=torch.uint8)
+    maps[0, 10:30, 10:30] = 1
+    maps[0, 40:44, 8:56] = 2
+    maps[1, 28:36, 8:56] = 1
+    maps[1, 8:56, 28:36] = 1
+    return maps
+
+
+@pytest.fixture(scope="module")
+def tasks() -> SyntheticTasksV2:
+    return SyntheticTasksV2(num_tasks=30, config=SMALL, label_maps=_toy_maps())
+
+
+def test_versions():
+    assert GENERATOR_VERSION == 2 and synthetic.GENERATOR_VERSION == 1
+    v1 = synthetic.SyntheticTasks(3, config=synthetic.SyntheticConfig(size=64))
+    assert SyntheticTasksV2(3, config=SMALL).task_seed(0) != v1.task_seed(0)
+
+
+def test_pure_function_of_version_and_seed(tasks):
+    for t in range(4):
+        a_img, a_lab = tasks.subjects(t, [0, 3, 7])
+        synthetic_v2._task.cache_clear()
+        fresh = SyntheticTasksV2(num_tasks=30, config=SMALL, label_maps=_toy_maps())
+        b_img, b_lab = fresh.subjects(t, [7, 3, 0])  # another order, another object, no cache
+        assert torch.equal(a_img, b_img.flip(0)) and torch.equal(a_lab, b_lab.flip(0))
+        one_img, one_lab = fresh.subject(t, 3)
+        assert torch.equal(one_img, a_img[1]) and torch.equal(one_lab, a_lab[1])
+    x, _ = tasks.subjects(0, [0, 1])
+    y, _ = SyntheticTasksV2(30, 100, SMALL, _toy_maps()).subjects(0, [0, 1])
+    assert not torch.equal(x[0], x[1]) and not torch.equal(x, y)
+
+
+def test_shapes_ranges_and_labels(tasks):
+    for t in range(len(tasks)):
+        images, labels = tasks.subjects(t, [0, 1])
+        assert images.shape == (2, 1, 64, 64) and images.dtype == torch.float32
+        assert labels.shape == (2, 64, 64) and labels.dtype == torch.int64
+        assert 0 <= images.min() and images.max() <= 1
+        assert 0 <= labels.min() and labels.max() <= tasks.num_labels(t)
+        _, masks = tasks.batch(t, tasks.num_labels(t) - 1, [0])
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    kinds = {tasks.kind(t) for t in range(len(tasks))}
+    assert kinds == {"objects", "anatomy", "real"}
+
+
+def test_objects_lie_on_an_unlabelled_background():
+    gen = SyntheticTasksV2(num_tasks=24, config=OBJECTS)
+    background, present = [], []
+    for t in range(len(gen)):
+        assert gen.kind(t) == "objects" and 1 <= gen.num_labels(t) <= OBJECTS.max_structures
+        _, labels = gen.subjects(t, range(12))
+        background.append((labels == 0).float().mean().item())
+        for k in range(1, gen.num_labels(t) + 1):
+            present.append((labels == k).flatten(1).any(1).float().mean().item())
+    assert min(background) > 0.2  # every task has a real background
+    assert np.mean(present) > 0.85  # structures stay in view in most subjects
+
+
+def test_per_subject_geometry_varies_within_a_task():
+    """Zoom, position and size differ between subjects of one task: the structure's area
+    and centroid spread across subjects."""
+    gen = SyntheticTasksV2(num_tasks=24, config=OBJECTS)
+    ratios, moves = [], []
+    for t in range(len(gen)):
+        _, masks = gen.batch(t, 0, range(12))
+        area = masks.flatten(1).sum(1)
+        keep = area > 0
+        if keep.sum() < 4:
+            continue
+        ratios.append((area[keep].max() / area[keep].min()).item())
+        ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        cy = (masks[keep, 0] * ys).sum((1, 2)) / area[keep]
+        cx = (masks[keep, 0] * xs).sum((1, 2)) / area[keep]
+        moves.append(torch.sqrt(cy.var() + cx.var()).item())
+    assert np.median(ratios) > 1.5  # sizes differ by half or more in a typical task
+    assert np.median(moves) > 3.0  # centroids move by pixels, not sub-pixels
+
+
+def test_label_to_image_uses_the_given_label_maps():
+    """Without geometry, a real task's subjects carry the given map exactly; contrasts are
+    random per task."""
+    still = SyntheticV2Config(
+        size=64,
+        num_subjects=4,
+        kind_weights=(0.0, 0.0, 1.0),
+        zoom_range=(1.0, 1.0),
+        aspect_jitter=0.0,
+        rotation_deg=0.0,
+        shift=0.0,
+        elastic_range=(0.0, 0.0),
+        crop_prob_choices=(0.0,),
+    )
+    maps = _toy_maps()
+    gen = SyntheticTasksV2(num_tasks=12, config=still, label_maps=maps)
+    order = set()
+    for t in range(len(gen)):
+        assert gen.kind(t) == "real"
+        images, labels = gen.subjects(t, [0, 1])
+        index = gen._params(t).map_index
+        assert torch.equal(labels[0], maps[index].long()) and torch.equal(labels[1], labels[0])
+        assert gen.num_labels(t) == int(maps[index].max())
+        if index == 0:
+            mean = [images[:, 0][labels == k].mean().item() for k in (0, 1, 2)]
+            order.add(tuple(np.argsort(mean)))
+    assert len(order) > 1  # intensity order of the labels is random, not fixed by the map
+
+
+def test_label_maps_are_resized_and_checked():
+    gen = SyntheticTasksV2(2, config=SMALL, label_maps=_toy_maps(32))
+    assert gen.label_maps.shape == (2, 64, 64)
+    with pytest.raises(ValueError, match="integer"):
+        SyntheticTasksV2(2, config=SMALL, label_maps=np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="no nonzero label"):
+        SyntheticTasksV2(2, config=SMALL, label_maps=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="straddle"):
+        SyntheticTasksV2(10, synthetic.HELDOUT_SEED_OFFSET - 5, SMALL)
+    with pytest.raises(IndexError):
+        gen.batch(0, gen.num_labels(0), [0])
+    with pytest.raises(IndexError):
+        gen.subjects(0, [SMALL.num_subjects])
+
+
+def test_mni152_label_maps():
+    pytest.importorskip("nilearn")
+    maps = synthetic_v2.mni152_label_maps(64)
+    assert maps.dtype == torch.uint8 and maps.shape[1:] == (64, 64) and maps.shape[0] >= 30
+    assert set(maps.unique().tolist()) == {0, 1, 2, 3}
+    brain = ((maps == 1) | (maps == 2)).flatten(1).float().mean(1)
+    assert brain.min() > 0.02  # every slice shows brain
+
+
+def test_works_as_an_episode_source(tasks):
+    source = SyntheticSource(tasks)
+    key = source.sample_task(np.random.default_rng(0))
+    images, labels = source.load(key, [0, 2])
+    assert images.shape == labels.shape == (2, 1, 64, 64)
+    assert source.num_examples(key) == SMALL.num_subjects
+
+
+def test_preview_png(tmp_path, tasks):
+    out = preview_png(tmp_path / "v2.png", tasks, tasks=[0, 1], subjects=2)
+    assert out.stat().st_size > 1000
