@@ -170,7 +170,7 @@ def compact_label(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
     top = int(label.max()) if label.size else 0
     if top < 1 << 16:
         lut = np.zeros(top + 1, np.int32)
-        keep = values[values <= top]
+        keep = values[(values >= 0) & (values <= top)]
         lut[keep] = np.searchsorted(values, keep) + 1
         return lut[label]
     index = np.clip(np.searchsorted(values, label), 0, len(values) - 1)

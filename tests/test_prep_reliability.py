@@ -576,3 +576,21 @@ def test_11_malformed_spec_file_is_a_message_naming_file_and_field(
     assert main(["build", str(spec), "--out", str(tmp_path / "c"), *OPTS]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"prep build: {spec}: ") and message in err
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"labels": [1, 2]}, "labels must map names to values, got [1, 2]"),
+        ({"labels": {"background": 0, "x": -1}}, "label 'x' has value -1, expected >= 0"),
+        ({"dataset": {"c": {"images": "abc", "label": "x"}}}, "images must be a list of paths"),
+        ({"dataset": {"c": {"images": [5], "label": "x"}}}, "expected a relative path, got 5"),
+    ],
+)
+def test_11_malformed_dataset_json_is_a_message_naming_it(tmp_path, capsys, fields, message):
+    root = write_nnunet(tmp_path, n_cases=2, channels=("CT",))
+    meta = root / "dataset.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | fields))
+    assert main(["build", str(root), "--out", str(tmp_path / "c"), *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prep build: {meta}: ") and message in err

@@ -58,6 +58,8 @@ def read_dataset_json(root: Path) -> tuple[dict, Path]:
 
 def resolve_inside(root: Path, rel: str, json_path: Path) -> Path:
     """``root/rel`` with ``..`` and symlinks resolved; refused unless it stays inside ``root``."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise DatasetError(f"{json_path}: expected a relative path, got {rel!r:.80}")
     base = Path(root).resolve()
     path = (base / rel).resolve()
     if not path.is_relative_to(base):

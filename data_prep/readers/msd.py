@@ -29,10 +29,16 @@ from .io import (
 
 def msd_labels(data: dict, json_path: Path) -> dict[int, str]:
     """``labels`` {"1": "liver"} -> {1: "liver"}."""
+    raw = data.get("labels") or {}
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{json_path}: labels must map values to names, got {raw!r:.80}")
     try:
-        return {int(k): str(v) for k, v in (data.get("labels") or {}).items()}
+        labels = {int(k): str(v) for k, v in raw.items()}
     except ValueError as e:
         raise DatasetError(f"{json_path}: labels keys must be integers ({e})") from e
+    if any(v < 0 for v in labels):
+        raise DatasetError(f"{json_path}: label values must be >= 0, got {sorted(labels)}")
+    return labels
 
 
 class MSDReader:

@@ -34,9 +34,14 @@ def nnunet_labels(data: dict, json_path: Path) -> dict[int, str]:
     """``labels`` {name: value} -> {value: name}. Region labels (lists of values) are skipped
     with a warning naming them: each label map value can only be one binary task here."""
     labels, regions = {}, []
-    for name, value in (data.get("labels") or {}).items():
+    raw = data.get("labels") or {}
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{json_path}: labels must map names to values, got {raw!r:.80}")
+    for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, int | list):
             raise DatasetError(f"{json_path}: label {name!r} has value {value!r}, expected an int")
+        if isinstance(value, int) and value < 0:
+            raise DatasetError(f"{json_path}: label {name!r} has value {value}, expected >= 0")
         if isinstance(value, list):
             regions.append(name)
         else:
@@ -115,5 +120,9 @@ class NnUNetReader:
                 images, label = entry["images"], entry["label"]
             except (TypeError, KeyError) as e:
                 raise DatasetError(f"{json_path}: case {case_id!r} needs images and label") from e
+            if not isinstance(images, list) or not images:
+                raise DatasetError(
+                    f"{json_path}: case {case_id!r}: images must be a list of paths, got {images!r:.80}"
+                )
             files = tuple(resolve_inside(root, p, json_path) for p in images)
             yield case_id, files, resolve_inside(root, label, json_path)

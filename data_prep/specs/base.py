@@ -228,4 +228,7 @@ def _regex(obj, name: str, where: str = "layout") -> None:
 def _label_pairs(labels: Mapping | Iterable) -> tuple[tuple[int, str], ...]:
     """``{1: "liver"}`` or ``[(1, "liver")]`` -> ``((1, "liver"),)``, sorted by value."""
     items = labels.items() if isinstance(labels, Mapping) else labels
-    return tuple(sorted({int(v): str(n) for v, n in items}.items()))
+    pairs = tuple(sorted({int(v): str(n) for v, n in items}.items()))
+    if pairs and pairs[0][0] < 0:
+        raise ValueError(f"label values must be >= 0, got {pairs[0][0]}")
+    return pairs
