@@ -164,3 +164,58 @@ def test_works_as_an_episode_source(tasks):
 def test_preview_png(tmp_path, tasks):
     out = preview_png(tmp_path / "v2.png", tasks, tasks=[0, 1], subjects=2)
     assert out.stat().st_size > 1000
+
+
+# Generator v2 output pinned (one task of each kind, subjects 0, 5, 11): pixel counts per label
+# value and 4 fixed random projections of each image. Tolerances allow another CPU's float
+# rounding (a boundary pixel or two flipping); a change to the generator moves these far more
+# and must come with a new GENERATOR_VERSION (stored corpora and checkpoint cards name it).
+_V2_PINNED = {
+    0: (
+        "objects",
+        [[4034, 62], [3879, 217], [3910, 186]],
+        [
+            [-31.074, -4.675, 44.445, 2.161],
+            [-36.394, -10.88, 34.372, 0.159],
+            [-28.911, -26.585, 18.967, -1.797],
+        ],
+    ),
+    1: (
+        "anatomy",
+        [
+            [2150, 505, 293, 127, 576, 363, 82],
+            [2993, 134, 250, 227, 277, 159, 56],
+            [1870, 398, 424, 323, 528, 314, 239],
+        ],
+        [
+            [-16.306, -13.435, 5.606, 4.175],
+            [-10.918, 24.518, 13.123, -8.572],
+            [6.068, 21.048, 1.717, -32.375],
+        ],
+    ),
+    2: (
+        "real",
+        [[3378, 718], [2874, 1222], [2794, 1302]],
+        [
+            [-25.813, -17.084, 33.792, -0.123],
+            [-44.207, -36.524, 44.795, -6.311],
+            [-20.725, -7.511, 48.566, -8.15],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("task", list(_V2_PINNED))
+def test_generator_v2_output_is_pinned(tasks, task):
+    kind, counts, projections = _V2_PINNED[task]
+    assert tasks.kind(task) == kind
+    images, labels = tasks.subjects(task, [0, 5, 11])
+    got = torch.stack([torch.bincount(x.flatten(), minlength=len(counts[0])) for x in labels])
+    assert (got - torch.tensor(counts)).abs().max() <= 4
+    proj = torch.randn(4, 64 * 64, generator=torch.Generator().manual_seed(1234)).double()
+    torch.testing.assert_close(
+        images[:, 0].flatten(1).double() @ proj.T,
+        torch.tensor(projections, dtype=torch.float64),
+        atol=1.0,
+        rtol=0,
+    )
