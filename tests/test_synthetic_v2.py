@@ -132,6 +132,10 @@ def test_label_to_image_uses_the_given_label_maps():
 def test_label_maps_are_resized_and_checked():
     gen = SyntheticTasksV2(2, config=SMALL, label_maps=_toy_maps(32))
     assert gen.label_maps.shape == (2, 64, 64)
+    gaps = np.zeros((1, 16, 16), np.int64)
+    gaps[0, :4], gaps[0, 8:] = 5, 9
+    renumbered = SyntheticTasksV2(2, config=SMALL, label_maps=gaps).label_maps
+    assert set(renumbered.unique().tolist()) == {0, 1, 2}  # 5 -> 1, 9 -> 2: no empty tasks
     with pytest.raises(ValueError, match="integer"):
         SyntheticTasksV2(2, config=SMALL, label_maps=np.zeros((2, 8, 8), np.float32))
     with pytest.raises(ValueError, match="no nonzero label"):

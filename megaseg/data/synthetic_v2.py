@@ -393,7 +393,8 @@ class SyntheticTasksV2:
             ``seed_offset=HELDOUT_SEED_OFFSET`` for held-out evaluation.
         config: the task distribution.
         label_maps: real label maps ``(M, H, W)`` integer (0 = background) for the ``real``
-            kind, e.g. :func:`mni152_label_maps`; resized (nearest) to ``config.size``.
+            kind, e.g. :func:`mni152_label_maps`; resized (nearest) to ``config.size``, and
+            each map's nonzero values renumbered ``1..L`` in order (every label is a task).
             None: no ``real`` tasks (their share goes to the other kinds).
     """
 
@@ -424,16 +425,23 @@ class SyntheticTasksV2:
                 )
             if int(maps.min()) < 0 or int(maps.max()) >= _MAX_CLASSES:
                 raise ValueError(f"label_maps values must be in [0, {_MAX_CLASSES})")
-            present = [torch.unique(m[m > 0]).tolist() for m in maps]
-            empty = [i for i, v in enumerate(present) if not v]
-            if empty:
-                raise ValueError(f"label_maps {empty[:5]}: no nonzero label")
             if maps.shape[1:] != (config.size, config.size):
                 maps = F.interpolate(
                     maps[:, None].float(), size=(config.size, config.size), mode="nearest"
                 )[:, 0]
+            maps = maps.long()
+            # Each map's labels renumbered 1..L_m in order, so every label index is a task.
+            counts = []
+            for i, m in enumerate(maps):
+                values = torch.unique(m[m > 0])
+                if len(values) == 0:
+                    raise ValueError(f"label_maps[{i}]: no nonzero label (at {config.size} px)")
+                lut = torch.zeros(int(m.max()) + 1, dtype=torch.long)
+                lut[values] = torch.arange(1, len(values) + 1)
+                maps[i] = lut[m]
+                counts.append(len(values))
             label_maps = maps.to(torch.uint8).contiguous()
-            self._present = present
+            self._num_map_labels = counts
         self.num_tasks = num_tasks
         self.seed_offset = seed_offset
         self.config = config
@@ -483,7 +491,7 @@ class SyntheticTasksV2:
     def num_labels(self, task: int) -> int:
         p = self._params(task)
         if p.kind == "real":
-            return int(max(self._present[p.map_index]))
+            return self._num_map_labels[p.map_index]
         return p.num_labels
 
     def subject(self, task: int, index: int, device=None) -> tuple[Tensor, Tensor]:
