@@ -9,7 +9,8 @@ a time, up to ``--max-slices``, choosing it
 
 - even:    the middle of the largest unlabelled gap within the structures' extent,
 - random:  any unlabelled slice within that extent,
-- suggest: ``session.suggest(1)`` (the model's own choice, over the whole volume),
+- suggest: ``session.suggest(1, within=extent)`` (the model's choice, in the same extent),
+- suggest (whole volume): ``session.suggest(1)``, not told where the structures are,
 
 and labels it with the true labels. After each addition the volume Dice (mean over the
 structures, whole volume) of ``session.segment()`` is recorded. Then: Dice and time of one
@@ -41,7 +42,7 @@ from megaseg import Segmenter  # noqa: E402
 from megaseg.annotate import VolumeSession  # noqa: E402
 from megaseg.examples import brain_extent, mni152_volume  # noqa: E402
 
-STRATEGIES = ("even", "random", "suggest")
+STRATEGIES = ("even", "random", "suggest", "suggest (whole volume)")
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints/megaseg_small_synth64.safetensors"
 
 
@@ -145,7 +146,8 @@ def run_loop(seg, t1, labels, axis, strategy, seed, max_slices, session_kwargs):
             free = [i for i in range(lo, hi) if i not in chosen]
             index = int(rng.choice(free))
         else:
-            (index,) = session.suggest(1)
+            whole = strategy == "suggest (whole volume)"
+            (index,) = session.suggest(1, within=None if whole else (lo, hi))
         chosen.append(index)
         session.add(index, np.take(labels, index, axis=axis))
 
@@ -302,7 +304,8 @@ def main(argv=None) -> None:
         "choices). Volume Dice = mean over the structures, whole volume, labelled slices "
         "included. even = middle of the largest unlabelled gap; random = any unlabelled slice; "
         "both within the slices where the structures are (a user knows that much); suggest = "
-        "`session.suggest(1)` over the whole volume.",
+        "`session.suggest(1, within=that extent)`; suggest (whole volume) = `session.suggest(1)`"
+        ", not told the extent.",
         "",
         "| labelled slices | " + " | ".join(STRATEGIES) + " |",
         "|---:|" + "---:|" * len(STRATEGIES),

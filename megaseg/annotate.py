@@ -379,33 +379,50 @@ class VolumeSession:
 
     # ------------------------------------------------------------------ guidance
 
-    def suggest(self, k: int = 1, callback: ProgressCallback | None = None) -> list[int]:
+    def suggest(
+        self,
+        k: int = 1,
+        callback: ProgressCallback | None = None,
+        *,
+        within: tuple[int, int] | None = None,
+    ) -> list[int]:
         """The ``k`` unlabelled slices whose labels should help most, best first.
 
         Greedy: take the slice with the highest score ``slice_score * min(1, d / gap)``, where
         ``d`` is its distance along the axis to the nearest labelled (or already suggested)
         slice and ``gap`` half the spacing that ``k`` more slices would have if evenly spread,
         so that suggestions are uncertain and spread out, not neighbours of labelled slices.
-        Segments first if needed. With nothing labelled: ``k`` evenly spaced slices.
-        Never returns a labelled slice; fewer than ``k`` when fewer are unlabelled.
+        ``within=(lo, hi)``: only slices ``lo <= i < hi`` (where the user knows the structures
+        are; without it, a slice where the model wrongly sees a structure can be suggested,
+        and labelling it all background does not help the other slices). Segments first if
+        needed. With nothing labelled: ``k`` evenly spaced slices. Never returns a labelled
+        slice; fewer than ``k`` when fewer are unlabelled.
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k: must be a positive integer, got {k!r}")
         D = self.depth
-        free = [i for i in range(D) if i not in self._labels]
+        lo, hi = (0, D) if within is None else (int(within[0]), int(within[1]))
+        if not 0 <= lo < hi <= D:
+            raise ValueError(
+                f"within: {within!r} is not a slice range lo < hi within 0..{D} (axis {self.axis})"
+            )
+        free = [i for i in range(lo, hi) if i not in self._labels]
         k = min(int(k), len(free))
         if not any(lab.any() for lab in self._labels.values()):
             picks = np.linspace(0, len(free) - 1, k + 2)[1:-1] if k else []
             return [free[int(round(p))] for p in picks]
         scores = self.segment(callback).slice_scores.astype(np.float64)
         taken = list(self.labelled)
-        gap = max(1.0, D / (2 * (len(taken) + k)))
+        gap = max(1.0, (hi - lo) / (2 * (sum(lo <= i < hi for i in taken) + k)))
+        outside = np.ones(D, bool)
+        outside[lo:hi] = False
         picks: list[int] = []
         for _ in range(k):
             pos = np.arange(D)
             dist = np.min(np.abs(pos[:, None] - np.array(taken)[None, :]), axis=1)
             value = scores * np.minimum(1.0, dist / gap)
             value[taken] = -np.inf
+            value[outside] = -np.inf
             if not np.isfinite(value).any():
                 break
             if value.max() <= 0:  # no uncertainty left: the farthest slice instead

@@ -155,6 +155,10 @@ def test_suggest_never_returns_labelled_slices(segmenter, mni):
         assert all(0 <= p < depth for p in picks)
         # spread out: no suggestion next to the labelled slice
         assert all(abs(p - 16) > 1 for p in picks)
+    inside = session.suggest(3, within=(20, 26))
+    assert len(inside) == 3 and all(20 <= p < 26 for p in inside)
+    with pytest.raises(ValueError, match="within"):
+        session.suggest(1, within=(10, 40))
     for i in session.suggest(4):
         session.add(i, _slice(labels, 2, i))
     picks = session.suggest(depth)  # more than there are: every unlabelled slice once
