@@ -66,7 +66,17 @@ def resolve_dataset(arg: str, data_dir: Path):
     return spec, spec.locate(data_dir)
 
 
+MAX_RESOLUTION = 1024  # stored examples are square; larger is a typo (a 5000 px corpus is huge)
+
+
 def cmd_build(args) -> int:
+    if args.workers < 1 or not all(8 <= r <= MAX_RESOLUTION for r in args.resolutions):
+        print(
+            f"prep build: need --workers >= 1 and --resolutions in [8, {MAX_RESOLUTION}], got "
+            f"{args.workers} and {args.resolutions}",
+            file=sys.stderr,
+        )
+        return 2
     limits = {"MEGASEG_MAX_VOXELS": args.max_voxels, "MEGASEG_MAX_LABELS": args.max_labels}
     if any(v is not None and v < 1 for v in limits.values()):
         print("prep build: --max-voxels and --max-labels must be >= 1", file=sys.stderr)

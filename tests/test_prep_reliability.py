@@ -594,3 +594,14 @@ def test_11_malformed_dataset_json_is_a_message_naming_it(tmp_path, capsys, fiel
     assert main(["build", str(root), "--out", str(tmp_path / "c"), *OPTS]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"prep build: {meta}: ") and message in err
+
+
+@pytest.mark.parametrize(
+    "option", [["--resolutions", "0"], ["--resolutions", "5000"], ["--workers", "0"]]
+)
+def test_11_out_of_range_options_are_refused(tmp_path, capsys, option):
+    root = write_nnunet(tmp_path, n_cases=2, channels=("CT",))
+    args = ["build", str(root), "--out", str(tmp_path / "c"), "--no-progress", *option]
+    assert main(args) == 2
+    assert "need --workers >= 1 and --resolutions in [8, 1024]" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
