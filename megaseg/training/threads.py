@@ -1,9 +1,10 @@
 """How a training run shares the CPU cores between torch's intra-op threads and data workers.
 
 On a 2-core machine torch's default (one intra-op thread per core) plus one DataLoader worker
-asks for 3 busy threads on 2 cores: ``configs/cpu_small.yaml`` ran ~4.6x slower per step than
-with one intra-op thread (0.73 vs 3.35 it/s, benchmarks/RESULTS.md). So on a CPU run the
-command picks ``threads + workers <= cores`` unless the user chose (``OMP_NUM_THREADS``,
+asks for 3 busy threads on 2 cores, and threads that wait for each other spin: on a shared
+machine ``configs/cpu_small.yaml`` ran 6x slower per step than with one intra-op thread (0.39
+vs 2.51 it/s, benchmarks/fit_threads.py, benchmarks/RESULTS.md). So on a CPU run the command
+picks ``threads + workers <= cores`` unless the user chose (``OMP_NUM_THREADS``,
 ``--cpu_threads``, ``--data.num_workers``).
 """
 
