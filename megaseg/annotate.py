@@ -134,6 +134,7 @@ class VolumeSession:
         self.min_ensemble_support = int(min_ensemble_support)
         self.progress = progress
         self._image = image  # nibabel image or None
+        self._source = Path(volume) if isinstance(volume, str | os.PathLike) else None
         if affine is not None:
             affine = np.asarray(affine, dtype=np.float64)
             if affine.shape != (4, 4):
@@ -435,12 +436,22 @@ class VolumeSession:
     # ------------------------------------------------------------------ output
 
     def save(
-        self, path: str | os.PathLike, uncertainty_path: str | os.PathLike | None = None
+        self,
+        path: str | os.PathLike,
+        uncertainty_path: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
     ) -> tuple[Path, Path]:
         """Write the labels and the uncertainty as NIfTI on the input's affine, atomically.
 
         ``uncertainty_path`` defaults to ``<name>_uncertainty.nii.gz`` beside ``path``.
-        Segments first if needed. Returns both paths.
+        Segments first if needed. Returns both paths. An existing file is replaced only when
+        megaseg annotate wrote it (its header says so) or with ``overwrite=True``; the input
+        volume itself never.
+
+        Raises:
+            ValueError: not a .nii / .nii.gz name, or the path of the input volume.
+            FileExistsError: a file megaseg did not write is in the way.
         """
         path = Path(path)
         if not path.name.endswith((".nii", ".nii.gz")):
@@ -449,11 +460,32 @@ class VolumeSession:
             stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
             uncertainty_path = path.with_name(f"{stem}_uncertainty.nii.gz")
         uncertainty_path = Path(uncertainty_path)
+        for out in (path, uncertainty_path):
+            self._check_target(out, overwrite)
         result = self.segment()
         for data, out in ((result.labels, path), (result.uncertainty, uncertainty_path)):
             img = self._nifti(data)
             _atomic_nifti(img, out)
         return path, uncertainty_path
+
+    def _check_target(self, out: Path, overwrite: bool) -> None:
+        if not out.exists():
+            return
+        if self._source is not None and self._source.exists() and out.samefile(self._source):
+            raise ValueError(f"{out}: is the input volume; choose another output path")
+        if overwrite:
+            return
+        try:
+            import nibabel as nib
+
+            ours = bytes(nib.load(os.fspath(out)).header["descrip"]).startswith(_SAVED_BY)
+        except Exception:  # unreadable or not NIfTI: certainly not ours
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"{out}: exists and was not written by megaseg annotate; remove it, choose "
+                "another path, or pass overwrite=True"
+            )
 
     def _nifti(self, data: np.ndarray):
         import nibabel as nib

@@ -200,6 +200,30 @@ def test_array_volume_saves_given_affine(segmenter, mni, tmp_path):
         session.save(tmp_path / "labels.png")
 
 
+def test_save_replaces_only_its_own_files(segmenter, mni, tmp_path):
+    import nibabel as nib
+
+    t1, labels, affine = mni
+    src = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(t1, affine), src)
+    session = VolumeSession(segmenter, src, progress=False)
+    session.add(16, labels[:, :, 16])
+    with pytest.raises(ValueError, match="is the input volume"):
+        session.save(src, overwrite=True)
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), affine), other)
+    with pytest.raises(FileExistsError, match="not written by megaseg"):
+        session.save(other)
+    np.testing.assert_array_equal(nib.load(other).get_fdata(), 1)  # untouched
+    session.save(tmp_path / "labels.nii.gz")
+    session.add(20, labels[:, :, 20])
+    session.save(tmp_path / "labels.nii.gz")  # its own earlier output: replaced
+    saved = nib.load(tmp_path / "labels.nii.gz")
+    np.testing.assert_array_equal(np.asarray(saved.dataobj)[:, :, 20], labels[:, :, 20])
+    session.save(other, overwrite=True)
+    assert nib.load(other).shape == labels.shape
+
+
 def test_bad_input_is_refused(segmenter, mni, tmp_path):
     t1, labels, _ = mni
     session = _session(segmenter, mni)
