@@ -6,6 +6,14 @@ must read it from the support labels. The disc is also brighter than the square 
 intensities in disjoint ranges) so that a tiny network learns the tasks in a few hundred CPU
 steps; with overlapping ranges it stays much longer on "segment both shapes" (Dice ~0.67 for
 either support, measured).
+
+Training first finds "segment both shapes" (gap ~0 between the right and the swapped support
+at 100 steps in every run) and then, at a step that differs from run to run (300 to 800
+measured), starts reading the labels and climbs to gap > 0.9. A fixed 300-step run therefore
+stopped anywhere on that climb: gap 0.02-0.89 over perturbed runs, 0.27 with AVX2 kernels as
+on the EPYC of #12. The test instead trains until the labels are read, scoring held-out
+episodes every 100 steps, and fails if that does not happen within 2.5x the slowest run
+measured (``test_support_labels_decide_the_task``).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from learning import perturb_
 
 from megaseg.models import UniverSeg
 
@@ -62,13 +71,29 @@ def _dice(logits: torch.Tensor, truth: torch.Tensor) -> float:
     )
 
 
-@pytest.mark.slow
-def test_support_labels_decide_the_task():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = UniverSeg(encoder_widths=(16, 16, 16))
+MAX_STEPS = 2000  # 2.5x the slowest run measured (800 steps)
+EVERY = 100
+RIGHT, GAP = 0.8, 0.6  # reading the labels: right-support Dice and its lead over swapped
+
+
+def train(
+    steps: int = 300,
+    seed: int = 0,
+    perturb: float = 0.0,
+    perturb_seed: int = 0,
+    fast: bool = True,
+    after_step=None,
+) -> UniverSeg:
+    """The tiny network trained on disc-or-square episodes; ``perturb``: see ``perturb_``;
+    ``after_step(step, model)`` is called after each step and stops training if it returns True.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = UniverSeg(encoder_widths=(16, 16, 16), fast=fast)
+    if perturb:
+        perturb_(model, perturb, perturb_seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(300):
+    for step in range(steps):
         q, si, sl, truth, _ = _episodes(8, 4, g)
         logits = model(q, si, sl)
         prob = logits.sigmoid()
@@ -79,12 +104,52 @@ def test_support_labels_decide_the_task():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if after_step is not None and after_step(step + 1, model):
+            break
+    return model.eval()
 
-    model.eval()
+
+def score(model: UniverSeg) -> tuple[float, float]:
+    """Held-out Dice with the right support labels and with the other shape's labels."""
     with torch.no_grad():
         q, si, sl, truth, other = _episodes(64, 4, torch.Generator().manual_seed(123))
-        right = _dice(model(q, si, sl), truth)
-        swapped = _dice(model(q, si, other), truth)
-    print(f"right {right:.3f} swapped {swapped:.3f}")
-    assert right >= 0.7, f"Dice with the right support {right:.3f}"
-    assert right - swapped >= 0.3, f"right {right:.3f} vs swapped support {swapped:.3f}"
+        return _dice(model(q, si, sl), truth), _dice(model(q, si, other), truth)
+
+
+def margins(**train_kwargs) -> dict:
+    right, swapped = score(train(**train_kwargs))
+    return {"right": right, "swapped": swapped, "gap": right - swapped}
+
+
+def steps_to_read_support(max_steps: int = MAX_STEPS, **train_kwargs) -> dict:
+    """Train until the held-out scores show the labels are read (Dice >= RIGHT with the right
+    support, >= GAP ahead of the swapped one), scored every EVERY steps; returns the step, the
+    scores there and whether that happened within ``max_steps``."""
+    found = {"reached": False}
+
+    def after_step(step: int, model: UniverSeg) -> bool:
+        if step % EVERY:
+            return False
+        right, swapped = score(model.eval())
+        model.train()
+        found.update(step=step, right=right, gap=right - swapped)
+        found["reached"] = right >= RIGHT and right - swapped >= GAP
+        return found["reached"]
+
+    train(max_steps, after_step=after_step, **train_kwargs)
+    return found
+
+
+@pytest.mark.slow
+def test_support_labels_decide_the_task():
+    """Within MAX_STEPS the network reads the task from the support labels. Margin
+    (``benchmarks/learning_margins.py support``, 11 runs: 4 draws of 1e-6-std init noise, 2
+    threads, AVX2 kernels, the published forward path, 4 other seeds; docs/results/
+    learning_margins.md): the labels were read at step 300-800, median 400, of the 2000
+    allowed (AVX2: 600); once read, the gap stayed >= 0.69 in every learning curve to 800."""
+    r = steps_to_read_support()
+    print(r)
+    assert r["reached"], (
+        f"after {r['step']} steps: Dice {r['right']:.3f} with the right support (needs {RIGHT}),"
+        f" {r['gap']:.3f} ahead of the swapped support (needs {GAP})"
+    )
