@@ -101,6 +101,11 @@ def test_widget_refuses_mismatched_layers(make_napari_viewer, mni):
     widget = AnnotateWidget(viewer)
     assert widget.run() is None
     assert "same shape" in widget._status.value
+    viewer.layers.remove("paint")
+    viewer.add_labels(np.zeros(t1.shape, np.int32), name="empty")
+    assert widget._labels.value is viewer.layers["empty"]
+    assert widget.run() is None
+    assert "Paint at least one slice" in widget._status.value
     assert LABELS_LAYER not in viewer.layers
 
 

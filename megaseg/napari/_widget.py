@@ -126,12 +126,16 @@ class AnnotateWidget(Container):
         if image is None or labels is None:
             self._status.value = "Choose an image layer and a labels layer."
             return None
-        data, painted = np.asarray(image.data), np.asarray(labels.data)
+        # A copy of the paint: the user may keep painting while the worker reads it.
+        data, painted = np.asarray(image.data), np.array(labels.data, copy=True)
         if data.ndim != 3 or painted.shape != data.shape:
             self._status.value = (
                 f"Need a 3D image and a labels layer of the same shape; got {data.shape} "
                 f"and {painted.shape}."
             )
+            return None
+        if not painted.any():
+            self._status.value = f"Paint at least one slice of '{labels.name}' first."
             return None
         axis, checkpoint = int(self._axis.value), self._checkpoint.value.strip()
         key = (id(image), data.shape, axis, checkpoint)
