@@ -311,3 +311,18 @@ def test_synth_v2_job_keeps_background_and_names_the_dataset():
         assert set(np.unique(loaded.label).tolist()) - {0} <= {v for v, _ in case.labels}
     assert v2.fingerprint(v2.cases[0]) != v1.fingerprint(v1.cases[0])
     assert v2.fingerprint(v2.cases[0]).startswith("v2:")
+
+
+def test_packaged_protocol_holds_out_one_whole_source():
+    from megaseg.data.store import load_protocol
+
+    root = Path(__file__).resolve().parents[1]
+    protocol = load_protocol(root / "configs/protocols/packaged.yaml")
+    packaged = {s.name.lower() for s in PACKAGED}
+    held = {n.lower() for n in protocol} & packaged
+    assert held == {"pkgpyrobex"}
+    # the held-out source's subject is in no training source, its label is in some
+    spec = get_spec("PkgPyrobex")
+    others = [s for s in PACKAGED if s.name != spec.name]
+    assert not {i.subject for i in spec.items} & {i.subject for s in others for i in s.items}
+    assert any(dict(i.labels or ()).get(1) == "brain" for s in others for i in s.items)

@@ -31,6 +31,11 @@ KNOWN_OVERLAPS: tuple[Overlap, ...] = (
         "BraTS2021",
         "the Decathlon brain tumour task is BraTS 2016/2017 data, which BraTS 2021 includes",
     ),
+    Overlap(
+        "PkgAtlasreader",
+        "PkgNimare",
+        "both image the FSL MNI152NLin6Asym template (1 mm brain-extracted / 1 and 2 mm head)",
+    ),
 )
 
 
