@@ -49,6 +49,8 @@ def write_fixture(spec: PackagedSpec, root: Path) -> None:
     rng = np.random.default_rng(0)
     for item in spec.items:
         for path in item.images:
+            if path.endswith(".inv3"):  # the project is image and labels (written below)
+                continue
             img = rng.uniform(0, 100, SHAPE).astype(np.float32)
             if "ROBEX" in path:  # ROBEX's volumes have a trailing singleton axis
                 img = img[..., None]
@@ -59,6 +61,9 @@ def write_fixture(spec: PackagedSpec, root: Path) -> None:
             rows = "\n".join(f"{i},{n}" for i, n in enumerate(names))
             (root / item.table).parent.mkdir(parents=True, exist_ok=True)
             (root / item.table).write_text(f"index,name\n{rows}\n")
+        if item.label.endswith(".inv3"):
+            write_inv3(root / item.label)
+            continue
         if (root / item.label).exists():
             continue
         if item.probability is not None:  # 4-D percent maps on a coarser, shifted grid
@@ -83,6 +88,50 @@ def write_fixture(spec: PackagedSpec, root: Path) -> None:
             _save(root / item.label, lab)
 
 
+def write_inv3(path: Path, shape=(6, 8, 10)) -> np.ndarray:
+    """A tiny InVesalius project in its real layout (tmpXXX/main.plist, matrix.dat, masks one
+    voxel larger per axis, 255 inside); returns the matrix ``(Z, Y, X)``."""
+    import plistlib
+
+    ct = np.full(shape, -1000, np.int16)
+    ct[1:5, 2:6, 2:8] = 40  # head
+    ct[2:4, 3:5, 3:7] = 700  # bone inside it
+    files = {"matrix.dat": ct.tobytes()}
+    masks = {}
+    for k, (lo, hi) in enumerate(((226, 3071), (-142, 2986))):
+        m = np.zeros(tuple(n + 1 for n in shape), np.uint8)
+        m[1:, 1:, 1:] = np.where((ct >= lo) & (ct <= hi), 255, 0)
+        m[0, 0, 0] = 1  # bookkeeping voxel, outside the volume
+        files[f"mask_{k}.dat"] = m.tobytes()
+        files[f"mask_{k}.plist"] = plistlib.dumps(
+            {"index": k, "mask_file": f"mask_{k}.dat", "mask_shape": list(m.shape)}
+        )
+        masks[str(k)] = f"mask_{k}.plist"
+    main = {"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": list(shape)},
+            "masks": masks, "modality": "CT", "spacing": [0.9, 0.9, 1.5]}  # fmt: skip
+    files["main.plist"] = plistlib.dumps(main)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"tmpabc123/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return ct
+
+
+def test_inv3_masks_nest_and_axes_follow_spacing(tmp_path):
+    spec = get_spec("PkgInVesalius")
+    write_fixture(spec, tmp_path)
+    job = job_from_spec(with_root(spec, tmp_path), tmp_path)
+    loaded = job.load(job.cases[0])
+    assert loaded.image.shape == (1, 10, 8, 6)  # (Z, Y, X) stored -> (X, Y, Z)
+    np.testing.assert_allclose(np.diag(loaded.affine), [-0.9, -0.9, 1.5, 1.0])
+    bone = loaded.image[0] >= 226
+    soft = (loaded.image[0] >= -142) & ~bone
+    np.testing.assert_array_equal(loaded.label == 1, bone)  # bone painted over the head
+    np.testing.assert_array_equal(loaded.label == 2, soft)
+
+
 @pytest.mark.parametrize("spec", PACKAGED, ids=lambda s: s.name)
 def test_each_spec_reads_its_package_layout(spec, tmp_path):
     write_fixture(spec, tmp_path)
@@ -92,8 +141,10 @@ def test_each_spec_reads_its_package_layout(spec, tmp_path):
     for case in job.cases:
         loaded = job.load(case)
         n = len(case.image_paths)
-        assert loaded.image.shape == (n, *SHAPE)
-        assert loaded.label.shape == SHAPE
+        assert loaded.image.shape[0] == n and loaded.image.ndim == 4
+        assert loaded.label.shape == loaded.image.shape[1:]
+        if not case.label_path.name.endswith(".inv3"):
+            assert loaded.label.shape == SHAPE
         values = set(np.unique(loaded.label).tolist()) - {0}
         assert values and values <= {v for v, _ in case.labels}
 

