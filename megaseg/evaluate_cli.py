@@ -2,7 +2,7 @@
 
     megaseg evaluate --checkpoint run/export/final.safetensors \\
         --corpus corpus/ --datasets WBC STARE [--protocol configs/protocols/x.yaml] \\
-        [--folder my_images/] [--synthetic-tasks 50] \\
+        [--folder my_images/] [--synthetic-tasks 50 [--synthetic-version 2]] \\
         [--support-sizes 1 2 4 8 16 32 64] [--draws-per-n 5] [--ensemble 1] \\
         [--methods megaseg mean_label supervised random_init] [--supervised-steps 300] \\
         [--out megaseg_work/eval] [--seed 0] [--allow-overlap]
@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
                           "datasets of few subjects (0: exactly the corpus's slices)")  # fmt: skip
     src.add_argument("--synthetic-tasks", type=int, default=0, metavar="T",
                      help="T held-out synthetic tasks (seeds never used in training)")  # fmt: skip
+    src.add_argument("--synthetic-version", type=int, choices=(1, 2), default=None, metavar="V",
+                     help="generator of --synthetic-tasks: 1 (space-filling anatomies) or 2 "
+                          "(objects on backgrounds, per-subject geometry, MNI152 label maps); "
+                          "when not given, 1, or with --draws the recorded one (a replay "
+                          "refuses another)")  # fmt: skip
     sweep = p.add_argument_group("the sweep (ignored with --draws)")
     sweep.add_argument("--support-sizes", nargs="+", type=int, metavar="N",
                        default=list(DEFAULT_SUPPORT_SIZES),
@@ -132,7 +137,7 @@ def _sources(args, resolution: int):
         for f in args.folder
     ]
     if args.synthetic_tasks:
-        sources.append(SyntheticSource(args.synthetic_tasks))
+        sources.append(SyntheticSource(args.synthetic_tasks, version=args.synthetic_version or 1))
     return sources
 
 
@@ -170,19 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from megaseg.data.store import CorpusError
     from megaseg.evaluation import DrawSet, OverlapError, evaluate
-    from megaseg.evaluation.sources import sources_from_record
+    from megaseg.evaluation.sources import check_synthetic_version, sources_from_record
     from megaseg.inference import Segmenter
 
     try:
         seg = Segmenter.from_checkpoint(args.checkpoint, args.device, resolution=args.resolution)
-        sources = _sources(args, seg.resolution)
         draws = None
         if args.draws:
             draws = DrawSet.load(args.draws)
-            if not sources:
-                sources = sources_from_record(
-                    draws.sources, seg.resolution, base=Path(args.draws).parent
-                )
+            # Before any source is built: a v1 replay must not generate v2 tasks, or vice versa.
+            check_synthetic_version(draws.sources, args.synthetic_version)
+        sources = _sources(args, seg.resolution)
+        if draws is not None and not sources:
+            sources = sources_from_record(
+                draws.sources, seg.resolution, base=Path(args.draws).parent
+            )
         if not sources:
             raise ValueError(
                 "nothing to evaluate on: give --corpus with --datasets, --folder, "

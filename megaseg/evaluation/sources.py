@@ -198,6 +198,8 @@ def corpus_sources(corpus, datasets: Sequence[str]) -> list[CorpusSource]:
 
 # ------------------------------------------------------------------------------ synthetic
 
+SYNTHETIC_VERSIONS = (1, 2)  # generator versions a SyntheticSource can open
+
 
 class SyntheticSource:
     """Held-out synthetic tasks: seeds from ``HELDOUT_SEED_OFFSET``, never used in training.
@@ -207,23 +209,46 @@ class SyntheticSource:
     ``task0007/label3``. Subjects are independent draws: support candidates are subjects
     ``[0, 0.7 S)``, queries ``[0.85 S, S)`` for ``S = config.num_subjects`` (the corpus's
     70/15/15 split). ``config.size`` is ignored: examples are generated at the resolution asked.
+
+    ``version``: the generator, 1 (:mod:`megaseg.data.synthetic`, ``config`` a
+    ``SyntheticConfig``) or 2 (:mod:`megaseg.data.synthetic_v2`, a ``SyntheticV2Config``, with
+    the MNI152 label maps for its label-to-image tasks unless ``real_maps=False``). The two
+    versions hash different task seeds from the same held-out range: different tasks.
     """
 
     dataset = "synthetic"
 
-    def __init__(self, num_tasks: int = 50, labels_per_task: int = 1, config=None):
+    def __init__(
+        self,
+        num_tasks: int = 50,
+        labels_per_task: int = 1,
+        config=None,
+        version: int = 1,
+        real_maps: bool = True,
+    ):
         from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig, SyntheticTasks
 
         if num_tasks < 1 or labels_per_task < 1:
             raise ValueError(
                 f"need num_tasks >= 1 and labels_per_task >= 1, got {num_tasks}, {labels_per_task}"
             )
+        if version not in SYNTHETIC_VERSIONS:
+            raise ValueError(f"synthetic generator version must be one of {SYNTHETIC_VERSIONS}, "
+                             f"got {version!r}")  # fmt: skip
         self.num_tasks = num_tasks
         self.labels_per_task = labels_per_task
-        self.config = config or SyntheticConfig()
+        self.version = version
+        self.real_maps = real_maps
         self.seed_offset = HELDOUT_SEED_OFFSET
         self._generators: dict[int, Any] = {}
-        self._make = SyntheticTasks
+        if version == 1:
+            self.config = config or SyntheticConfig()
+            self._make = SyntheticTasks
+        else:
+            from megaseg.data.synthetic_v2 import SyntheticV2Config
+
+            self.config = config or SyntheticV2Config()
+            self._make = self._make_v2
         self._tasks: dict[str, tuple[int, int]] = {}
         gen = self._generator(self.config.size)
         for t in range(num_tasks):
@@ -233,9 +258,17 @@ class SyntheticSource:
                 self._tasks[f"task{t:04d}/label{label}"] = (t, label)
 
     def __repr__(self) -> str:
+        version = "" if self.version == 1 else f", version={self.version}"
         return (
-            f"SyntheticSource(num_tasks={self.num_tasks}, labels_per_task={self.labels_per_task})"
+            f"SyntheticSource(num_tasks={self.num_tasks}, labels_per_task={self.labels_per_task}"
+            f"{version})"
         )
+
+    def _make_v2(self, num_tasks: int, seed_offset: int, config):
+        from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps
+
+        maps = mni152_label_maps(config.size) if self.real_maps else None
+        return SyntheticTasksV2(num_tasks, seed_offset, config, label_maps=maps)
 
     def _generator(self, resolution: int):
         import dataclasses
@@ -266,7 +299,7 @@ class SyntheticSource:
 
         config = dataclasses.asdict(self.config)
         config.pop("size")
-        return {
+        out = {
             "kind": "synthetic",
             "dataset": self.dataset,
             "generator_version": GENERATOR_VERSION,
@@ -274,6 +307,10 @@ class SyntheticSource:
             "labels_per_task": self.labels_per_task,
             "config": json.loads(json.dumps(config)),
         }
+        if self.version != 1:  # v1 records stay as they were, so old draws files replay
+            out["generator_version"] = self.version
+            out["label_maps"] = "mni152" if self.real_maps else None
+        return out
 
 
 # ------------------------------------------------------------------------------ arrays / folders
@@ -425,20 +462,37 @@ def folder_source(
     return ArraySource(spec.name, tasks, info=info)
 
 
+def check_synthetic_version(records: Sequence[dict], version: int | None) -> None:
+    """Raise ValueError if ``records`` (``DrawSet.sources``) hold synthetic tasks of another
+    generator version than ``version`` (None: any)."""
+    recorded = {r.get("generator_version", 1) for r in records if r.get("kind") == "synthetic"}
+    if version is not None and recorded and recorded != {version}:
+        raise ValueError(
+            f"draws: the synthetic tasks were drawn with generator version "
+            f"{', '.join(map(str, sorted(recorded)))}, not {version}: replay without "
+            "--synthetic-version, or make new draws"
+        )
+
+
 def sources_from_record(
-    records: Sequence[dict], resolution: int, base: str | os.PathLike | None = None
+    records: Sequence[dict],
+    resolution: int,
+    base: str | os.PathLike | None = None,
+    synthetic_version: int | None = None,
 ) -> list[Source]:
     """Re-open the sources a draws file recorded (``DrawSet.sources``), for a replay.
 
     Corpora and synthetic tasks re-open from their record; folders are re-read (at
     ``resolution``). In-memory arrays cannot be re-opened: pass them as sources. A relative
     root (written by older versions) is looked up beside the draws file, ``base`` (its
-    folder), then in the current folder.
+    folder), then in the current folder. Synthetic tasks re-open with their recorded generator
+    version; ``synthetic_version``, when given, must be that version (else ValueError).
     """
     import dataclasses
 
     from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig
 
+    check_synthetic_version(records, synthetic_version)
     out: list[Source] = []
     for rec in records:
         kind = rec.get("kind")
@@ -448,14 +502,30 @@ def sources_from_record(
             lo, hi = rec["seed_range"]
             if lo != HELDOUT_SEED_OFFSET:
                 raise ValueError(f"draws: synthetic seeds start at {lo}, not the held-out range")
-            fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+            version = rec.get("generator_version", 1)
+            if version not in SYNTHETIC_VERSIONS:
+                raise ValueError(
+                    f"draws: synthetic generator version {version!r} is unknown to this megaseg "
+                    f"(it has {SYNTHETIC_VERSIONS})"
+                )
+            if version == 1:
+                config_class = SyntheticConfig
+            else:
+                from megaseg.data.synthetic_v2 import SyntheticV2Config as config_class
+            fields = {f.name for f in dataclasses.fields(config_class)}
             config = {
                 k: tuple(v) if isinstance(v, list) else v
                 for k, v in rec.get("config", {}).items()
                 if k in fields
             }
             out.append(
-                SyntheticSource(hi - lo, rec.get("labels_per_task", 1), SyntheticConfig(**config))
+                SyntheticSource(
+                    hi - lo,
+                    rec.get("labels_per_task", 1),
+                    config_class(**config),
+                    version,
+                    real_maps=rec.get("label_maps", "mni152") is not None,
+                )
             )
         elif kind == "folder":
             out.append(
@@ -492,6 +562,7 @@ __all__ = [
     "EvalTask",
     "Source",
     "SyntheticSource",
+    "check_synthetic_version",
     "corpus_sources",
     "folder_source",
     "pools_from_splits",

@@ -6,6 +6,10 @@ batches an uninterrupted run would have seen. Validation and test are fixed
 :class:`~megaseg.data.tasks.EpisodeSet` s, one per source (corpus val split of the training
 datasets; synthetic tasks from a seed range used neither for training nor for held-out
 evaluation), each batch with a foreign support set for the support-swap metric.
+
+Synthetic tasks come from generator v1 (:mod:`megaseg.data.synthetic`, the default) or v2
+(:mod:`megaseg.data.synthetic_v2`, ``synthetic_version: 2``: objects on backgrounds, per-subject
+geometry, label-to-image on the MNI152 label maps); the same seed ranges either way.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from megaseg.data.tasks import (
 SYNTHETIC_VAL_SEED_OFFSET = HELDOUT_SEED_OFFSET // 2
 
 
-AUGMENT_PRESETS = ("reference", "task", "in_task")
+AUGMENT_PRESETS = ("reference", "task", "in_task", "generalist")
+SYNTHETIC_VERSIONS = (1, 2)
 
 
 def make_augment(preset: str | None) -> Augment | None:
@@ -53,7 +58,26 @@ def make_augment(preset: str | None) -> Augment | None:
         return EpisodeAugment(in_task=None)
     if preset == "in_task":
         return EpisodeAugment(task=None)
+    if preset == "generalist":
+        from megaseg.data.augment import GENERALIST_IN_TASK_AUGMENTATIONS
+
+        return EpisodeAugment(in_task=GENERALIST_IN_TASK_AUGMENTATIONS)
     return EpisodeAugment()
+
+
+def _synthetic_config(version: int, overrides: dict | None, resolution: int):
+    """The generator config of ``version`` with ``overrides`` (lists from YAML as tuples) at
+    ``resolution``; an unknown field is a ValueError naming it."""
+    if version == 1:
+        return SyntheticConfig(**{**(overrides or {}), "size": resolution})
+    from megaseg.data.synthetic_v2 import SyntheticV2Config
+
+    fields = {f.name for f in dataclasses.fields(SyntheticV2Config)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"synthetic_config: {unknown} are not fields of SyntheticV2Config")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
+    return SyntheticV2Config(**{**values, "size": resolution})
 
 
 class HeldOutError(ValueError):
@@ -73,8 +97,14 @@ class EpisodeDataModule(pl.LightningDataModule):
         synthetic_ratio: fraction of training episodes from synthetic tasks, in [0, 1]; must
             be 1 without corpora.
         synthetic_tasks: number of synthetic training tasks (seeds ``[0, synthetic_tasks)``).
-        synthetic_config: overrides of :class:`~megaseg.data.synthetic.SyntheticConfig`
-            (``size`` is always ``resolution``).
+        synthetic_version: synthetic task generator, 1 (:mod:`megaseg.data.synthetic`) or 2
+            (:mod:`megaseg.data.synthetic_v2`).
+        synthetic_config: overrides of :class:`~megaseg.data.synthetic.SyntheticConfig`, or of
+            :class:`~megaseg.data.synthetic_v2.SyntheticV2Config` for version 2 (``size`` is
+            always ``resolution``).
+        synthetic_real_maps: version 2 only: give the generator the MNI152 label maps
+            (:func:`~megaseg.data.synthetic_v2.mni152_label_maps`) for its label-to-image
+            ("real") tasks; False: no such tasks.
         resolution: image side R; corpora must store it.
         support_size: S, fixed, or ``[lo, hi]`` drawn per batch.
         batch_size: episodes per training batch, B.
@@ -84,7 +114,9 @@ class EpisodeDataModule(pl.LightningDataModule):
             the training datasets and held-out-range synthetic tasks.
         synthetic_val: also validate on synthetic tasks (always when there is no corpus).
         augment: training augmentation preset (:mod:`megaseg.data.augment`, reference
-            probabilities): "reference" (task-level and in-task), "task", "in_task", or None.
+            probabilities): "reference" (task-level and in-task), "task", "in_task",
+            "generalist" (reference task-level, in-task with per-subject zoom x0.5-2, shift,
+            rotation and field-of-view crops), or None.
             From Python, any ``(images, labels, generator) -> (images, labels)`` callable.
         num_workers: DataLoader workers (the batches are the same for any number); None: chosen
             by ``megaseg fit`` from the cores (:mod:`megaseg.training.threads`), 0 from Python.
@@ -111,6 +143,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         augment: str | None = None,
         num_workers: int | None = None,
         seed: int = 0,
+        synthetic_version: int = 1,
+        synthetic_real_maps: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +161,13 @@ class EpisodeDataModule(pl.LightningDataModule):
         self._check_not_held_out()
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_tasks = synthetic_tasks
-        self.synthetic_config = SyntheticConfig(**{**(synthetic_config or {}), "size": resolution})
+        if synthetic_version not in SYNTHETIC_VERSIONS:
+            raise ValueError(
+                f"synthetic_version must be one of {SYNTHETIC_VERSIONS}, got {synthetic_version!r}"
+            )
+        self.synthetic_version = synthetic_version
+        self.synthetic_real_maps = synthetic_real_maps
+        self.synthetic_config = _synthetic_config(synthetic_version, synthetic_config, resolution)
         self.resolution = resolution
         self.support_size = support_size
         self.batch_size = batch_size
@@ -194,15 +234,20 @@ class EpisodeDataModule(pl.LightningDataModule):
         return sources
 
     def _synthetic(self, split: str) -> SyntheticSource:
-        if split == "train":
-            tasks = SyntheticTasks(self.synthetic_tasks, 0, self.synthetic_config)
-        elif split == "val":
-            tasks = SyntheticTasks(
-                self.synthetic_tasks, SYNTHETIC_VAL_SEED_OFFSET, self.synthetic_config
-            )
-        else:
-            tasks = SyntheticTasks(self.synthetic_tasks, HELDOUT_SEED_OFFSET, self.synthetic_config)
-        return SyntheticSource(tasks)
+        offset = {"train": 0, "val": SYNTHETIC_VAL_SEED_OFFSET}.get(split, HELDOUT_SEED_OFFSET)
+        return SyntheticSource(self.synthetic_generator(offset))
+
+    def synthetic_generator(self, seed_offset: int = 0):
+        """The synthetic tasks ``[seed_offset, seed_offset + synthetic_tasks)`` of this module's
+        generator version and config (train: 0)."""
+        if self.synthetic_version == 1:
+            return SyntheticTasks(self.synthetic_tasks, seed_offset, self.synthetic_config)
+        from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps
+
+        # mni152_label_maps is cached per process (~1 MB at 128 px, 66 maps): read from the
+        # nilearn files once, when the first loader is built, and inherited by forked workers.
+        maps = mni152_label_maps(self.resolution) if self.synthetic_real_maps else None
+        return SyntheticTasksV2(self.synthetic_tasks, seed_offset, self.synthetic_config, maps)
 
     def training_sources(self) -> tuple[list, list[float]]:
         """Sources and weights of training episodes."""
@@ -315,6 +360,14 @@ class EpisodeDataModule(pl.LightningDataModule):
                 "seed_range": [0, self.synthetic_tasks],
                 "config": dataclasses.asdict(self.synthetic_config),
             }
+            if self.synthetic_version != 1:
+                # v2 tasks also depend on the label maps: the fingerprint names their checksum.
+                tasks = self.synthetic_generator(0)
+                synthetic.update(
+                    generator_version=tasks.version,
+                    label_maps="mni152" if self.synthetic_real_maps else None,
+                    fingerprint=tasks.fingerprint(),
+                )
         return {
             "corpora": corpora,
             "synthetic_ratio": self.synthetic_ratio,
@@ -325,5 +378,6 @@ class EpisodeDataModule(pl.LightningDataModule):
             "support_size": self.support_size,
             "batch_size": self.batch_size,
             "augment": None if self.augment is None else repr(self.augment),
+            "augment_preset": self.hparams.get("augment"),
             "seed": self.seed,
         }

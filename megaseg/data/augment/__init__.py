@@ -10,7 +10,8 @@ Usage (``images, labels (B, 1 + S, 1, H, W)`` in [0, 1], query first)::
 
 Which transforms are task-level (one draw per episode) and which are in-task (one per
 example), with their probabilities and ranges: :data:`TASK_AUGMENTATIONS` and
-:data:`IN_TASK_AUGMENTATIONS` in ``episode.py``.
+:data:`IN_TASK_AUGMENTATIONS` in ``episode.py``; the "generalist" training preset swaps in
+:data:`GENERALIST_IN_TASK_AUGMENTATIONS` (per-subject zoom x0.5-2 and field-of-view crops).
 
 Files: ``base.py`` (the sample/apply interface), ``geometric.py``, ``intensity.py``,
 ``label.py`` (the transforms), ``episode.py`` (the two lists and the batched pipeline).
@@ -18,6 +19,7 @@ Files: ``base.py`` (the sample/apply interface), ``geometric.py``, ``intensity.p
 
 from .base import Params, Transform
 from .episode import (
+    GENERALIST_IN_TASK_AUGMENTATIONS,
     IN_TASK_AUGMENTATIONS,
     TASK_AUGMENTATIONS,
     AugmentConfig,
@@ -25,11 +27,12 @@ from .episode import (
     EpisodeAugment,
     EpisodeParams,
 )
-from .geometric import Affine, Elastic, Flip, GeometricTransform
+from .geometric import Affine, Elastic, FieldOfView, Flip, GeometricTransform
 from .intensity import BrightnessContrast, GaussianBlur, GaussianNoise, InvertIntensity, Sharpness
 from .label import InvertLabel, SobelEdge
 
 __all__ = [
+    "GENERALIST_IN_TASK_AUGMENTATIONS",
     "IN_TASK_AUGMENTATIONS",
     "TASK_AUGMENTATIONS",
     "Affine",
@@ -37,6 +40,7 @@ __all__ = [
     "BrightnessContrast",
     "Draw",
     "Elastic",
+    "FieldOfView",
     "EpisodeAugment",
     "EpisodeParams",
     "Flip",

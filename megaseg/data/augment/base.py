@@ -25,13 +25,14 @@ from torch import Tensor
 
 # One tensor per parameter, each with a leading axis of n draws (row i = draw i).
 Params = dict[str, Tensor]
-Kind = Literal["geometric", "intensity", "label"]
+Kind = Literal["geometric", "intensity", "label", "mask"]
 
 
 @dataclass(frozen=True)
 class Transform:
     """Base class. ``kind`` says what a transform touches: ``geometric`` warps image and label
-    alike, ``intensity`` changes only the image, ``label`` changes only the label."""
+    alike, ``intensity`` changes only the image, ``label`` changes only the label, ``mask``
+    zeroes image and label alike outside a region."""
 
     p: float = 0.5
     kind: ClassVar[Kind]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .base import Params, Transform, select, to_device
-from .geometric import Affine, Elastic, Flip, GeometricTransform, warp
+from .geometric import Affine, Elastic, FieldOfView, Flip, GeometricTransform, warp
 from .intensity import (
     BrightnessContrast,
     GaussianBlur,
@@ -86,6 +86,18 @@ IN_TASK_AUGMENTATIONS = AugmentConfig(
         GaussianNoise(p=0.25, sigma=(0.0, 0.05)),
         Sharpness(p=0.25, factor=(1.5, 3.0)),
         Elastic(p=0.8, magnitude=(0.01, 0.04), control_points=5),
+    )
+)
+# The "generalist" preset's in-task set (issue #13: the per-subject geometry of synthetic tasks
+# v2, see SyntheticV2Config): the reference in-task set with a wider affine, zoom x0.5-2
+# log-uniform (a subject imaged at half or twice the scale of another) on most subjects, and a
+# field-of-view crop keeping >= 55% of each side on a quarter of them (cut-off anatomy).
+# Task-level transforms stay the reference ones.
+GENERALIST_IN_TASK_AUGMENTATIONS = AugmentConfig(
+    transforms=(
+        Affine(p=0.8, rotation=(0.0, 360.0), scale=(0.5, 2.0), translate=0.2, log_scale=True),
+        *IN_TASK_AUGMENTATIONS.transforms[1:],
+        FieldOfView(p=0.25, min_keep=0.55),
     )
 )
 

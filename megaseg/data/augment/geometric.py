@@ -12,6 +12,7 @@ Image and label are both resampled bilinearly with zero padding: the label stays
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,16 +88,31 @@ class _LinearTransform(GeometricTransform):
 @dataclass(frozen=True)
 class Affine(_LinearTransform):
     """Rotation about the centre (degrees), isotropic scale (>1 enlarges) and translation
-    (fraction of the image side, each axis in ``[-translate, translate]``)."""
+    (fraction of the image side, each axis in ``[-translate, translate]``).
+
+    ``log_scale``: scale drawn log-uniformly (a zoom of x0.5 as likely as x2, for wide ranges);
+    else uniformly. Either way one uniform per row, so the random stream is the same."""
 
     rotation: tuple[float, float] = (0.0, 360.0)
     scale: tuple[float, float] = (0.8, 1.1)
     translate: float = 0.2
+    log_scale: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"Affine: scale must be 0 < lo <= hi, got {self.scale}")
 
     def sample(self, n: int, generator: torch.Generator) -> Params:
+        angle = torch.deg2rad(uniform(n, *self.rotation, generator))  # draw order: angle first
+        if self.log_scale:
+            lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
+            scale = torch.exp(uniform(n, lo, hi, generator))
+        else:
+            scale = uniform(n, *self.scale, generator)
         return {
-            "angle": torch.deg2rad(uniform(n, *self.rotation, generator)),
-            "scale": uniform(n, *self.scale, generator),
+            "angle": angle,
+            "scale": scale,
             "shift": uniform(2 * n, -self.translate, self.translate, generator).view(n, 2),
         }
 
@@ -173,3 +189,35 @@ class Elastic(GeometricTransform):
             coarse, grid, mode="bicubic", padding_mode="border", align_corners=True
         )
         return points + shift
+
+
+@dataclass(frozen=True)
+class FieldOfView(Transform):
+    """A scanner's field of view: image and label zeroed outside a rectangle that keeps a
+    share in ``[min_keep, 1]`` of each side, placed uniformly (a structure outside the field of
+    view is not in the scan, so it leaves the label too). Not a warp: applied after them."""
+
+    kind = "mask"
+    min_keep: float = 0.55
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"FieldOfView: min_keep must be in (0, 1], got {self.min_keep}")
+
+    def sample(self, n: int, generator: torch.Generator) -> Params:
+        return {
+            "keep": uniform(2 * n, self.min_keep, 1.0, generator).view(n, 2),  # x, y shares
+            "start": torch.rand(n, 2, generator=generator),  # x, y: where in the free room
+        }
+
+    def apply(self, images: Tensor, labels: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        h, w = images.shape[-2:]
+        xs, ys = pixel_centres((h, w), images)  # (1, W), (H, 1) in [-1, 1]
+        keep, start = params["keep"] * 2, params["start"]  # widths in normalized units
+        lo = -1 + (2 - keep) * start  # (n, 2) left / top edges
+        hi = lo + keep
+        inside_x = (xs >= lo[:, 0, None, None]) & (xs < hi[:, 0, None, None])  # (n, 1, W)
+        inside_y = (ys >= lo[:, 1, None, None]) & (ys < hi[:, 1, None, None])  # (n, H, 1)
+        mask = (inside_x & inside_y).unsqueeze(1).to(images.dtype)  # (n, 1, H, W)
+        return images * mask, labels * mask
