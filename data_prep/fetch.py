@@ -79,6 +79,12 @@ class Package:
     def __str__(self) -> str:
         return f"{self.kind} {self.name}=={self.version}"
 
+    @property
+    def selection(self) -> str:
+        """What is unpacked (``keep`` and ``nested``), recorded in the marker: a folder
+        unpacked with another selection is unpacked again."""
+        return json.dumps([list(self.keep), [[m, list(p)] for m, p in self.nested]])
+
 
 def cache_dir() -> Path:
     """``$MEGASEG_CACHE/packages``, default ``~/.cache/megaseg/packages``."""
@@ -98,8 +104,10 @@ def is_fetched(package: Package, cache: Path | None = None) -> bool:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("package") == str(package) and (
-        not package.sha256 or info.get("sha256") == package.sha256
+    return (
+        info.get("package") == str(package)
+        and info.get("selection") == package.selection
+        and (not package.sha256 or info.get("sha256") == package.sha256)
     )
 
 
@@ -202,6 +210,7 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
             inner.unlink()
         info = {
             "package": str(package),
+            "selection": package.selection,
             "archive": archive.name,
             "sha256": digest or sha256_file(archive),
         }

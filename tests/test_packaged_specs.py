@@ -285,6 +285,11 @@ def test_fetch_unpacks_kept_members_atomically_and_reuses_the_cache(tmp_path):
     assert json.loads((root / MARKER).read_text())["sha256"] == pkg.sha256
     assert fetch(pkg, tmp_path / "cache", download=down) == root and down.calls == 1
     assert [p.name for p in root.parent.iterdir()] == [root.name]  # no temporary folder left
+    # another selection of members: unpacked again from the cached archive, not downloaded
+    wider = Package("wheel", "demo", "1.0", sha256=pkg.sha256, keep=("demo/",))
+    assert (fetch(wider, tmp_path / "cache", download=down) / "demo/x.py").exists()
+    assert down.calls == 1
+    assert [p.name for p in root.parent.iterdir()] == [root.name]
 
 
 def test_fetch_refuses_a_wrong_checksum_and_deletes_the_archive(tmp_path):
