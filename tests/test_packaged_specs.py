@@ -428,3 +428,16 @@ def test_synth_v2_label_maps_option_adds_packaged_maps(monkeypatch):
     assert "mni152+spm12" in more.spec.version
     with pytest.raises(ValueError, match="label_maps"):
         synthetic_job(2, 2, size=32, generator_version=2, label_maps="aal")
+
+
+def test_fetch_unpacks_a_nested_zip_keeping_only_its_selection(tmp_path):
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:  # SPM's compiled archive: a zip in the wheel
+        zf.writestr("fsroot/spm/tpm/TPM.nii", b"tpm")
+        zf.writestr("fsroot/spm/canonical/single_subj_T1.nii", b"reserved")
+    src = _wheel(tmp_path / "spm_x-1.0-py3-none-any.whl", {"spm_x/_spm.ctf": inner.getvalue()})
+    pkg = Package("wheel", "spm-x", "1.0", nested=(("spm_x/_spm.ctf", ("fsroot/spm/tpm/",)),))
+    root = fetch(pkg, tmp_path / "cache", download=FakeDownloader(src))
+    assert (root / "spm_x/_spm.ctf.d/fsroot/spm/tpm/TPM.nii").read_bytes() == b"tpm"
+    assert not (root / "spm_x/_spm.ctf.d/fsroot/spm/canonical").exists()
+    assert not (root / "spm_x/_spm.ctf").exists()
