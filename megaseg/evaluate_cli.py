@@ -119,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
 def _sources(args, resolution: int):
     from megaseg.evaluation import SyntheticSource, corpus_sources, folder_source
 
+    if args.synthetic_version is not None and not (args.synthetic_tasks or args.draws):
+        raise ValueError("--synthetic-version names the generator of --synthetic-tasks: give it")
     if (args.datasets or args.protocol) and not args.corpus:
         raise ValueError("--datasets / --protocol name datasets of a corpus: give --corpus")
     sources = []

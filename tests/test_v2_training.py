@@ -131,6 +131,8 @@ def test_evaluate_on_v2_tasks_records_the_version_and_replays(tiny_checkpoint, t
     code, err = _evaluate([*base, "--draws", str(v1 / "draws.json"), "--synthetic-version", "2",
                            "--out", str(tmp_path / "y")], capsys)  # fmt: skip
     assert code == 2 and "generator version 1, not 2" in err
+    code, err = _evaluate([*base, "--synthetic-version", "2", "--out", str(tmp_path / "z")], capsys)
+    assert code == 2 and "--synthetic-version names the generator of --synthetic-tasks" in err
 
 
 def test_a_draws_file_of_an_unknown_generator_version_is_refused(tmp_path):
