@@ -154,8 +154,8 @@ def variant_losses(seed: int = 0, perturb: float = 0.0, perturb_seed: int = 0, f
 
 def test_a_variant_trains_a_few_steps():
     """Margin, from ``benchmarks/learning_margins.py attention``: last/first loss 0.433-0.446
-    (bound 0.7) over 4 init perturbations of 1e-6 std, 2 threads and the published forward
-    path; other seeds: 0.16 and 0.38."""
+    (bound 0.7) over 4 init perturbations of 1e-6 std, 2 threads, AVX2 kernels and the
+    published forward path; other seeds: 0.16 and 0.38."""
     r = variant_losses()
     assert r["ratio"] < 0.7, r
 
