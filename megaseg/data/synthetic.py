@@ -256,21 +256,18 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return b @ x @ b.T
 
 
-class SyntheticTasks:
-    """``num_tasks`` synthetic tasks with ``config.num_subjects`` subjects each.
+class TaskRange:
+    """Task ids, seeds and the example API that every generator version shares.
 
-    Task ``t`` has ``num_labels(t)`` labels (5-20 by default); ``example(t, k, i)`` is the
-    binary task "label k" on subject i. Use ``seed_offset=HELDOUT_SEED_OFFSET`` for evaluation
-    tasks that training (``seed_offset=0``) never sees. Random numbers are drawn on the CPU;
-    ``device`` only says where the work is done and where the tensors are returned.
+    A subclass sets ``version`` (hashed into every task seed, so versions never share tasks),
+    ``label_offset`` (the label-map value of label 0) and implements ``num_labels(task)``,
+    ``_params(task)`` and ``subjects(task, indices, device)``.
     """
 
-    def __init__(
-        self,
-        num_tasks: int = 1000,
-        seed_offset: int = 0,
-        config: SyntheticConfig = SyntheticConfig(),  # noqa: B008 (frozen, immutable)
-    ):
+    version: int
+    label_offset: int = 0
+
+    def _set_range(self, num_tasks: int, seed_offset: int) -> None:
         if num_tasks < 1 or seed_offset < 0:
             raise ValueError(
                 f"need num_tasks >= 1 and seed_offset >= 0, got {num_tasks}, {seed_offset}"
@@ -280,28 +277,19 @@ class SyntheticTasks:
                 f"tasks [{seed_offset}, {seed_offset + num_tasks}) straddle HELDOUT_SEED_OFFSET="
                 f"{HELDOUT_SEED_OFFSET}: training and held-out tasks would overlap"
             )
-        if not 1 <= config.min_labels <= config.max_labels <= 255:  # base maps are uint8
-            raise ValueError(f"need 1 <= min_labels <= max_labels <= 255, got {config}")
         self.num_tasks = num_tasks
         self.seed_offset = seed_offset
-        self.config = config
 
     def __len__(self) -> int:
         return self.num_tasks
 
-    def __repr__(self) -> str:
-        return (
-            f"SyntheticTasks(num_tasks={self.num_tasks}, seed_offset={self.seed_offset}, "
-            f"size={self.config.size}, num_subjects={self.config.num_subjects})"
-        )
-
     # -- seeds ------------------------------------------------------------------------------
 
     def task_seed(self, task: int) -> int:
-        """Seed of task ``task``: a hash of (GENERATOR_VERSION, seed_offset + task)."""
+        """Seed of task ``task``: a hash of (version, seed_offset + task)."""
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} out of range [0, {self.num_tasks})")
-        return _hash_seed(GENERATOR_VERSION, self.seed_offset + task)
+        return _hash_seed(self.version, self.seed_offset + task)
 
     def subject_seed(self, task: int, index: int) -> int:
         """Seed of subject ``index`` of task ``task``: a hash of (task seed, index)."""
@@ -312,17 +300,10 @@ class SyntheticTasks:
         if not 0 <= index < self.config.num_subjects:
             raise IndexError(f"subject {index} out of range [0, {self.config.num_subjects})")
 
-    def _params(self, task: int) -> _TaskParams:
-        return _task_params(self.task_seed(task), self.config)
-
-    # -- public API ---------------------------------------------------------------------------
-
-    def num_labels(self, task: int) -> int:
-        """Number of labels of ``task``; labels are ``0 .. num_labels - 1``."""
-        return self._params(task).num_labels
+    # -- examples ---------------------------------------------------------------------------
 
     def subject(self, task: int, index: int, device=None) -> tuple[Tensor, Tensor]:
-        """Image ``(1, H, W)`` float32 in [0, 1] and label map ``(H, W)`` int64 in [0, L)."""
+        """Image ``(1, H, W)`` float32 in [0, 1] and label map ``(H, W)`` int64."""
         images, labels = self.subjects(task, [index], device)
         return images[0], labels[0]
 
@@ -334,13 +315,50 @@ class SyntheticTasks:
     def batch(
         self, task: int, label: int, indices: Sequence[int], device=None
     ) -> tuple[Tensor, Tensor]:
-        """Images ``(n, 1, H, W)`` and binary labels ``(n, 1, H, W)`` float32, one per index."""
+        """Images ``(n, 1, H, W)`` and binary labels ``(n, 1, H, W)`` float32, one per index
+        (map value ``label + label_offset``)."""
         if not 0 <= label < self.num_labels(task):
             raise IndexError(
                 f"label {label} out of range [0, {self.num_labels(task)}) for task {task}"
             )
         images, labels = self.subjects(task, indices, device)
-        return images, (labels == label).float()[:, None]
+        return images, (labels == label + self.label_offset).float()[:, None]
+
+
+class SyntheticTasks(TaskRange):
+    """``num_tasks`` synthetic tasks with ``config.num_subjects`` subjects each.
+
+    Task ``t`` has ``num_labels(t)`` labels (5-20 by default); ``example(t, k, i)`` is the
+    binary task "label k" on subject i. Use ``seed_offset=HELDOUT_SEED_OFFSET`` for evaluation
+    tasks that training (``seed_offset=0``) never sees. Random numbers are drawn on the CPU;
+    ``device`` only says where the work is done and where the tensors are returned.
+    """
+
+    version = GENERATOR_VERSION
+
+    def __init__(
+        self,
+        num_tasks: int = 1000,
+        seed_offset: int = 0,
+        config: SyntheticConfig = SyntheticConfig(),  # noqa: B008 (frozen, immutable)
+    ):
+        self._set_range(num_tasks, seed_offset)
+        if not 1 <= config.min_labels <= config.max_labels <= 255:  # base maps are uint8
+            raise ValueError(f"need 1 <= min_labels <= max_labels <= 255, got {config}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticTasks(num_tasks={self.num_tasks}, seed_offset={self.seed_offset}, "
+            f"size={self.config.size}, num_subjects={self.config.num_subjects})"
+        )
+
+    def _params(self, task: int) -> _TaskParams:
+        return _task_params(self.task_seed(task), self.config)
+
+    def num_labels(self, task: int) -> int:
+        """Number of labels of ``task``; labels are ``0 .. num_labels - 1``."""
+        return self._params(task).num_labels
 
     def subjects(self, task: int, indices: Sequence[int], device=None) -> tuple[Tensor, Tensor]:
         """Images ``(n, 1, H, W)`` float32 in [0, 1] and label maps ``(n, H, W)`` int64.

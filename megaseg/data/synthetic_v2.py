@@ -51,8 +51,8 @@ from torch import Tensor
 
 from megaseg.checkpoint import atomic_write
 from megaseg.data.synthetic import (
-    HELDOUT_SEED_OFFSET,
     SyntheticConfig,
+    TaskRange,
     _anatomy,
     _hash_seed,
     _smooth_field,
@@ -384,7 +384,7 @@ def _maps_key(maps: Tensor | None) -> str:
 # ----------------------------------------------------------------------------- generator
 
 
-class SyntheticTasksV2:
+class SyntheticTasksV2(TaskRange):
     """``num_tasks`` v2 tasks of ``config.num_subjects`` subjects (same API as v1's
     :class:`~megaseg.data.synthetic.SyntheticTasks`).
 
@@ -399,6 +399,7 @@ class SyntheticTasksV2:
     """
 
     version = GENERATOR_VERSION
+    label_offset = 1  # map value 0 is the background, never a task
 
     def __init__(
         self,
@@ -407,15 +408,7 @@ class SyntheticTasksV2:
         config: SyntheticV2Config = SyntheticV2Config(),  # noqa: B008 (frozen)
         label_maps: Tensor | np.ndarray | None = None,
     ):
-        if num_tasks < 1 or seed_offset < 0:
-            raise ValueError(
-                f"need num_tasks >= 1 and seed_offset >= 0, got {num_tasks}, {seed_offset}"
-            )
-        if seed_offset < HELDOUT_SEED_OFFSET < seed_offset + num_tasks:
-            raise ValueError(
-                f"tasks [{seed_offset}, {seed_offset + num_tasks}) straddle HELDOUT_SEED_OFFSET="
-                f"{HELDOUT_SEED_OFFSET}: training and held-out tasks would overlap"
-            )
+        self._set_range(num_tasks, seed_offset)
         if label_maps is not None:
             maps = torch.as_tensor(np.asarray(label_maps))
             if maps.ndim != 3 or maps.shape[0] < 1 or maps.is_floating_point():
@@ -442,14 +435,9 @@ class SyntheticTasksV2:
                 counts.append(len(values))
             label_maps = maps.to(torch.uint8).contiguous()
             self._num_map_labels = counts
-        self.num_tasks = num_tasks
-        self.seed_offset = seed_offset
         self.config = config
         self.label_maps = label_maps
         self._maps_key = _maps_key(label_maps)
-
-    def __len__(self) -> int:
-        return self.num_tasks
 
     def __repr__(self) -> str:
         maps = "none" if self.label_maps is None else self._maps_key
@@ -462,21 +450,6 @@ class SyntheticTasksV2:
     def fingerprint(self) -> str:
         """What the tasks depend on besides the task id: version, config and label maps."""
         return f"v{GENERATOR_VERSION}:{self.config!r}:maps={self._maps_key}"
-
-    # -- seeds ---------------------------------------------------------------------------
-
-    def task_seed(self, task: int) -> int:
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} out of range [0, {self.num_tasks})")
-        return _hash_seed(GENERATOR_VERSION, self.seed_offset + task)
-
-    def subject_seed(self, task: int, index: int) -> int:
-        self._check_index(index)
-        return _hash_seed(self.task_seed(task), int(index))
-
-    def _check_index(self, index: int) -> None:
-        if not 0 <= index < self.config.num_subjects:
-            raise IndexError(f"subject {index} out of range [0, {self.config.num_subjects})")
 
     def _params(self, task: int) -> _TaskV2:
         num_maps = 0 if self.label_maps is None else self.label_maps.shape[0]
@@ -493,27 +466,6 @@ class SyntheticTasksV2:
         if p.kind == "real":
             return self._num_map_labels[p.map_index]
         return p.num_labels
-
-    def subject(self, task: int, index: int, device=None) -> tuple[Tensor, Tensor]:
-        """Image ``(1, H, W)`` float32 in [0, 1] and label map ``(H, W)`` int64 (0 background)."""
-        images, labels = self.subjects(task, [index], device)
-        return images[0], labels[0]
-
-    def example(self, task: int, label: int, index: int, device=None) -> tuple[Tensor, Tensor]:
-        images, masks = self.batch(task, label, [index], device)
-        return images[0], masks[0]
-
-    def batch(
-        self, task: int, label: int, indices: Sequence[int], device=None
-    ) -> tuple[Tensor, Tensor]:
-        """Images ``(n, 1, H, W)`` and binary masks ``(n, 1, H, W)`` float32 of label ``label``
-        (map value ``label + 1``)."""
-        if not 0 <= label < self.num_labels(task):
-            raise IndexError(
-                f"label {label} out of range [0, {self.num_labels(task)}) for task {task}"
-            )
-        images, labels = self.subjects(task, indices, device)
-        return images, (labels == label + 1).float()[:, None]
 
     def subjects(self, task: int, indices: Sequence[int], device=None) -> tuple[Tensor, Tensor]:
         """Images ``(n, 1, H, W)`` float32 in [0, 1] and label maps ``(n, H, W)`` int64."""
