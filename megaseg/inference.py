@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megaseg.checkpoint import atomic_write
+from megaseg.checkpoint import MAX_RESOLUTION, atomic_write, card_resolution
 from megaseg.preprocess import (
     normalize_intensity,
     prepare_image,
@@ -42,9 +42,6 @@ from megaseg.preprocess import (
 )
 
 DEFAULT_RESOLUTION = 128
-# The largest resolution accepted (see megaseg.checkpoint.MAX_RESOLUTION): the cached support
-# alone is S*C*R*R*4 bytes, 17 GB for S=64, C=64 at R=1024.
-MAX_RESOLUTION = 1024
 
 # Peak activation memory of one query, in units of one full-resolution support feature map
 # ``S * C * R * R * 4`` bytes (S support examples, C features, R resolution, float32). On the
@@ -171,8 +168,9 @@ class Segmenter:
         if path.is_file():
             model, card = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
         elif isinstance(path_or_name, str) and path_or_name in list_models():
+            path = pretrained_path(path_or_name)
             model, card = load_checkpoint(
-                pretrained_path(path_or_name),
+                path,
                 model=create_model(path_or_name),
                 allow_nonfinite=allow_nonfinite,
             )
@@ -182,7 +180,7 @@ class Segmenter:
                 f"({', '.join(list_models())})"
             )
         if resolution is None:
-            resolution = _card_resolution(card)
+            resolution = card_resolution(card, path) or DEFAULT_RESOLUTION
         return cls(model, resolution, device, card=card, **kwargs)
 
     @classmethod
@@ -562,12 +560,6 @@ def _label_dtype(values: Sequence[int]) -> np.dtype:
 def _card_preprocessing(card: dict | None) -> dict:
     pre = (card or {}).get("preprocessing")
     return pre if isinstance(pre, dict) else {}
-
-
-def _card_resolution(card: dict | None) -> int:
-    pre = _card_preprocessing(card)
-    value = (card or {}).get("resolution", pre.get("resolution", pre.get("size")))
-    return DEFAULT_RESOLUTION if value is None else value
 
 
 def _check_resolution(resolution: int, model: nn.Module) -> int:
