@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaseg.inference import merge_labels
+from megaseg.inference import _input_path, _load_volume, _same_file, _save_image, merge_labels
 from megaseg.preprocess import normalize_intensity, prepare_image, restore
 
 ProgressCallback = Callable[[int, int], None]
@@ -114,6 +114,7 @@ class VolumeSession:
         progress: bool = True,
     ):
         data, image = _load_volume(volume)
+        data = data.astype(np.float32, copy=False)
         if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
             raise ValueError(
                 f"axis: {axis!r} does not exist; a 3D volume {data.shape} has axes 0, 1 and 2"
@@ -134,7 +135,7 @@ class VolumeSession:
         self.min_ensemble_support = int(min_ensemble_support)
         self.progress = progress
         self._image = image  # nibabel image or None
-        self._source = Path(volume) if isinstance(volume, str | os.PathLike) else None
+        self._source = _input_path(volume)  # the file read, never written over
         if affine is not None:
             affine = np.asarray(affine, dtype=np.float64)
             if affine.shape != (4, 4):
@@ -450,28 +451,29 @@ class VolumeSession:
         volume itself never.
 
         Raises:
-            ValueError: not a .nii / .nii.gz name, or the path of the input volume.
+            ValueError: either path is not a .nii / .nii.gz name, or is the input volume.
             FileExistsError: a file megaseg did not write is in the way.
         """
         path = Path(path)
-        if not path.name.endswith((".nii", ".nii.gz")):
-            raise ValueError(f"{path}: label maps are written as .nii or .nii.gz")
         if uncertainty_path is None:
             stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
             uncertainty_path = path.with_name(f"{stem}_uncertainty.nii.gz")
         uncertainty_path = Path(uncertainty_path)
         for out in (path, uncertainty_path):
+            # nibabel would pick another format (or none) from another extension
+            if not out.name.endswith((".nii", ".nii.gz")):
+                raise ValueError(f"{out}: label maps are written as .nii or .nii.gz")
+        for out in (path, uncertainty_path):
             self._check_target(out, overwrite)
         result = self.segment()
         for data, out in ((result.labels, path), (result.uncertainty, uncertainty_path)):
-            img = self._nifti(data)
-            _atomic_nifti(img, out)
+            _save_image(self._nifti(data), out)
         return path, uncertainty_path
 
     def _check_target(self, out: Path, overwrite: bool) -> None:
         if not out.exists():
             return
-        if self._source is not None and self._source.exists() and out.samefile(self._source):
+        if self._source is not None and _same_file(self._source, out):
             raise ValueError(f"{out}: is the input volume; choose another output path")
         if overwrite:
             return
@@ -509,40 +511,6 @@ class VolumeSession:
 # ---------------------------------------------------------------------- helpers
 
 
-def _load_volume(volume) -> tuple[np.ndarray, Any]:
-    """A path, nibabel image, array or tensor -> (``(X, Y, Z)`` float32, nibabel image or None)."""
-    image = None
-    name = "volume"
-    if isinstance(volume, str | os.PathLike):
-        import nibabel as nib
-
-        name = os.fspath(volume)
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"{name}: no such volume file")
-        try:
-            image = nib.load(name)
-        except Exception as e:  # nibabel raises several types for unreadable files
-            raise ValueError(f"{name}: not a readable NIfTI/medical image ({e})") from e
-    elif hasattr(volume, "affine") and hasattr(volume, "get_fdata"):
-        image = volume
-    if image is not None:
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-        if data.ndim == 4 and data.shape[-1] == 1:
-            data = data[..., 0]
-    else:
-        if isinstance(volume, torch.Tensor):
-            volume = volume.detach().cpu().numpy()
-        data = np.asarray(volume)
-        if data.dtype != bool and not np.issubdtype(data.dtype, np.number):
-            raise ValueError(f"volume: expected numbers, got an array of dtype {data.dtype}")
-        data = data.astype(np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{name}: expected a 3D volume, got shape {data.shape}")
-    if min(data.shape) < 1:
-        raise ValueError(f"{name}: empty volume of shape {data.shape}")
-    return data, image
-
-
 def _label_dtype(values: Sequence[int]) -> np.dtype:
     top = max(values, default=0)
     return np.dtype(np.uint8 if top <= 255 else np.int16 if top < 2**15 else np.int32)
@@ -555,21 +523,6 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
     p = np.clip(probs, 1e-6, 1 - 1e-6)
     h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
     return h.max(axis=0).astype(np.float32)
-
-
-def _atomic_nifti(img, path: Path) -> None:
-    """``nib.save`` to a temporary name with the same extension, then ``os.replace``."""
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        nib.save(img, os.fspath(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["ProgressCallback", "SessionResult", "VolumeSession"]

@@ -688,25 +688,41 @@ def _label_values(labels: list[np.ndarray]) -> tuple[tuple[int, ...], bool]:
 
 
 def _load_volume(volume) -> tuple[np.ndarray, Any]:
-    """A path, nibabel image or array -> (``(X, Y, Z)`` float32, the nibabel image or None)."""
+    """A path, nibabel image, array or tensor -> (``(X, Y, Z)`` array, the nibabel image or
+    None); float32 when read from an image, the array's own numeric dtype otherwise.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+        ValueError: a file nibabel cannot read, non-numeric data, not 3D, or empty; the
+            message names the file (or "volume").
+    """
     image = None
+    name = "volume"
     if isinstance(volume, str | os.PathLike):
         import nibabel as nib
 
-        image = nib.load(os.fspath(volume))
+        name = os.fspath(volume)
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"{name}: no such volume file")
+        try:
+            image = nib.load(name)
+        except Exception as e:  # nibabel raises several types for unreadable files
+            raise ValueError(f"{name}: not a readable NIfTI/medical image ({e})") from e
     elif hasattr(volume, "affine") and hasattr(volume, "get_fdata"):
         image = volume
     if image is not None:
-        data = image.get_fdata(dtype=np.float32)
+        data = np.asarray(image.get_fdata(dtype=np.float32))
         if data.ndim == 4 and data.shape[-1] == 1:
             data = data[..., 0]
     else:
         data = _numeric(volume, "volume")
     if data.ndim != 3:
         raise ValueError(
-            f"volume: expected a 3D volume, got shape {data.shape}"
+            f"{name}: expected a 3D volume, got shape {data.shape}"
             + ("; use predict() for 2D images" if data.ndim == 2 else "")
         )
+    if min(data.shape) < 1:
+        raise ValueError(f"{name}: empty volume of shape {data.shape}")
     return data, image
 
 
@@ -723,10 +739,17 @@ def _save_nifti(label_map: np.ndarray, image, out_path: str | os.PathLike) -> No
             out.set_qform(np.eye(4), code=1)
     out.set_data_dtype(label_map.dtype)
     out.header.set_slope_inter(1, 0)  # label values are stored as they are, not rescaled
+    _save_image(out, out_path)
+
+
+def _save_image(image, out_path: str | os.PathLike) -> None:
+    """``nib.save`` atomically: to a temporary file beside ``out_path``, then renamed."""
+    import nibabel as nib
+
     out_path = Path(out_path)
     # nibabel picks the format from the extension, so the temporary keeps it (.nii.gz).
     suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else out_path.suffix
-    atomic_write(out_path, lambda tmp: nib.save(out, tmp), suffix=suffix)
+    atomic_write(out_path, lambda tmp: nib.save(image, tmp), suffix=suffix)
 
 
 def _input_path(volume) -> Path | None:
@@ -738,17 +761,18 @@ def _input_path(volume) -> Path | None:
     return Path(name) if name else None
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """The same path after resolving symlinks, or the same file through a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def _refuse_input_as_output(volume, out_path: str | os.PathLike) -> None:
     """Raise ValueError when ``out_path`` is the volume's own file: the same path after
     resolving symlinks, or the same file through a hard link (``os.path.samefile``)."""
-    src = _input_path(volume)
-    if src is None:
-        return
-    out = Path(out_path)
-    same = src.resolve() == out.resolve()
-    if not same and src.exists() and out.exists():
-        same = os.path.samefile(src, out)
-    if same:
+    src, out = _input_path(volume), Path(out_path)
+    if src is not None and _same_file(src, out):
         raise ValueError(
             f"out_path: {out} is the input volume {src}; writing the label map there would "
             "destroy the scan. Choose another out_path, or pass overwrite_input=True"

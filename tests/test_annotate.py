@@ -198,6 +198,9 @@ def test_array_volume_saves_given_affine(segmenter, mni, tmp_path):
     np.testing.assert_allclose(nib.load(out).affine, affine)
     with pytest.raises(ValueError, match=r"\.nii or \.nii\.gz"):
         session.save(tmp_path / "labels.png")
+    with pytest.raises(ValueError, match=r"unc\.img: .*\.nii or \.nii\.gz"):
+        session.save(tmp_path / "labels.nii", tmp_path / "unc.img")
+    assert not (tmp_path / "unc.img").exists()
 
 
 def test_save_replaces_only_its_own_files(segmenter, mni, tmp_path):
@@ -222,6 +225,19 @@ def test_save_replaces_only_its_own_files(segmenter, mni, tmp_path):
     np.testing.assert_array_equal(np.asarray(saved.dataobj)[:, :, 20], labels[:, :, 20])
     session.save(other, overwrite=True)
     assert nib.load(other).shape == labels.shape
+
+
+def test_save_refuses_the_file_of_a_loaded_image(segmenter, mni, tmp_path):
+    import nibabel as nib
+
+    t1, labels, affine = mni
+    src = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(t1, affine), src)
+    session = VolumeSession(segmenter, nib.load(src), progress=False)
+    session.add(16, labels[:, :, 16])
+    with pytest.raises(ValueError, match="is the input volume"):
+        session.save(tmp_path / "labels.nii.gz", src, overwrite=True)
+    np.testing.assert_allclose(nib.load(src).get_fdata(), t1)  # the scan is untouched
 
 
 def test_bad_input_is_refused(segmenter, mni, tmp_path):
