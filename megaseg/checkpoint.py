@@ -209,6 +209,11 @@ def build_model(
         ) from e
 
 
+def state_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a state dict (what :func:`check_shapes` compares)."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def check_shapes(
     model: nn.Module, shapes: Mapping[str, Sequence[int]], path: str | os.PathLike
 ) -> None:
@@ -300,7 +305,7 @@ def load_checkpoint(
         shapes = safetensors_shapes(path)
     else:  # a torch file's tensors are as large as the file: reading them is bounded
         state = load_torch_state_dict(path)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        shapes = state_shapes(state)
     card_resolution(card, path)
     if model is None:
         name, kwargs = model_spec(card, path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,11 +26,13 @@ from torch import nn
 
 from megaseg.checkpoint import (
     CheckpointError,
+    atomic_write,
     build_model,
     check_finite,
     check_shapes,
     load_checkpoint,
     load_torch_state_dict,
+    state_shapes,
 )
 
 OFFICIAL_NAME = "universeg-v1-official"
@@ -98,10 +99,6 @@ def verify_official(path: str | os.PathLike, source: str | None = None) -> None:
         raise DownloadError(f"{where}: not the UniverSeg v1 weights: {e}") from e
 
 
-def state_shapes(state) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
 def official_weights(
     *,
     accept_license: bool = False,
@@ -135,11 +132,10 @@ def official_weights(
 
 def download(url: str, target: Path, timeout: float = 60.0) -> Path:
     """Fetch ``url`` to ``target`` atomically, verified by :func:`verify_official` first."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     log.warning("downloading %s to %s", url, target)
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def fetch(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "megaseg"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 expected = response.headers.get("Content-Length")
@@ -156,16 +152,14 @@ def download(url: str, target: Path, timeout: float = 60.0) -> Path:
                     f"{url}: download truncated ({total} of {expected} bytes); try again"
                 )
         verify_official(tmp, url)
-        os.replace(tmp, target)
+
+    try:
+        atomic_write(target, fetch, suffix=".part")  # a failed download leaves no file
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        Path(tmp).unlink(missing_ok=True)
         raise DownloadError(
             f"{url}: download failed ({e}); on a machine without internet, pass the file with "
             f"path= or ${ENV_WEIGHTS}"
         ) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 
