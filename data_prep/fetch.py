@@ -121,10 +121,7 @@ def fetch(package: Package, cache: Path | None = None, download=None) -> Path:
     target = unpacked_dir(package, cache)
     if is_fetched(package, cache):
         return target
-    if target.exists() and not (target / MARKER).is_file():
-        raise FetchError(
-            f"{target}: exists but was not unpacked by megaseg (no {MARKER}); move it away"
-        )
+    _check_replaceable(target)  # before downloading anything
     archives = cache / "archives"
     archives.mkdir(parents=True, exist_ok=True)
     archive = _cached_archive(package, archives)
@@ -184,9 +181,10 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
     """Unpack ``archive`` (a wheel/zip or a .deb) into ``target`` atomically; writes the marker.
 
     A previous megaseg-written ``target`` (stale marker) is replaced; raises FetchError on a
-    corrupt archive or a member path outside the folder.
+    corrupt archive, a member path outside the folder, or a ``target`` megaseg did not write.
     """
     target = Path(target)
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -207,7 +205,7 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
             "sha256": digest or sha256_file(archive),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        if target.exists():  # only a megaseg-written folder gets here (see fetch)
+        if target.exists():  # megaseg's (checked above)
             old = target.with_name(f".{target.name}.old.{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
@@ -218,6 +216,15 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """FetchError unless ``target`` is absent or a folder megaseg unpacked (it holds the marker):
+    a fetch never replaces what it did not write."""
+    if target.exists() and not (target / MARKER).is_file():
+        raise FetchError(
+            f"{target}: exists but was not unpacked by megaseg (no {MARKER}); move it away"
+        )
 
 
 def _wanted(name: str, keep: tuple[str, ...]) -> bool:

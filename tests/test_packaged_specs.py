@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file
+from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file, unpack
 from data_prep.pipeline import build_corpus, job_from_spec
 from data_prep.readers import CaseError, get_reader
 from data_prep.readers.package import (
@@ -317,6 +317,10 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(FetchError, match="not unpacked by megaseg"):
         fetch(Package("wheel", "demo", "1.0"), tmp_path / "cache", download=FakeDownloader(src))
     assert (foreign / "mine.txt").read_text() == "keep"
+    with pytest.raises(FetchError, match="not unpacked by megaseg"):  # unpack() checks too
+        unpack(src, Package("wheel", "demo", "1.0"), foreign)
+    assert [p.name for p in foreign.iterdir()] == ["mine.txt"]
+    assert [p.name for p in foreign.parent.iterdir()] == ["demo-1.0"]  # no temporary left
 
 
 def test_fetched_deb_feeds_the_itk_spec(tmp_path):
