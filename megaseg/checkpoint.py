@@ -123,11 +123,16 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     card = read_card(path)
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path)), card
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        return load_safetensors(path), card
     return load_torch_state_dict(path), card
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a safetensors file (on the CPU)."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -314,7 +319,7 @@ def load_checkpoint(
     else:
         check_shapes(model, shapes, path)
     if state is None:
-        state, _ = load_state_dict_file(path)
+        state = load_safetensors(path)
     check_finite(state, path, allow_nonfinite)
     try:
         model.load_state_dict(state, strict=True)
