@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from megaseg.paths import atomic_write  # also imported from here by other modules
 
 CARD_FORMAT_VERSION = 1
 DEFAULT_MODEL = "universeg_v1"
@@ -48,24 +49,6 @@ class CheckpointError(ValueError):
 
 def card_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
-
-
-def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
-
-    ``suffix`` ends the temporary name (a writer that picks the format from the extension,
-    e.g. nibabel, needs ``.nii.gz``). A failed write leaves ``path`` untouched and no temporary.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ from megaseg.evaluation.stats import (
     bootstrap_ci,
     stratified_bootstrap_ci,
 )
+from megaseg.paths import atomic_write
 
 PREDICTION_COLUMNS = (
     "method", "dataset", "task", "query", "subject", "N", "support_size", "r", "ensemble",
@@ -54,18 +55,12 @@ def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
             for row in rows:
                 w.writerow({k: _cell(row.get(k)) for k in columns})
 
-    _atomic(path, write)
+    atomic_write(path, write)
     return path
 
 
-def _atomic(path: Path, write) -> None:
-    from megaseg.checkpoint import atomic_write  # imported here: it pulls in torch
-
-    atomic_write(path, write)
-
-
 def _save_png(fig, path: Path) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _cell(v: Any) -> Any:
