@@ -203,6 +203,19 @@ def test_undeclared_label_value_names_the_file(tmp_path):
         reader.load(case)
 
 
+def test_truncated_nifti_in_a_package_is_named_before_it_is_read(tmp_path):
+    _save(tmp_path / "img.nii", np.ones(SHAPE, np.float32))  # uncompressed: size is checkable
+    _save(tmp_path / "lab.nii.gz", _blob(SHAPE, 1, 2, 5))
+    data = (tmp_path / "img.nii").read_bytes()
+    (tmp_path / "img.nii").write_bytes(data[: len(data) // 2])
+    item = PackageItem("c", "s", ("img.nii",), "lab.nii.gz", labels=((1, "brain"),))
+    spec = PackagedSpec(name="PkgTest", reader="package", root=str(tmp_path), items=(item,))
+    reader = get_reader("package")
+    (case,) = reader.cases(tmp_path, spec)
+    with pytest.raises(CaseError, match=r"img\.nii: header declares .* truncated file"):
+        reader.load(case)
+
+
 def test_packaged_source_builds_into_a_corpus(tmp_path):
     spec = get_spec("PkgPyrobex")
     write_fixture(spec, tmp_path / "pkg")

@@ -214,7 +214,7 @@ def check_declared_values(case: Case, label: np.ndarray) -> None:
         )
 
 
-def _check_declared_size(path: Path, header) -> None:
+def check_declared_size(path: Path, header) -> None:
     """Refuse a NIfTI whose header declares more data than the file can hold or than the
     voxel limit, before any array is allocated (a 68-byte file can declare 1024**3 voxels)."""
     shape = tuple(int(n) for n in header.get_data_shape())
@@ -268,7 +268,7 @@ def _read_nifti(path: Path, is_label: bool) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     img = nib.load(str(path))
-    _check_declared_size(path, img.header)
+    check_declared_size(path, img.header)
     data = np.asanyarray(img.dataobj) if is_label else img.get_fdata(dtype=np.float32)
     return data, np.asarray(img.affine, dtype=np.float64)
 

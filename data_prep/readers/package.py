@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .base import Case, CaseError, DatasetError, LoadedCase
-from .io import check_inside, max_voxels
+from .io import check_declared_size, check_inside
 
 
 @dataclass(frozen=True)
@@ -272,8 +272,7 @@ def _nifti(path: Path):
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for a bad file
         raise CaseError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
-    if int(np.prod(img.shape, dtype=object)) > max_voxels():
-        raise CaseError(f"{path}: shape {img.shape} over the voxel limit {max_voxels()}")
+    check_declared_size(path, img.header)  # before any array is read
     return img
 
 
