@@ -303,7 +303,7 @@ def make_draws(
         for task in source.tasks():
             key = f"{task.dataset}/{task.name}"
             queries, excluded, reason = _usable_queries(source, task, resolution)
-            pool = len(task.support_pool) - (1 if task.within_subject else 0)
+            pool = task.candidates
             if reason is None and pool < 1:
                 reason = (
                     "a single example: nothing left for the support"
@@ -484,7 +484,7 @@ def replay_check(draws: DrawSet, sources: Sequence[Source], resolution: int) -> 
             check_draw(d, task)
         except ProtocolError as e:
             raise ProtocolError(f"{where}: draws[{i}]: {e}") from e
-        pool = len(task.support_pool) - (1 if task.within_subject else 0)
+        pool = task.candidates
         if d.support_size != min(d.N, pool):
             raise ProtocolError(
                 f"{where}: draws[{i}] {d.dataset}/{d.task}: support sets of {d.support_size} "

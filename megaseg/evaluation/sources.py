@@ -54,6 +54,12 @@ class EvalTask:
     subjects: Mapping[str, str] = field(repr=False)
     within_subject: bool = False
 
+    @property
+    def candidates(self) -> int:
+        """Support examples a query can draw from: the support pool, less the query itself
+        when the pools are one subject's examples."""
+        return len(self.support_pool) - (1 if self.within_subject else 0)
+
 
 class Source(Protocol):
     """One dataset to evaluate on (see the module docstring)."""
