@@ -19,7 +19,7 @@ import pytest
 
 from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file, unpack
 from data_prep.pipeline import build_corpus, job_from_spec
-from data_prep.readers import CaseError, get_reader
+from data_prep.readers import CaseError, DatasetError, get_reader
 from data_prep.readers.package import (
     PackageItem,
     _maxprob,
@@ -201,6 +201,11 @@ def test_undeclared_label_value_names_the_file(tmp_path):
     (case,) = reader.cases(tmp_path, spec)
     with pytest.raises(CaseError, match=r"lab\.nii\.gz.*\[7\]"):
         reader.load(case)
+    # an item whose every label is dropped declares nothing to check values against
+    item = PackageItem("c", "s", ("img.nii.gz",), "lab.nii.gz", labels=((7, "x"),), drop=(7,))
+    spec = PackagedSpec(name="PkgTest", reader="package", root=str(tmp_path), items=(item,))
+    with pytest.raises(DatasetError, match="case c declares no label"):
+        reader.cases(tmp_path, spec)
 
 
 def test_truncated_nifti_in_a_package_is_named_before_it_is_read(tmp_path):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .base import Case, CaseError, DatasetError, LoadedCase
-from .io import check_declared_size, check_inside
+from .io import check_declared_size, check_declared_values, check_inside
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,11 @@ class PackageReader:
                 raise DatasetError(
                     f"spec {spec.name!r}: case {item.case_id} has no labels or table"
                 )
+            labels = tuple((int(v), str(k)) for v, k in labels if int(v) not in item.drop)
+            if not labels:  # the load checks label values against these: none would mean any
+                raise DatasetError(
+                    f"spec {spec.name!r}: case {item.case_id} declares no label (after drop)"
+                )
             n = len(item.images)
             names = (modality,) * n if isinstance(modality, str) or modality is None else modality
             if len(names) != n:
@@ -149,7 +154,7 @@ class PackageReader:
                     label_path=paths[-1],
                     group=spec.group,
                     channel_names=tuple(str(m or "unknown") for m in names),
-                    labels=tuple((int(v), str(k)) for v, k in labels if int(v) not in item.drop),
+                    labels=labels,
                     item=item,
                 )
             )
@@ -190,14 +195,7 @@ class PackageReader:
             label[label == value] = 0
         if item.binary:
             label = (label > 0).astype(np.int64)
-        declared = np.array([0, *(v for v, _ in case.labels)])
-        values = np.unique(label)
-        unknown = values[~np.isin(values, declared)]
-        if unknown.size:
-            raise CaseError(
-                f"{case.label_path}: label values {unknown[:8].tolist()} not in the label table "
-                f"of case {case.case_id}"
-            )
+        check_declared_values(case, label)
         if label.shape != shape or not np.allclose(lab_img.affine, affine, atol=1e-3):
             label = resample_nearest(label, lab_img.affine, shape, affine)
         if not label.any():
