@@ -376,17 +376,15 @@ def packaged_label_maps(size: int = 128, step: int = 6, max_labels: int = 23, fo
     neuro = np.asarray(
         nib.load(str(root / SPM_TPM / "labels_Neuromorphometrics.nii")).dataobj
     ).astype(np.int64)
-    return torch.from_numpy(
-        np.concatenate([_slices(tissue, size, step, None), _slices(neuro, size, step, max_labels)])
-    )
+    return torch.cat([_slices(tissue, size, step, None), _slices(neuro, size, step, max_labels)])
 
 
 def _slices(volume, size: int, step: int, max_labels: int | None):
     """``(n, size, size)`` uint8 slices of a label volume (see :func:`packaged_label_maps`)."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
+    from megaseg.data.synthetic_v2 import square_label_slice
     from megaseg.examples import brain_extent
 
     out = []
@@ -398,12 +396,6 @@ def _slices(volume, size: int, step: int, max_labels: int | None):
                 values, counts = np.unique(sl[sl > 0], return_counts=True)
                 keep = values[np.argsort(-counts, kind="stable")[:max_labels]]
                 sl = np.where(np.isin(sl, keep), np.searchsorted(np.sort(keep), sl) + 1, 0)
-            if not sl.any():
-                continue
-            h, w = sl.shape
-            side = max(h, w)
-            sq = np.zeros((side, side), dtype=np.float32)
-            sq[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = sl
-            t = F.interpolate(torch.from_numpy(sq)[None, None], size=(size, size), mode="nearest")
-            out.append(t[0, 0].numpy().astype(np.uint8))
-    return np.stack(out)
+            if sl.any():
+                out.append(square_label_slice(sl, size))
+    return torch.stack(out)

@@ -363,15 +363,17 @@ def mni152_label_maps(size: int = 128, step: int = 6) -> Tensor:
     for axis in range(3):
         lo, hi = brain_extent(brain, axis, min_fraction=0.3)
         for i in range(lo, hi, step):
-            sl = torch.from_numpy(np.ascontiguousarray(np.take(labels, i, axis=axis)))
-            h, w = sl.shape
-            side = max(h, w)
-            sq = torch.zeros(side, side, dtype=torch.uint8)
-            sq[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = sl
-            out.append(
-                F.interpolate(sq[None, None].float(), size=(size, size), mode="nearest")[0, 0]
-            )
-    return torch.stack(out).to(torch.uint8)
+            out.append(square_label_slice(np.take(labels, i, axis=axis), size))
+    return torch.stack(out)
+
+
+def square_label_slice(label: np.ndarray, size: int) -> Tensor:
+    """A label slice ``(h, w)`` (values 0-255) centred in a square (zero padding) and resized
+    to ``(size, size)`` uint8 by nearest neighbour, so that values stay labels."""
+    from megaseg.preprocess import pad_to_square
+
+    square, _ = pad_to_square(torch.from_numpy(np.ascontiguousarray(label)).float())
+    return F.interpolate(square[None, None], size=(size, size), mode="nearest")[0, 0].byte()
 
 
 def _maps_key(maps: Tensor | None) -> str:
