@@ -51,14 +51,14 @@ def label_name(label: int) -> str:
 class SyntheticLoader:
     """``load(case)`` of the synthetic dataset: generates the case's subject (picklable).
 
-    v1: label values are shifted by one (label ``k`` -> value ``k + 1``) because the pipeline
-    reads 0 as background, and v1's label maps have none. v2's maps already hold ``k + 1``
-    (0 = background).
+    The pipeline reads value 0 as background, so label ``k`` must be value ``k + 1``: the
+    generator's map value of label ``k`` is ``k + label_offset`` (v1: 0, its maps have no
+    background; v2: 1), shifted here by ``1 - label_offset``.
     """
 
     def __init__(self, synthetic: SyntheticTasks):
         self.synthetic = synthetic
-        self.shift = 1 if getattr(synthetic, "version", 1) == 1 else 0
+        self.shift = 1 - synthetic.label_offset
 
     def task_index(self, case: Case) -> tuple[int, int]:
         match = _CASE_ID.fullmatch(case.case_id)
@@ -80,11 +80,10 @@ class SyntheticLoader:
         """What a case's shard depends on: generator version, global task id, index, config."""
         task, index = self.task_index(case)
         seed = self.synthetic.subject_seed(task, index)
-        if self.shift == 0:  # v2: version, config and label maps
-            return f"{self.synthetic.fingerprint()}:{seed}"
-        from megaseg.data.synthetic import GENERATOR_VERSION
-
-        return f"v{GENERATOR_VERSION}:{seed}:{self.synthetic.config!r}"
+        fingerprint = getattr(self.synthetic, "fingerprint", None)
+        if fingerprint is not None:  # v2: version, config and label maps
+            return f"{fingerprint()}:{seed}"
+        return f"v{self.synthetic.version}:{seed}:{self.synthetic.config!r}"
 
 
 def synthetic_job(
