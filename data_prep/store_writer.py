@@ -354,9 +354,10 @@ def consolidate_dataset(
     shards = sorted(shards, key=lambda cs: cs[0].case_id)
     metas = [read_shard_meta(path) for _, path in shards]
     subjects = sorted({m["subject"] for m in metas})
-    split_of = assign_splits(subjects, name, seed)
     if getattr(spec, "split", None):  # a source with one split for all (specs/packaged.py)
         split_of = {x: spec.split for x in subjects}
+    else:
+        split_of = assign_splits(subjects, name, seed)
 
     offsets = {k: np.cumsum([0] + [m["rows"][k] for m in metas]) for k in ARRAY_KINDS}
     task_keys, examples = _example_table(metas, offsets, subjects, split_of)
