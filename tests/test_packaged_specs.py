@@ -192,20 +192,22 @@ def test_label_tables_csv_tsv_and_spm_xml(tmp_path):
         read_label_table(tmp_path / "bad.csv")
 
 
+def _cases(root: Path, image: str, **item) -> list:
+    """Cases of a one-item packaged spec reading ``image`` and ``lab.nii.gz`` in ``root``."""
+    item = PackageItem("c", "s", (image,), "lab.nii.gz", **item)
+    spec = PackagedSpec(name="PkgTest", reader="package", root=str(root), items=(item,))
+    return get_reader("package").cases(root, spec)
+
+
 def test_undeclared_label_value_names_the_file(tmp_path):
     _save(tmp_path / "img.nii.gz", np.ones(SHAPE, np.float32))
     _save(tmp_path / "lab.nii.gz", _blob(SHAPE, 7, 2, 5))
-    item = PackageItem("c", "s", ("img.nii.gz",), "lab.nii.gz", labels=((1, "brain"),))
-    spec = PackagedSpec(name="PkgTest", reader="package", root=str(tmp_path), items=(item,))
-    reader = get_reader("package")
-    (case,) = reader.cases(tmp_path, spec)
+    (case,) = _cases(tmp_path, "img.nii.gz", labels=((1, "brain"),))
     with pytest.raises(CaseError, match=r"lab\.nii\.gz.*\[7\]"):
-        reader.load(case)
+        get_reader("package").load(case)
     # an item whose every label is dropped declares nothing to check values against
-    item = PackageItem("c", "s", ("img.nii.gz",), "lab.nii.gz", labels=((7, "x"),), drop=(7,))
-    spec = PackagedSpec(name="PkgTest", reader="package", root=str(tmp_path), items=(item,))
     with pytest.raises(DatasetError, match="case c declares no label"):
-        reader.cases(tmp_path, spec)
+        _cases(tmp_path, "img.nii.gz", labels=((7, "x"),), drop=(7,))
 
 
 def test_truncated_nifti_in_a_package_is_named_before_it_is_read(tmp_path):
@@ -213,12 +215,9 @@ def test_truncated_nifti_in_a_package_is_named_before_it_is_read(tmp_path):
     _save(tmp_path / "lab.nii.gz", _blob(SHAPE, 1, 2, 5))
     data = (tmp_path / "img.nii").read_bytes()
     (tmp_path / "img.nii").write_bytes(data[: len(data) // 2])
-    item = PackageItem("c", "s", ("img.nii",), "lab.nii.gz", labels=((1, "brain"),))
-    spec = PackagedSpec(name="PkgTest", reader="package", root=str(tmp_path), items=(item,))
-    reader = get_reader("package")
-    (case,) = reader.cases(tmp_path, spec)
+    (case,) = _cases(tmp_path, "img.nii", labels=((1, "brain"),))
     with pytest.raises(CaseError, match=r"img\.nii: header declares .* truncated file"):
-        reader.load(case)
+        get_reader("package").load(case)
 
 
 def test_packaged_source_builds_into_a_corpus(tmp_path):
