@@ -129,6 +129,15 @@ def test_fit_can_start_from_exported_weights(tmp_path):
         InContextSegModule("universeg_v1", {"encoder_widths": [4, 4, 4, 4]}, init_weights=str(path))
 
 
+def test_fit_refuses_to_start_from_nan_weights(tmp_path):
+    source = tiny_module()
+    with torch.no_grad():
+        source.net.out_conv.conv.weight[0].fill_(float("nan"))
+    path = export_weights(tmp_path / "w.safetensors", source)
+    with pytest.raises(ValueError, match=r"NaN or inf values: out_conv\.conv\.weight"):
+        InContextSegModule("universeg_v1", TINY, init_weights=str(path))
+
+
 def test_held_out_datasets_are_refused_for_training(tmp_path):
     protocol = tmp_path / "p.yaml"
     protocol.write_text("name: demo\nheld_out: [WBC-*, STARE]\n")

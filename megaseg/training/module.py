@@ -172,20 +172,17 @@ class InContextSegModule(pl.LightningModule):
         self.init_weights = init_weights
 
     def _load_init_weights(self, path: str) -> None:
-        from megaseg.checkpoint import load_state_dict_file
+        # The card's model name first (a clearer error than mismatched shapes), then the
+        # checks of any checkpoint: safe read, shapes, finite values (CheckpointError, a
+        # ValueError).
+        from megaseg.checkpoint import load_checkpoint, read_card
 
-        state, card = load_state_dict_file(path)
-        spec = (card or {}).get("model", {})
+        spec = (read_card(path) or {}).get("model", {})
         if spec and spec.get("name") != self.model_name:
             raise ValueError(
                 f"{path}: weights of model {spec.get('name')!r}, not {self.model_name!r}"
             )
-        try:
-            self.net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(
-                f"{path}: weights do not fit {self.model_name} {self.model_kwargs}: {e}"
-            ) from e
+        load_checkpoint(path, self.net)
 
     def configure_model(self) -> None:
         if self.compile_net and not getattr(self, "_compiled", False):
