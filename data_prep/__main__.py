@@ -91,18 +91,16 @@ def cmd_build(args) -> int:
 
 @contextlib.contextmanager
 def _environment(values: dict[str, str]):
-    """``os.environ`` updated with ``values`` (read by the readers, passed on to the workers),
+    """The limit variables set to ``values`` (read by the readers, passed on to the workers),
     restored afterwards."""
+    from data_prep.readers.io import set_limits
+
     old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    set_limits(values)
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_limits(old)
 
 
 def _build(args) -> int:

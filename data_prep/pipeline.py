@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from data_prep.readers.base import Case, CaseError, LoadedCase
-from data_prep.readers.io import label_values, max_labels
+from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
@@ -426,7 +426,6 @@ class BuildSummary:
 
 
 _WORKER: dict = {}
-LIMIT_VARIABLES = ("MEGASEG_MAX_VOXELS", "MEGASEG_MAX_LABELS")  # see data_prep.readers.io
 
 
 def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) -> None:
@@ -435,11 +434,7 @@ def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) ->
     torch.set_num_threads(1)  # parallelism is across cases; also keeps results bit-identical
     _WORKER.update(specs=specs, loads=loads, resolutions=resolutions, strict=strict)
     if limits is not None:
-        for name, value in limits.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        set_limits(limits)
     if parent is not None:
         _WORKER["marked"] = True
         _exit_with(parent)

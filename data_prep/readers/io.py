@@ -162,6 +162,18 @@ DEFAULT_MAX_VOXELS = 1 << 29
 DEFAULT_MAX_LABELS = 100
 # Deflate cannot compress by more than 1032:1, so a .nii.gz of n bytes holds < 1032 n bytes.
 MAX_GZIP_RATIO = 1032
+# The variables max_voxels() and max_labels() read; a build hands them on to its workers.
+LIMIT_VARIABLES = ("MEGASEG_MAX_VOXELS", "MEGASEG_MAX_LABELS")
+
+
+def set_limits(values: Mapping[str, str | None]) -> None:
+    """Set limit variables in ``os.environ`` (in a worker, or to restore them); None unsets
+    one (its default then applies)."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _limit(variable: str, default: int) -> int:
