@@ -28,6 +28,7 @@ from fixtures_data import (
     blob_image,
     blob_label,
     write_folder2d,
+    write_msd,
     write_nifti,
     write_nnunet,
 )
@@ -437,6 +438,22 @@ def test_10_scanned_symlink_leaving_the_dataset_is_refused(tmp_path, capsys):
     link.unlink()
     link.symlink_to(root / "labelsTr" / "case_000.nii.gz")
     assert len(get_reader("nnunet").cases(root, spec)) == 2
+
+
+def test_10_scanned_symlink_is_refused_by_the_decathlon_and_folder_readers(tmp_path):
+    secret = write_nifti(tmp_path / "elsewhere" / "secret.nii.gz", blob_label(SHAPE_3D, seed=0))
+    msd = write_msd(tmp_path, n_cases=2, training_list=False)  # no list: imagesTr is scanned
+    link = msd / "imagesTr" / "tiny_001.nii.gz"
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(DatasetError, match=f"{link}: resolves to {secret}, outside"):
+        get_reader("msd").cases(msd, spec_from_path(msd))
+    folder = write_folder2d(tmp_path)
+    link = folder / "masks" / "img_001.png"
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(DatasetError, match=f"{link}: resolves to {secret}, outside"):
+        get_reader("folder2d").cases(folder, spec_from_path(folder))
 
 
 # -- 11. errors reach the user as messages with exit 2 ---------------------------------------------

@@ -26,7 +26,6 @@ from .base import Case, CaseError, DatasetError, LoadedCase
 from .io import (
     build_cases,
     channel_names_for,
-    check_inside,
     is_junk,
     is_readable_file,
     label_values,
@@ -113,10 +112,8 @@ class FolderReader:
                 raise DatasetError(
                     f"{root}: spec {spec.name!r} template names unknown field {e}"
                 ) from e
-            for file in (*images, label[0]):
-                check_inside(root, file)
             entries.append((case_id, images, *label))
-        return build_cases(spec, entries, channel_names, labels, root, binary=layout.binary)
+        return build_cases(spec, entries, channel_names, labels, root, root, binary=layout.binary)
 
     def load(self, case: Case) -> LoadedCase:
         """Image ``(C, H, W)`` / ``(C, X, Y, Z)`` float32 (RGB -> gray), label with known values."""

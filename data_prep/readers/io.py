@@ -103,6 +103,7 @@ def build_cases(
     channel_names: tuple[str, ...],
     labels: Mapping[int, str] | Iterable[tuple[int, str]],
     where: Path,
+    root: Path,
     binary: bool = False,
 ) -> list[Case]:
     """``(case_id, image_paths, label_path)`` entries -> cases, sorted by id.
@@ -114,13 +115,17 @@ def build_cases(
 
     Applies the spec's ``case_regex`` (full match on the id; others are left out), its
     ``subject_regex`` (named group ``subject`` searched in the id; default: the id) and group.
-    Raises DatasetError for a duplicate id or an id the subject regex does not match.
+    Raises DatasetError for a duplicate id, an id the subject regex does not match, or an
+    image or label path (or mask folder) that leads outside the dataset folder ``root``
+    (:func:`check_inside`: a scanned symbolic link).
     """
     case_regex = getattr(spec, "case_regex", None)
     subject_regex = getattr(spec, "subject_regex", None)
     fg = tuple(sorted((int(k), str(v)) for k, v in dict(labels).items() if int(k) != 0))
     cases: dict[str, Case] = {}
     for case_id, images, label, *masks in entries:
+        for path in (*images, label):
+            check_inside(root, path)
         if case_regex and not re.fullmatch(case_regex, case_id):
             continue
         if case_id in cases:

@@ -18,7 +18,6 @@ from .io import (
     build_cases,
     channel_names_for,
     check_declared_values,
-    check_inside,
     is_junk,
     load_case,
     read_dataset_json,
@@ -62,7 +61,7 @@ class MSDReader:
             entries = self._scanned(root)
         else:
             entries = self._listed(root, training, json_path)
-        return build_cases(spec, entries, channel_names, labels, json_path)
+        return build_cases(spec, entries, channel_names, labels, json_path, root)
 
     def load(self, case: Case) -> LoadedCase:
         """Image ``(C, X, Y, Z)`` float32 (4-D files moved to channel-first), label, affine.
@@ -96,5 +95,4 @@ class MSDReader:
             raise DatasetError(f"{images}: missing (expected the Decathlon imagesTr folder)")
         for path in images.glob("*.nii*"):
             if not is_junk(path.name):
-                label = check_inside(root, root / "labelsTr" / path.name)
-                yield split_ext(path.name)[0], (check_inside(root, path),), label
+                yield split_ext(path.name)[0], (path,), root / "labelsTr" / path.name

@@ -20,7 +20,6 @@ from .io import (
     build_cases,
     channel_names_for,
     check_declared_values,
-    check_inside,
     is_junk,
     load_case,
     read_dataset_json,
@@ -83,7 +82,7 @@ class NnUNetReader:
             entries = self._listed(root, data["dataset"], json_path)
         else:
             entries = self._scanned(root, ending, n_files)
-        return build_cases(spec, entries, channel_names, labels, json_path)
+        return build_cases(spec, entries, channel_names, labels, json_path, root)
 
     def load(self, case: Case) -> LoadedCase:
         """Image ``(C, X, Y, Z)`` or ``(C, H, W)`` float32, integer label, affine (None in 2D).
@@ -106,10 +105,7 @@ class NnUNetReader:
                 ids.add(m.group("case"))
         for case_id in sorted(ids):
             files = tuple(images / f"{case_id}_{c:04d}{ending}" for c in range(n_files))
-            label = root / "labelsTr" / f"{case_id}{ending}"
-            for path in (*files, label):
-                check_inside(root, path)
-            yield case_id, files, label
+            yield case_id, files, root / "labelsTr" / f"{case_id}{ending}"
 
     @staticmethod
     def _listed(root: Path, listing: Any, json_path: Path):
