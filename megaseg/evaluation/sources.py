@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaseg.data import generators
+from megaseg.data.generators import SYNTHETIC_VERSIONS
 from megaseg.preprocess import resize
 
 SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
@@ -204,8 +206,6 @@ def corpus_sources(corpus, datasets: Sequence[str]) -> list[CorpusSource]:
 
 # ------------------------------------------------------------------------------ synthetic
 
-SYNTHETIC_VERSIONS = (1, 2)  # generator versions a SyntheticSource can open
-
 
 class SyntheticSource:
     """Held-out synthetic tasks: seeds from ``HELDOUT_SEED_OFFSET``, never used in training.
@@ -232,29 +232,20 @@ class SyntheticSource:
         version: int = 1,
         real_maps: bool = True,
     ):
-        from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig, SyntheticTasks
+        from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
 
         if num_tasks < 1 or labels_per_task < 1:
             raise ValueError(
                 f"need num_tasks >= 1 and labels_per_task >= 1, got {num_tasks}, {labels_per_task}"
             )
-        if version not in SYNTHETIC_VERSIONS:
-            raise ValueError(f"synthetic generator version must be one of {SYNTHETIC_VERSIONS}, "
-                             f"got {version!r}")  # fmt: skip
+        generators.check_version(version)
         self.num_tasks = num_tasks
         self.labels_per_task = labels_per_task
         self.version = version
         self.real_maps = real_maps
         self.seed_offset = HELDOUT_SEED_OFFSET
         self._generators: dict[int, Any] = {}
-        if version == 1:
-            self.config = config or SyntheticConfig()
-            self._make = SyntheticTasks
-        else:
-            from megaseg.data.synthetic_v2 import SyntheticV2Config
-
-            self.config = config or SyntheticV2Config()
-            self._make = self._make_v2
+        self.config = config or generators.make_config(version)
         self._tasks: dict[str, tuple[int, int]] = {}
         gen = self._generator(self.config.size)
         for t in range(num_tasks):
@@ -270,19 +261,15 @@ class SyntheticSource:
             f"{version})"
         )
 
-    def _make_v2(self, num_tasks: int, seed_offset: int, config):
-        from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps
-
-        maps = mni152_label_maps(config.size) if self.real_maps else None
-        return SyntheticTasksV2(num_tasks, seed_offset, config, label_maps=maps)
-
     def _generator(self, resolution: int):
         import dataclasses
 
         gen = self._generators.get(resolution)
         if gen is None:
             config = dataclasses.replace(self.config, size=resolution)
-            gen = self._make(self.num_tasks, self.seed_offset, config)
+            gen = generators.make_tasks(
+                self.version, self.num_tasks, self.seed_offset, config, self.real_maps
+            )
             self._generators[resolution] = gen
         return gen
 
@@ -494,9 +481,7 @@ def sources_from_record(
     folder), then in the current folder. Synthetic tasks re-open with their recorded generator
     version; ``synthetic_version``, when given, must be that version (else ValueError).
     """
-    import dataclasses
-
-    from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig
+    from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
 
     check_synthetic_version(records, synthetic_version)
     out: list[Source] = []
@@ -514,21 +499,13 @@ def sources_from_record(
                     f"draws: synthetic generator version {version!r} is unknown to this megaseg "
                     f"(it has {SYNTHETIC_VERSIONS})"
                 )
-            if version == 1:
-                config_class = SyntheticConfig
-            else:
-                from megaseg.data.synthetic_v2 import SyntheticV2Config as config_class
-            fields = {f.name for f in dataclasses.fields(config_class)}
-            config = {
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in rec.get("config", {}).items()
-                if k in fields
-            }
+            fields = generators.config_fields(version)
+            config = {k: v for k, v in rec.get("config", {}).items() if k in fields}
             out.append(
                 SyntheticSource(
                     hi - lo,
                     rec.get("labels_per_task", 1),
-                    config_class(**config),
+                    generators.make_config(version, config),
                     version,
                     real_maps=rec.get("label_maps", "mni152") is not None,
                 )

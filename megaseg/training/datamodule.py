@@ -23,8 +23,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from megaseg.data import generators
 from megaseg.data.store import Corpus, load_protocol
-from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticConfig, SyntheticTasks
+from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
 from megaseg.data.tasks import (
     TEST_STREAM,
     TRAIN_STREAM,
@@ -43,7 +44,6 @@ SYNTHETIC_VAL_SEED_OFFSET = HELDOUT_SEED_OFFSET // 2
 
 
 AUGMENT_PRESETS = ("reference", "task", "in_task", "generalist")
-SYNTHETIC_VERSIONS = (1, 2)
 
 
 def make_augment(preset: str | None) -> Augment | None:
@@ -63,21 +63,6 @@ def make_augment(preset: str | None) -> Augment | None:
 
         return EpisodeAugment(in_task=GENERALIST_IN_TASK_AUGMENTATIONS)
     return EpisodeAugment()
-
-
-def _synthetic_config(version: int, overrides: dict | None, resolution: int):
-    """The generator config of ``version`` with ``overrides`` (lists from YAML as tuples) at
-    ``resolution``; an unknown field is a ValueError naming it."""
-    if version == 1:
-        return SyntheticConfig(**{**(overrides or {}), "size": resolution})
-    from megaseg.data.synthetic_v2 import SyntheticV2Config
-
-    fields = {f.name for f in dataclasses.fields(SyntheticV2Config)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ValueError(f"synthetic_config: {unknown} are not fields of SyntheticV2Config")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
-    return SyntheticV2Config(**{**values, "size": resolution})
 
 
 class HeldOutError(ValueError):
@@ -161,13 +146,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         self._check_not_held_out()
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_tasks = synthetic_tasks
-        if synthetic_version not in SYNTHETIC_VERSIONS:
-            raise ValueError(
-                f"synthetic_version must be one of {SYNTHETIC_VERSIONS}, got {synthetic_version!r}"
-            )
-        self.synthetic_version = synthetic_version
+        self.synthetic_version = generators.check_version(synthetic_version, "synthetic_version")
         self.synthetic_real_maps = synthetic_real_maps
-        self.synthetic_config = _synthetic_config(synthetic_version, synthetic_config, resolution)
+        self.synthetic_config = generators.make_config(
+            synthetic_version, synthetic_config, size=resolution
+        )
         self.resolution = resolution
         self.support_size = support_size
         self.batch_size = batch_size
@@ -240,14 +223,13 @@ class EpisodeDataModule(pl.LightningDataModule):
     def synthetic_generator(self, seed_offset: int = 0):
         """The synthetic tasks ``[seed_offset, seed_offset + synthetic_tasks)`` of this module's
         generator version and config (train: 0)."""
-        if self.synthetic_version == 1:
-            return SyntheticTasks(self.synthetic_tasks, seed_offset, self.synthetic_config)
-        from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps
-
-        # mni152_label_maps is cached per process (~1 MB at 128 px, 66 maps): read from the
-        # nilearn files once, when the first loader is built, and inherited by forked workers.
-        maps = mni152_label_maps(self.resolution) if self.synthetic_real_maps else None
-        return SyntheticTasksV2(self.synthetic_tasks, seed_offset, self.synthetic_config, maps)
+        return generators.make_tasks(
+            self.synthetic_version,
+            self.synthetic_tasks,
+            seed_offset,
+            self.synthetic_config,
+            self.synthetic_real_maps,
+        )
 
     def training_sources(self) -> tuple[list, list[float]]:
         """Sources and weights of training episodes."""
