@@ -221,8 +221,9 @@ def process_case(
     """Run the whole per-case pipeline (see the module docstring).
 
     ``extra_slices``: per plane and label of a volume, also this many slices spread evenly over
-    the label's extent (:func:`extra_slice_indices`; kind "extra"). Not used by corpus builds;
-    evaluation uses it to get more than two slices per task from a dataset of few subjects.
+    the label's extent (:func:`extra_slice_indices`; kind "extra"): corpus builds take the
+    spec's ``slices_per_plane``; evaluation of a folder its ``--slices-per-plane``, to get more
+    than two slices per task from a dataset of few subjects.
 
     Raises:
         CaseError: the case cannot be used (the message names the file and the reason).
@@ -484,7 +485,9 @@ def _run_case(item) -> tuple[int, int, str | None]:
         npz.parent.mkdir(parents=True, exist_ok=True)
         _started(npz).write_text(str(os.getpid()))
     try:
-        slices = process_case(case, _WORKER["loads"][j](case), spec, resolutions)
+        slices = process_case(
+            case, _WORKER["loads"][j](case), spec, resolutions, extra_slices=spec.slices_per_plane
+        )
     except CaseError as err:
         reason = str(err)
     except (Exception, MemoryError) as err:  # a damaged file can make any library raise

@@ -259,6 +259,8 @@ def spec_record(spec: Any) -> dict:
     labels = getattr(spec, "labels", None)
     if labels is not None:
         record["labels"] = _plain(dict(labels))
+    if getattr(spec, "slices_per_plane", 0):  # only when set: older build keys stay the same
+        record["slices_per_plane"] = int(spec.slices_per_plane)
     return record
 
 

@@ -106,19 +106,14 @@ def synthetic_job(
     from data_prep.specs import DatasetSpec
 
     if generator_version == 2:
+        from megaseg.data import generators
         from megaseg.data import synthetic_v2 as gen
 
         base = config or gen.SyntheticV2Config()
         config = gen.SyntheticV2Config(**{**vars(base), "size": size, "num_subjects": num_subjects})
-        maps = gen.mni152_label_maps(size)
-        if label_maps == "mni152+spm12":
-            import torch
-
-            from data_prep.specs.packaged import packaged_label_maps
-
-            maps = torch.cat([maps, packaged_label_maps(size)])
-        elif label_maps != "mni152":
+        if label_maps not in generators.LABEL_MAPS:
             raise ValueError(f"label_maps must be 'mni152' or 'mni152+spm12', got {label_maps!r}")
+        maps = generators.label_maps(label_maps, size)
         synthetic = gen.SyntheticTasksV2(num_tasks, seed_offset, config, label_maps=maps)
     elif generator_version == 1:
         from megaseg.data import synthetic as gen

@@ -77,6 +77,10 @@ class DatasetSpec:
         by subject); None: each case is its own subject.
     case_regex: only cases whose id fully matches are read (e.g. the labelled part).
     group: subject group of the task hierarchy (sub-cohort or site).
+    slices_per_plane: per plane and label of a volume, this many more slices spread over the
+        label's extent besides the mid and largest-area ones (``process_case(extra_slices=)``):
+        more examples per task for a dataset of few subjects (a template), whose tasks would
+        otherwise hold one or two slices. 0: the MegaMedical two.
     """
 
     name: str
@@ -97,6 +101,7 @@ class DatasetSpec:
     source: str = ""
     version: str = ""
     notes: str = field(default="", compare=False)
+    slices_per_plane: int = 0
 
     def __post_init__(self):
         from data_prep.store_writer import check_dataset_name
@@ -109,6 +114,9 @@ class DatasetSpec:
         for name in ("subject_regex", "case_regex"):
             _expect(self, name, str, none=True, where=where)
             _regex(self, name, where=where)
+        k = self.slices_per_plane
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 64:
+            raise ValueError(f"{where}: slices_per_plane must be an integer in [0, 64], got {k!r}")
         if self.layout is not None and not isinstance(self.layout, FolderLayout):
             raise ValueError(f"{where}: layout must be a mapping of FolderLayout fields")
         spacing = self.spacing_mm

@@ -40,11 +40,14 @@ class PackagedSpec(DatasetSpec):
     or person each, and the usual subject split (70/15/15 by a hash) would put a whole
     training source in val or test, where training never sees it: training sources say
     ``"train"``, the held-out source ``"test"`` (where held-out datasets are evaluated).
+    slices_per_plane: 6 more slices per plane and label than the MegaMedical two: one template
+    per source would otherwise give most tasks one or two examples (too few for an episode).
     """
 
     package: Package | None = None
     items: tuple[PackageItem, ...] = ()
     split: str = "train"
+    slices_per_plane: int = 6
 
     def __post_init__(self):
         super().__post_init__()

@@ -43,15 +43,53 @@ def make_config(version: int, values: dict | None = None, **fixed):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def make_tasks(version: int, num_tasks: int, seed_offset: int, config, real_maps: bool = True):
+LABEL_MAPS = ("mni152", "mni152+spm12")  # names of the real label-map sets v2 can be given
+
+
+def label_maps_name(real_maps: bool | str | None) -> str | None:
+    """The name of a label-map set (:data:`LABEL_MAPS`) from a ``real_maps`` setting: True is
+    ``"mni152"``, False or None is no maps (recorded as None)."""
+    if real_maps is True:
+        return "mni152"
+    if real_maps is False or real_maps is None:
+        return None
+    if real_maps not in LABEL_MAPS:
+        raise ValueError(
+            f"real label maps must be true, false or one of {LABEL_MAPS}, got {real_maps!r}"
+        )
+    return real_maps
+
+
+def label_maps(name: str, size: int):
+    """The label maps ``(M, size, size)`` named ``name``: ``"mni152"`` (nilearn's template, 66
+    maps) or ``"mni152+spm12"`` (also SPM12's tissue maps and Neuromorphometrics labels from the
+    ``spm-runtime`` wheel, fetched on first use: :func:`data_prep.specs.packaged.packaged_label_maps`)."""
+    import torch
+
+    from megaseg.data.synthetic_v2 import mni152_label_maps
+
+    name = label_maps_name(name)
+    maps = mni152_label_maps(size)
+    if name == "mni152+spm12":
+        from data_prep.specs.packaged import packaged_label_maps
+
+        maps = torch.cat([maps, packaged_label_maps(size)])
+    return maps
+
+
+def make_tasks(
+    version: int, num_tasks: int, seed_offset: int, config, real_maps: bool | str = True
+):
     """Tasks ``[seed_offset, seed_offset + num_tasks)`` of generator ``version`` with ``config``;
-    v2 gets the MNI152 label maps for its label-to-image tasks unless ``real_maps`` is False
-    (cached per process, ~1 MB at 128 px: read once and inherited by forked workers)."""
+    v2 gets real label maps for its label-to-image tasks: ``real_maps`` True or ``"mni152"``
+    (cached per process, ~1 MB at 128 px: read once and inherited by forked workers),
+    ``"mni152+spm12"`` (:func:`label_maps`), False: none."""
     if check_version(version) == 1:
         from megaseg.data.synthetic import SyntheticTasks
 
         return SyntheticTasks(num_tasks, seed_offset, config)
-    from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps
+    from megaseg.data.synthetic_v2 import SyntheticTasksV2
 
-    maps = mni152_label_maps(config.size) if real_maps else None
+    name = label_maps_name(real_maps)
+    maps = None if name is None else label_maps(name, config.size)
     return SyntheticTasksV2(num_tasks, seed_offset, config, label_maps=maps)

@@ -33,7 +33,8 @@ import yaml
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 EXAMPLE_COLUMNS = ("task", "split", "subject", "case", "image_row", "label_row", "slice", "kind")
-SLICE_KINDS = ("mid", "max", "2d")  # mid-slice, largest-label-area slice, a 2D image
+SLICE_KINDS = ("mid", "max", "2d", "extra")  # mid-slice, largest-label-area slice, a 2D image,
+# a slice spread over the label's extent (a spec's slices_per_plane)
 _IMAGE_ROW, _LABEL_ROW, _SUBJECT = (
     EXAMPLE_COLUMNS.index(c) for c in ("image_row", "label_row", "subject")
 )

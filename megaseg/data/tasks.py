@@ -137,7 +137,7 @@ class CorpusSource:
             )
         self._counts = {k: n for k, n in counts.items() if n >= 2}
         if not self._counts:
-            raise ValueError(
+            raise EmptySplitError(
                 f"{corpus.root}: no {split} task with >= 2 examples to draw episodes from"
             )
         self.tree = TaskTree(list(self._counts))
@@ -192,6 +192,10 @@ def draw_indices(rng: np.random.Generator, n: int, support_size: int) -> tuple[i
     return query, support + (support >= query)
 
 
+class EmptySplitError(ValueError):
+    """A corpus has no task with >= 2 examples in the split asked for."""
+
+
 def _load_unique(source: TaskSource, key: TaskKey, indices: np.ndarray) -> tuple[Tensor, Tensor]:
     """``source.load`` once per distinct index, gathered back to ``indices``' order."""
     unique, inverse = np.unique(indices, return_inverse=True)
@@ -209,6 +213,8 @@ class EpisodeSampler:
         weights: one non-negative weight per source (e.g. corpus 0.5, synthetic 0.5).
         batch_size: episodes per batch, B.
         support_size: S, fixed, or ``(lo, hi)``: one S drawn uniformly in [lo, hi] per batch.
+        support_size_log: draw S log-uniformly in [lo, hi] instead (``floor(exp(u))``, ``u``
+            uniform in ``[log lo, log(hi + 1))``); False keeps the uniform draw's stream.
         augment: optional ``(images, labels, generator) -> (images, labels)`` on the batch's
             ``(B, S+1, 1, H, W)`` stack (query first), e.g. task-level then in-task augmentation.
         foreign_support: also draw, per episode, a support set of another task
@@ -221,6 +227,7 @@ class EpisodeSampler:
     support_size: int | Sequence[int] = 64
     augment: Augment | None = None
     foreign_support: bool = False
+    support_size_log: bool = False
 
     def __post_init__(self):
         if not self.sources:
@@ -261,7 +268,10 @@ class EpisodeSampler:
         """
         rng = episode_rng(seed, stream, rank, step)
         lo, hi = self._support_range
-        support_size = int(rng.integers(lo, hi + 1))
+        if self.support_size_log:
+            support_size = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
+        else:
+            support_size = int(rng.integers(lo, hi + 1))
         images, labels, names, others = [], [], [], []
         for _ in range(self.batch_size):
             source = self._pick_source(rng)

@@ -230,7 +230,7 @@ class SyntheticSource:
         labels_per_task: int = 1,
         config=None,
         version: int = 1,
-        real_maps: bool = True,
+        real_maps: bool | str = True,
     ):
         from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
 
@@ -242,7 +242,7 @@ class SyntheticSource:
         self.num_tasks = num_tasks
         self.labels_per_task = labels_per_task
         self.version = version
-        self.real_maps = real_maps
+        self.real_maps = generators.label_maps_name(real_maps)
         self.seed_offset = HELDOUT_SEED_OFFSET
         self._generators: dict[int, Any] = {}
         self.config = config or generators.make_config(version)
@@ -302,7 +302,7 @@ class SyntheticSource:
         }
         if self.version != 1:  # v1 records stay as they were, so old draws files replay
             out["generator_version"] = self.version
-            out["label_maps"] = "mni152" if self.real_maps else None
+            out["label_maps"] = self.real_maps
         return out
 
 
@@ -507,7 +507,7 @@ def sources_from_record(
                     rec.get("labels_per_task", 1),
                     generators.make_config(version, config),
                     version,
-                    real_maps=rec.get("label_maps", "mni152") is not None,
+                    real_maps=rec.get("label_maps", "mni152"),
                 )
             )
         elif kind == "folder":

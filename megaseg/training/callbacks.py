@@ -35,11 +35,14 @@ class ExportWeights(pl.Callback):
 
     Files go to ``dirpath`` (default: ``export/`` beside the checkpoints of the first
     ``ModelCheckpoint``, else in the run folder). The EMA weights are exported when the module
-    keeps an EMA; ``raw=True`` also writes the raw weights (``*_raw.safetensors``).
+    keeps an EMA; ``raw=True`` also writes the raw weights (``*_raw.safetensors``);
+    ``every_n_steps``: also keep ``step{N}.safetensors`` at the first save at or after each
+    multiple of N steps (to score checkpoints along a run).
     """
 
-    def __init__(self, dirpath: str | None = None, raw: bool = False):
-        self.dirpath, self.raw = dirpath, raw
+    def __init__(self, dirpath: str | None = None, raw: bool = False, every_n_steps: int = 0):
+        self.dirpath, self.raw, self.every_n_steps = dirpath, raw, every_n_steps
+        self._kept_step = -1
         self._config: dict | None = None
         self.exported: Path | None = None  # the last file written
 
@@ -67,6 +70,10 @@ class ExportWeights(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.export(trainer, pl_module, "last")
+        n, step = self.every_n_steps, trainer.global_step
+        if n > 0 and step // n > max(self._kept_step, 0) // n:
+            self._kept_step = step
+            self.export(trainer, pl_module, f"step{step:07d}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module, "final")

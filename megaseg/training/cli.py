@@ -132,6 +132,13 @@ class MegasegCLI(LightningCLI):
                 )
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        # An ExportWeights of the config's (e.g. with every_n_steps) replaces the default one.
+        if any(isinstance(cb, ExportWeights) for cb in config.get("callbacks") or ()):
+            defaults = self.trainer_defaults.get("callbacks") or []
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [cb for cb in defaults if not isinstance(cb, ExportWeights)],
+            }
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         return super()._instantiate_trainer(config, callbacks)

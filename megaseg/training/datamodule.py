@@ -32,6 +32,7 @@ from megaseg.data.tasks import (
     VAL_STREAM,
     Augment,
     CorpusSource,
+    EmptySplitError,
     EpisodeSampler,
     EpisodeSet,
     EpisodeStream,
@@ -43,7 +44,7 @@ from megaseg.data.tasks import (
 SYNTHETIC_VAL_SEED_OFFSET = HELDOUT_SEED_OFFSET // 2
 
 
-AUGMENT_PRESETS = ("reference", "task", "in_task", "generalist")
+AUGMENT_PRESETS = ("reference", "task", "in_task", "generalist", "light")
 
 
 def make_augment(preset: str | None) -> Augment | None:
@@ -62,6 +63,10 @@ def make_augment(preset: str | None) -> Augment | None:
         from megaseg.data.augment import GENERALIST_IN_TASK_AUGMENTATIONS
 
         return EpisodeAugment(in_task=GENERALIST_IN_TASK_AUGMENTATIONS)
+    if preset == "light":
+        from megaseg.data.augment import LIGHT_TASK_AUGMENTATIONS
+
+        return EpisodeAugment(task=LIGHT_TASK_AUGMENTATIONS, in_task=None)
     return EpisodeAugment()
 
 
@@ -87,11 +92,15 @@ class EpisodeDataModule(pl.LightningDataModule):
         synthetic_config: overrides of :class:`~megaseg.data.synthetic.SyntheticConfig`, or of
             :class:`~megaseg.data.synthetic_v2.SyntheticV2Config` for version 2 (``size`` is
             always ``resolution``).
-        synthetic_real_maps: version 2 only: give the generator the MNI152 label maps
-            (:func:`~megaseg.data.synthetic_v2.mni152_label_maps`) for its label-to-image
-            ("real") tasks; False: no such tasks.
+        synthetic_real_maps: version 2 only: the real label maps of its label-to-image ("real")
+            tasks: true or "mni152" (:func:`~megaseg.data.synthetic_v2.mni152_label_maps`),
+            "mni152+spm12" (also SPM12's tissue maps and Neuromorphometrics labels, fetched
+            from the spm-runtime wheel on first use), false: no such tasks.
         resolution: image side R; corpora must store it.
         support_size: S, fixed, or ``[lo, hi]`` drawn per batch.
+        support_size_log: draw S log-uniformly in ``[lo, hi]`` (as many batches with S in
+            [4, 8) as in [32, 64)): a batch costs about S, so this buys ~2x the batches of a
+            uniform draw over [4, 64] while still training at 64.
         batch_size: episodes per training batch, B.
         val_support_size: S for validation and test (default: ``hi`` of ``support_size``).
         val_batches, val_batch_size: size of each validation set (per source).
@@ -101,7 +110,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         augment: training augmentation preset (:mod:`megaseg.data.augment`, reference
             probabilities): "reference" (task-level and in-task), "task", "in_task",
             "generalist" (reference task-level, in-task with per-subject zoom x0.5-2, shift,
-            rotation and field-of-view crops), or None.
+            rotation and field-of-view crops), "light" (task-level flips and intensity
+            inversion only), or None.
             From Python, any ``(images, labels, generator) -> (images, labels)`` callable.
         num_workers: DataLoader workers (the batches are the same for any number); None: chosen
             by ``megaseg fit`` from the cores (:mod:`megaseg.training.threads`), 0 from Python.
@@ -129,7 +139,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         seed: int = 0,
         synthetic_version: int = 1,
-        synthetic_real_maps: bool = True,
+        synthetic_real_maps: bool | str = True,
+        support_size_log: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -147,7 +158,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_tasks = synthetic_tasks
         self.synthetic_version = generators.check_version(synthetic_version, "synthetic_version")
-        self.synthetic_real_maps = synthetic_real_maps
+        self.synthetic_real_maps = generators.label_maps_name(synthetic_real_maps)
+        self.support_size_log = support_size_log
         self.synthetic_config = generators.make_config(
             synthetic_version, synthetic_config, size=resolution
         )
@@ -202,7 +214,10 @@ class EpisodeDataModule(pl.LightningDataModule):
                     )
                 seen[d.casefold()] = str(c.root)
 
-    def _corpus_sources(self, split: str) -> list[CorpusSource]:
+    def _corpus_sources(self, split: str, skip_empty: bool = False) -> list[CorpusSource]:
+        """One source per corpus for ``split``; ``skip_empty``: leave out, with a log line, a
+        corpus without a task of >= 2 examples in that split (e.g. sources whose every subject
+        is in train), instead of an error."""
         sources = []
         for corpus in self.corpora:
             wanted = self.datasets
@@ -211,9 +226,14 @@ class EpisodeDataModule(pl.LightningDataModule):
             }:
                 continue
             # The store already refuses held-out train/val; test must be refused here.
-            sources.append(
-                CorpusSource(corpus, split, self.resolution, wanted, exclude=self.held_out)
-            )
+            try:
+                source = CorpusSource(corpus, split, self.resolution, wanted, exclude=self.held_out)
+            except EmptySplitError as e:
+                if not skip_empty:
+                    raise
+                print(f"megaseg: {e}: no {split} episodes from this corpus", flush=True)
+                continue
+            sources.append(source)
         return sources
 
     def _synthetic(self, split: str) -> SyntheticSource:
@@ -250,7 +270,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         """``(name, sampler)`` per evaluation source of ``split`` ("val" or "test")."""
         out = []
         if self.corpora_roots and self.synthetic_ratio < 1:
-            sources = self._corpus_sources(split)
+            sources = self._corpus_sources(split, skip_empty=True)
             if sources:
                 out.append(("corpus", self._eval_sampler(sources)))
         if self.synthetic_val:
@@ -287,7 +307,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         sources, weights = self.training_sources()
         sampler = EpisodeSampler(
             sources, weights, batch_size=self.batch_size, support_size=self.support_size,
-            augment=self.augment,
+            augment=self.augment, support_size_log=self.support_size_log,
         )  # fmt: skip
         stream = EpisodeStream(sampler, self.seed, self._rank(), self._start_step(), TRAIN_STREAM)
         return self._loader(stream)
@@ -347,7 +367,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                 tasks = self.synthetic_generator(0)
                 synthetic.update(
                     generator_version=tasks.version,
-                    label_maps="mni152" if self.synthetic_real_maps else None,
+                    label_maps=self.synthetic_real_maps,
                     fingerprint=tasks.fingerprint(),
                 )
         return {
@@ -358,6 +378,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             "protocol": None if self.protocol is None else self.protocol.path,
             "resolution": self.resolution,
             "support_size": self.support_size,
+            "support_size_log": self.support_size_log,
             "batch_size": self.batch_size,
             "augment": None if self.augment is None else repr(self.augment),
             "augment_preset": self.hparams.get("augment"),

@@ -21,6 +21,7 @@ from .base import Params, Transform
 from .episode import (
     GENERALIST_IN_TASK_AUGMENTATIONS,
     IN_TASK_AUGMENTATIONS,
+    LIGHT_TASK_AUGMENTATIONS,
     TASK_AUGMENTATIONS,
     AugmentConfig,
     Draw,
@@ -33,6 +34,7 @@ from .label import InvertLabel, SobelEdge
 
 __all__ = [
     "GENERALIST_IN_TASK_AUGMENTATIONS",
+    "LIGHT_TASK_AUGMENTATIONS",
     "IN_TASK_AUGMENTATIONS",
     "TASK_AUGMENTATIONS",
     "Affine",

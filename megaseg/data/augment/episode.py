@@ -101,6 +101,10 @@ GENERALIST_IN_TASK_AUGMENTATIONS = AugmentConfig(
     )
 )
 
+# The "light" preset (issue #13's ablation of augmentation strength): task-level flips and
+# intensity inversion only, no in-task augmentation.
+LIGHT_TASK_AUGMENTATIONS = AugmentConfig(transforms=(Flip(p=0.5), InvertIntensity(p=0.5)))
+
 
 @dataclass
 class Draw:
