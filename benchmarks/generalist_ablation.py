@@ -18,15 +18,28 @@ Adam 3e-4, warm-up 1000 + cosine over a fixed 12000 steps, EMA 0.999) stopped at
 Trains each arm in the background-friendly way the campaign does (one intra-op thread: run it
 with ``OMP_NUM_THREADS=1``), into ``runs/ablation/<arm>_s<seed>/``; an arm whose
 ``export/final.safetensors`` exists is skipped, an interrupted one resumes from its last
-checkpoint. Its weights are then scored by ``evaluate`` (see ``--help``).
+checkpoint. Its weights are then scored on the visible benchmark, and the table written:
+
+    python benchmarks/generalist_ablation.py evaluate NAME=WEIGHTS ... [--reference NAME]
+    python benchmarks/generalist_ablation.py table NAME ... [--out docs/results/generalist_ablation]
+
+``evaluate`` runs, per checkpoint, the sanity suite (megaseg.evaluation.sanity, N = 1, 4, 16 and
+4-member ensembles) and ``megaseg evaluate`` on the same recorded draws for every checkpoint
+(the first one given draws them, with the mean-label baseline; the others replay its
+draws.json): the held-out cross-subject real source (``--corpus``/``--datasets``), held-out
+synthetic v2 tasks and the MNI152 template (within-subject). Outputs go to
+``megaseg_work/ablation/<NAME>/`` (resumable: a finished part is not rerun). ``table`` gathers
+them into a Markdown table with 95% intervals and a Dice-vs-N PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +80,151 @@ def train(arm: str, steps: int, seed: int) -> Path:
     return final
 
 
+EVAL_DIR = ROOT / "megaseg_work" / "ablation"
+
+
+def megaseg_cmd() -> str:
+    return str(Path(sys.executable).parent / "megaseg")
+
+
+def sanity(name: str, weights: str, flips: bool = False) -> dict:
+    """The sanity suite's Dice table and ensemble check of ``weights``, cached as JSON."""
+    out = EVAL_DIR / name / ("sanity_flips.json" if flips else "sanity.json")
+    if out.is_file():
+        return json.loads(out.read_text())
+    from megaseg.checkpoint import atomic_write
+    from megaseg.evaluation.sanity import run_sanity
+
+    start = time.perf_counter()
+    kwargs = {"flips": True} if flips else {}
+    result = run_sanity(weights, ns=(1, 4, 16), ensembles=(4,), **kwargs)
+    record = {
+        "weights": weights,
+        "flips": flips,
+        "dice": {f"{t}|{n}|{k}": v for (t, n, k), v in result.dice.items()},
+        "violations": sum(result.violations.values()),
+        "confident": sum(v for (_, _, k), v in result.confident.items() if k > 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "markdown": result.markdown(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
+
+
+def evaluate(name: str, weights: str, reference: str, args) -> Path:
+    """``megaseg evaluate`` of ``weights`` into ``EVAL_DIR/name``: the reference checkpoint draws
+    (with the mean-label baseline), the others replay its draws.json."""
+    out = EVAL_DIR / name / "eval"
+    if (out / "summary.json").is_file():
+        return out
+    cmd = [megaseg_cmd(), "evaluate", "--checkpoint", weights, "--out", str(out), "--no-progress"]
+    if args.allow_overlap:
+        cmd.append("--allow-overlap")
+    if args.ensemble > 1:
+        cmd += ["--ensemble", str(args.ensemble)]
+    if name == reference:
+        cmd += ["--methods", "megaseg", "mean_label", "--support-sizes", *map(str, args.ns),
+                "--draws-per-n", str(args.draws_per_n), "--synthetic-tasks",
+                str(args.synthetic_tasks), "--synthetic-version", "2"]  # fmt: skip
+        if args.corpus:
+            cmd += ["--corpus", args.corpus, "--datasets", *args.datasets]
+        if args.mni152:
+            from megaseg.examples import write_mni152_nnunet
+
+            cmd += ["--folder", str(write_mni152_nnunet()), "--slices-per-plane", "4"]
+    else:
+        draws = EVAL_DIR / reference / "eval" / "draws.json"
+        if not draws.is_file():
+            raise SystemExit(f"{draws}: evaluate the reference checkpoint {reference} first")
+        cmd += ["--methods", "megaseg", "--draws", str(draws)]
+    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / "evaluate.log", "a") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return out
+
+
+def rows(name: str) -> list[dict]:
+    """Summary rows (per method, dataset, N) of ``name``'s evaluation."""
+    path = EVAL_DIR / name / "eval" / "summary.json"
+    return json.loads(path.read_text())["summary"] if path.is_file() else []
+
+
+def table(names: list[str], reference: str, out: Path) -> str:
+    """Markdown: per checkpoint, sanity mean at N=1/4/16, worst task at N=16, ensemble check,
+    and Dice at each N on each evaluated dataset with its 95% interval (plus mean-label)."""
+    ref_rows = rows(reference)
+    datasets = list(dict.fromkeys(r["dataset"] for r in ref_rows if r["scope"] == "dataset"))
+    ns = sorted({r["N"] for r in ref_rows})
+
+    def cell(rs, method, dataset, n):
+        for r in rs:
+            if (r["method"], r["dataset"], r["N"]) == (method, dataset, n) and r[
+                "scope"
+            ] == "dataset":
+                return f"{100 * r['dice']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        return "—"
+
+    head = ["checkpoint", "sanity N=1/4/16", "worst N=16", "ens. check"]
+    head += [f"{d} N={n}" for d in datasets for n in ns]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in names:
+        path = EVAL_DIR / name / "sanity.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            dice = {tuple(k.split("|")): v for k, v in s["dice"].items()}
+            means = [
+                sum(v for (t, n, k), v in dice.items() if n == str(N) and k == "1")
+                / max(1, sum(1 for (t, n, k) in dice if n == str(N) and k == "1"))
+                for N in (1, 4, 16)
+            ]
+            worst = min(v for (t, n, k), v in dice.items() if n == "16" and k == "1")
+            san = "/".join(f"{m:.2f}" for m in means)
+            ens = f"{s['violations']}/{s['confident']}"
+        else:
+            san, worst, ens = "—", float("nan"), "—"
+        cells = [cell(rows(name), "megaseg", d, n) for d in datasets for n in ns]
+        lines.append(f"| {name} | {san} | {worst:.2f} | {ens} | " + " | ".join(cells) + " |")
+    cells = [cell(ref_rows, "mean_label", d, n) for d in datasets for n in ns]
+    lines.append("| mean-label baseline | — | — | — | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(names: list[str], reference: str, png: Path) -> None:
+    """Dice vs N per dataset, one line per checkpoint (+ mean-label), with the 95% intervals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ref_rows = rows(reference)
+    datasets = list(dict.fromkeys(r["dataset"] for r in ref_rows if r["scope"] == "dataset"))
+    fig = Figure(figsize=(4.2 * len(datasets), 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    series = [(n, "megaseg", rows(n)) for n in names] + [("mean-label", "mean_label", ref_rows)]
+    for ax, d in zip(axes, datasets, strict=True):
+        for label, method, rs in series:
+            pts = sorted(
+                (r["N"], r["dice"], r["ci_low"], r["ci_high"])
+                for r in rs
+                if r["scope"] == "dataset" and r["dataset"] == d and r["method"] == method
+            )
+            if not pts:
+                continue
+            x, y, lo, hi = zip(*pts, strict=True)
+            ax.plot(x, y, marker="o", label=label, ls="--" if method == "mean_label" else "-")
+            ax.fill_between(x, lo, hi, alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("support size N")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("Dice")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,10 +232,43 @@ def main(argv=None) -> int:
     t.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="score checkpoints on the visible benchmark")
+    e.add_argument("checkpoints", nargs="+", metavar="NAME=WEIGHTS")
+    e.add_argument("--reference", help="the checkpoint that draws (default: the first)")
+    e.add_argument("--corpus", help="corpus holding the held-out real source")
+    e.add_argument("--datasets", nargs="*", default=["PkgBrainXS"])
+    e.add_argument("--mni152", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--synthetic-tasks", type=int, default=30)
+    e.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16])
+    e.add_argument("--draws-per-n", type=int, default=3)
+    e.add_argument("--ensemble", type=int, default=1)
+    e.add_argument("--allow-overlap", action="store_true")
+    e.add_argument("--no-sanity", action="store_true")
+    tb = sub.add_parser("table", help="the ablation table and PNG")
+    tb.add_argument("names", nargs="+")
+    tb.add_argument("--reference")
+    tb.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "generalist_ablation")
     args = parser.parse_args(argv)
     if args.command == "train":
         for arm in args.arms:
             train(arm, args.steps, args.seed)
+    elif args.command == "evaluate":
+        pairs = [c.split("=", 1) for c in args.checkpoints]
+        if any(len(p) != 2 for p in pairs):
+            parser.error("checkpoints are NAME=WEIGHTS")
+        reference = args.reference or pairs[0][0]
+        for name, weights in sorted(pairs, key=lambda p: p[0] != reference):
+            evaluate(name, weights, reference, args)
+            if not args.no_sanity:
+                sanity(name, weights)
+    else:
+        reference = args.reference or args.names[0]
+        text = table(args.names, reference, args.out)
+        print(text)
+        from megaseg.checkpoint import atomic_write
+
+        atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text + "\n"))
+        plot(args.names, reference, args.out.with_suffix(".png"))
     return 0
 
 
