@@ -17,13 +17,18 @@ block's query-independent support term (``model.support_term``), one per label.
 Multi-label. An integer label map with several nonzero values (e.g. 0, 1, 2) gives one
 binary task per value, all through the same network; the merged map is "the value whose
 probability is largest, where that probability is above 0.5, else background 0".
+
+Test-time augmentation. ``ensemble=K`` averages K random support subsets; ``flips=True``
+averages the identity and the horizontal, vertical and both flips of the whole task (query,
+support images and support labels flipped together, each prediction flipped back), see
+:func:`flip_tta`. Both combine: K subsets x 4 views, 4K times the forward passes of one.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,10 @@ DEFAULT_RESOLUTION = 128
 ACTIVATION_UNITS = 6
 CPU_MEMORY_BUDGET_MB = 2048  # default budget on the CPU
 CUDA_MEMORY_FRACTION = 0.5  # default budget on a GPU: this share of its free memory
+
+# The views of flip test-time augmentation, as ``torch.flip`` dims of a ``(..., H, W)``
+# tensor: identity, horizontal (W), vertical (H), both. Each is its own inverse.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 @dataclass(frozen=True)
@@ -329,12 +338,14 @@ class Segmenter:
         ensemble: int = 1,
         support_size: int | None = None,
         seed: int = 0,
+        flips: bool = False,
     ) -> Tensor:
         """Network-resolution form of :meth:`predict`.
 
         ``queries (B, 1, R, R)`` in [0, 1], already prepared -> probabilities
         ``(K, B, 1, R, R)`` float32 on the CPU, one map per label, averaged over the
-        ensemble. Queries are run in chunks of :meth:`batch_size`.
+        ensemble (and the 4 flips with ``flips=True``, see :func:`flip_tta`). Queries are run
+        in chunks of :meth:`batch_size`, once per support subset, label and flip.
         """
         sup = self._require_support()
         subsets = self._draw_subsets(ensemble, support_size, seed)
@@ -342,19 +353,29 @@ class Segmenter:
         K, B = len(sup.values), queries.shape[0]
         out = torch.zeros(K, B, 1, *queries.shape[-2:])
         use_term = sup.term is not None and getattr(self.model, "fast", False)
+        views = FLIPS if flips else FLIPS[:1]
         with torch.inference_mode():
             for idx in subsets:
                 images = sup.images if idx is None else sup.images[idx]
                 for k in range(K):
                     labels = sup.labels[k] if idx is None else sup.labels[k, idx]
-                    term = None
-                    if use_term:
-                        term = (sup.term[k] if idx is None else sup.term[k, idx])[None]
-                    for start in range(0, B, chunk):
-                        q = queries[start : start + chunk].to(self.device, torch.float32)
-                        logits = self.model(q, images[None], labels[None], support_term=term)
-                        out[k, start : start + chunk] += torch.sigmoid(logits.float()).cpu()
-        return out / len(subsets)
+                    for dims in views:  # the whole task flipped: query, images and labels
+                        f_images, f_labels = _flip(images, dims), _flip(labels, dims)
+                        term = None
+                        if use_term and not dims:
+                            term = (sup.term[k] if idx is None else sup.term[k, idx])[None]
+                        elif use_term:
+                            # The cached term is the unflipped support's and a conv is not
+                            # flip-invariant: a flipped support needs its own, once per view.
+                            term = self.model.support_term(f_images[None], f_labels[None])
+                        for start in range(0, B, chunk):
+                            q = queries[start : start + chunk].to(self.device, torch.float32)
+                            logits = self.model(
+                                _flip(q, dims), f_images[None], f_labels[None], support_term=term
+                            )
+                            probs = _flip(torch.sigmoid(logits.float()), dims)  # flipped back
+                            out[k, start : start + chunk] += probs.cpu()
+        return out / (len(subsets) * len(views))
 
     def predict(
         self,
@@ -362,6 +383,7 @@ class Segmenter:
         ensemble: int = 1,
         support_size: int | None = None,
         seed: int = 0,
+        flips: bool = False,
     ) -> Prediction | list[Prediction]:
         """Segment one query or several.
 
@@ -374,6 +396,13 @@ class Segmenter:
             support_size: N, the size of each subset, drawn without replacement from the
                 cached support; None: the whole support (then ``ensemble`` must be 1).
             seed: seeds the ``torch.Generator`` that draws the subsets: same seed, same draws.
+            flips: flip test-time augmentation: average the probabilities over the identity
+                and the horizontal, vertical and both flips of the task (the query and the
+                support images and labels flipped together, so the network sees a consistent
+                task; each prediction flipped back before averaging). 4x the forward passes
+                (4K with an ensemble) plus, on the fast path, the first block's support term
+                of each flipped support; the queries stay batched in chunks. False: exactly
+                the unaugmented prediction.
 
         Raises:
             ValueError: a query that is not 2D (use :meth:`predict_volume` for volumes),
@@ -383,7 +412,7 @@ class Segmenter:
         sup = self._require_support()
         prepared = [prepare_image(x, self.resolution, sup.modality, sup.window) for x in images]
         probs = self.predict_prepared(
-            torch.stack([t for t, _ in prepared]), ensemble, support_size, seed
+            torch.stack([t for t, _ in prepared]), ensemble, support_size, seed, flips
         )
         preds = [
             _prediction(restore(probs[:, b, 0], info).numpy(), sup.values)
@@ -400,6 +429,7 @@ class Segmenter:
         ensemble: int = 1,
         support_size: int | None = None,
         seed: int = 0,
+        flips: bool = False,
         return_probs: bool = False,
         overwrite_input: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -415,8 +445,8 @@ class Segmenter:
                 Written atomically (a temporary file beside it, then renamed). The input file
                 itself (also through a symlink or hard link) is refused unless
                 ``overwrite_input=True``: a label map written over the scan destroys it.
-            ensemble, support_size, seed: as in :meth:`predict`; every slice sees the same
-                support subsets.
+            ensemble, support_size, seed, flips: as in :meth:`predict`; every slice sees the
+                same support subsets (and, with ``flips``, each slice is flipped in-plane).
             return_probs: also return the ``(K, X, Y, Z)`` float32 per-label probabilities.
 
         Returns:
@@ -444,7 +474,7 @@ class Segmenter:
             ]
             info = prepared[0][1]  # every slice has the same size
             p = self.predict_prepared(
-                torch.stack([t for t, _ in prepared]), ensemble, support_size, seed
+                torch.stack([t for t, _ in prepared]), ensemble, support_size, seed, flips
             )
             p = restore(p[:, :, 0], info).numpy()  # (K, b, h, w)
             label_map[start : start + chunk] = merge_labels(p, sup.values)
@@ -510,6 +540,7 @@ def segment(
     ensemble: int = 1,
     support_size: int | None = None,
     seed: int = 0,
+    flips: bool = False,
 ) -> Prediction | list[Prediction]:
     """One call: ``Segmenter(model).set_support(...).predict(query, ...)``.
 
@@ -523,7 +554,31 @@ def segment(
     else:
         seg = Segmenter.from_checkpoint(model, device, resolution=resolution)
     seg.set_support(support_images, support_labels, modality, window)
-    return seg.predict(query, ensemble, support_size, seed)
+    return seg.predict(query, ensemble, support_size, seed, flips)
+
+
+def flip_tta(
+    predict: Callable[[Tensor, Tensor, Tensor], Tensor],
+    query: Tensor,
+    support_images: Tensor,
+    support_labels: Tensor,
+) -> Tensor:
+    """Flip test-time augmentation of any in-context predictor.
+
+    ``predict(query (B,1,H,W), support_images (...,H,W), support_labels (...,H,W)) ->
+    probabilities (B,1,H,W)`` is called once per view of :data:`FLIPS` (identity, horizontal,
+    vertical, both) on the query and the support flipped together, so each call sees a
+    consistent task; every output is flipped back and the 4 are averaged -> ``(B,1,H,W)``.
+    Costs 4 calls. :meth:`Segmenter.predict_prepared` does the same inside its own batching.
+    """
+    total = None
+    for dims in FLIPS:
+        probs = predict(
+            _flip(query, dims), _flip(support_images, dims), _flip(support_labels, dims)
+        )
+        probs = _flip(probs.float(), dims)
+        total = probs if total is None else total + probs
+    return total / len(FLIPS)
 
 
 def merge_labels(label_probs: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -539,6 +594,11 @@ def merge_labels(label_probs: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _flip(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``x`` flipped along ``dims`` (one view of :data:`FLIPS`); the identity is ``x`` itself."""
+    return x.flip(dims) if dims else x
 
 
 def _prediction(label_probs: np.ndarray, values: tuple[int, ...]) -> Prediction:
@@ -779,4 +839,4 @@ def _refuse_input_as_output(volume, out_path: str | os.PathLike) -> None:
         )
 
 
-__all__ = ["Prediction", "Segmenter", "merge_labels", "segment"]
+__all__ = ["FLIPS", "Prediction", "Segmenter", "flip_tta", "merge_labels", "segment"]

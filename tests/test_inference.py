@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from megaseg import Segmenter, create_model, save_checkpoint, segment
 from megaseg.inference import Prediction, merge_labels
@@ -505,3 +506,106 @@ def test_failed_write_leaves_the_previous_output_untouched(seg, support, scan, m
         seg.predict_volume(scan, out_path=out)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in scan.parent.iterdir()) == ["scan.nii.gz", "seg.nii.gz"]
+
+
+# ---------------------------------------------------------------------- flip test-time augmentation
+
+
+class _Ramp(nn.Module):
+    """A known function of the query and the support that is NOT flip-equivariant (a ramp
+    over the pixel position is added): ``6 q - 3 + ramp(y, x) + 3 mean_i(label_i)``."""
+
+    def forward(self, query, support_images, support_labels, support_term=None):
+        H, W = query.shape[-2:]
+        ramp = torch.linspace(-2, 2, W) + 0.5 * torch.linspace(-1, 1, H)[:, None]
+        return 6 * query - 3 + ramp + 3 * support_labels.mean(1)
+
+
+class _Corner(nn.Module):
+    """Ignores the query: logit +10 everywhere if the support's label is set at the top-left
+    pixel, else -10. Flipping only the query (not the support) would leave it at +10."""
+
+    def forward(self, query, support_images, support_labels, support_term=None):
+        corner = support_labels[:, :, 0, 0, 0].mean(1)  # (Bs,)
+        return (20 * corner - 10)[:, None, None, None].expand(query.shape[0], 1, *query.shape[-2:])
+
+
+def _views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Identity, horizontal, vertical and both flips of ``(..., H, W)``, written out by hand."""
+    return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+
+
+def test_flips_average_the_four_predictions_flipped_back(support, query):
+    stub = _Ramp()
+    seg = Segmenter(stub, RES, "cpu").set_support(*support)
+    q = prepare_image(query, RES)[0][None]  # (1, 1, R, R)
+    images, labels = seg._support.images[None], seg._support.labels[0][None]
+    plain = torch.sigmoid(stub(q, images, labels))
+    # flips=False: the network's own output, untouched
+    assert torch.equal(seg.predict_prepared(q, flips=False)[0], plain)
+    outs = [
+        torch.sigmoid(stub(fq, fi, fl))
+        for fq, fi, fl in zip(_views(q), _views(images), _views(labels), strict=True)
+    ]
+    by_hand = [_views(out)[i] for i, out in enumerate(outs)]  # each flip is its own inverse
+    got = seg.predict_prepared(q, flips=True)[0]
+    torch.testing.assert_close(got, torch.stack(by_hand).mean(0), atol=1e-6, rtol=0)
+    assert (got - plain).abs().max() > 0.05  # the ramp is not flip-equivariant: views differ
+
+
+def test_flips_flip_the_support_with_the_query(seg):
+    # Support: square images labelled in their top-left quadrant only. Of the 4 flipped tasks
+    # only the identity has a label at the top-left pixel: mean (s(10) + 3 s(-10)) / 4 ~ 0.25.
+    corner = Segmenter(_Corner(), RES, "cpu")
+    label = np.zeros((RES, RES), np.uint8)
+    label[: RES // 2, : RES // 2] = 1
+    rng = np.random.default_rng(8)
+    corner.set_support([label + rng.random(label.shape) for _ in range(2)], [label, label])
+    query = rng.random((RES, RES))
+    assert corner.predict(query).probs.min() > 0.999
+    np.testing.assert_allclose(corner.predict(query, flips=True).probs, 0.25, atol=1e-3)
+    # the same through predict_volume (each slice flipped in-plane)
+    _, probs = corner.predict_volume(rng.random((3, RES, RES)), 0, flips=True, return_probs=True)
+    np.testing.assert_allclose(probs, 0.25, atol=1e-3)
+
+
+def test_flipped_task_gives_the_flipped_prediction(seg):
+    # A real (random) network: with flips the prediction is equivariant, flip in -> flip out.
+    rng = np.random.default_rng(7)
+    labels = [_disk(RES, RES, cy, cx, 6) for cy, cx in ((10, 12), (20, 9), (14, 22))]
+    images = [lab + rng.random((RES, RES)) * 0.5 for lab in labels]
+    q = rng.random((RES, RES))
+    a = seg.set_support(images, labels).predict(q, flips=True).probs
+    for flip in (np.fliplr, np.flipud, lambda x: np.flipud(np.fliplr(x))):
+        seg.set_support([flip(x) for x in images], [flip(y) for y in labels])
+        np.testing.assert_allclose(flip(seg.predict(flip(q), flips=True).probs), a, atol=1e-5)
+    # ...which the network alone is not (else the check above would show nothing)
+    plain = seg.set_support(images, labels).predict(q).probs
+    seg.set_support([np.fliplr(x) for x in images], [np.fliplr(y) for y in labels])
+    assert np.abs(np.fliplr(seg.predict(np.fliplr(q)).probs) - plain).max() > 1e-3
+
+
+def test_flips_with_chunks_and_the_cached_term_equal_a_plain_run(model, support):
+    # The cached support term is the unflipped support's: flipped views must not reuse it.
+    queries = list(np.random.default_rng(9).random((5, 30, 30)))
+    plain = Segmenter(model, RES, "cpu", max_batch=100, cache_support_term=False)
+    chunked = Segmenter(model, RES, "cpu", max_batch=2)
+    a = plain.set_support(*support).predict(queries, flips=True)
+    b = chunked.set_support(*support).predict(queries, flips=True)
+    assert chunked._support.term is not None
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.probs, y.probs, atol=1e-5)
+
+
+def test_flips_combine_with_an_ensemble(model, support, query):
+    seg = Segmenter(model, RES, "cpu").set_support(*support)
+    ens = seg.predict(query, ensemble=2, support_size=3, seed=5, flips=True).probs
+    images, labels = support
+    members = []
+    for idx in seg._draw_subsets(2, 3, seed=5):
+        one = Segmenter(model, RES, "cpu")
+        one.set_support([images[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()])
+        members.append(one.predict(query, flips=True).probs)
+    np.testing.assert_allclose(ens, np.mean(members, axis=0), atol=1e-6)
+    got = segment(query, *support, model=seg, ensemble=2, support_size=3, seed=5, flips=True)
+    np.testing.assert_allclose(got.probs, ens, atol=1e-6)
