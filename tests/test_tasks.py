@@ -237,3 +237,50 @@ def test_corpus_episodes_stay_in_their_task_and_split(tiny_corpus):
     EpisodeSampler([source], batch_size=6, support_size=12).batch(0, TRAIN_STREAM, 0, 0)
     for key, indices in loaded:  # one call per episode: one task, one split, valid indices
         assert max(indices) < corpus.num_examples(key, "train")
+
+
+# -- log-uniform support sizes (support_size_log) --------------------------------------------
+
+
+def _support_sizes(sampler, n, seed=0, rank=0):
+    return [sampler.batch(seed, TRAIN_STREAM, rank, i)["support_images"].shape[1] for i in range(n)]
+
+
+def test_log_support_sizes_stay_in_range_and_reach_both_ends():
+    source = FakeSource({k: 80 for k in keys_of("big", labels=3)})
+    sampler = EpisodeSampler([source], batch_size=1, support_size=(2, 8), support_size_log=True)
+    assert set(_support_sizes(sampler, 300)) == set(range(2, 9))
+    fixed = EpisodeSampler([source], batch_size=1, support_size=5, support_size_log=True)
+    assert set(_support_sizes(fixed, 20)) == {5}
+
+
+def test_log_support_sizes_are_log_distributed_and_seeded():
+    """S in [2, 64]: below sqrt(2 * 64) ~ 11.3 about half the time (log-uniform: (log 12 -
+    log 2) / (log 65 - log 2) = 0.51), against 10/63 = 0.16 for the uniform draw."""
+    source = FakeSource({k: 80 for k in keys_of("big", labels=3)})
+    log = EpisodeSampler([source], batch_size=1, support_size=(2, 64), support_size_log=True)
+    uniform = EpisodeSampler([source], batch_size=1, support_size=(2, 64))
+    sizes = _support_sizes(log, 400)
+    assert min(sizes) >= 2 and max(sizes) <= 64
+    small = sum(s < 11.3 for s in sizes) / len(sizes)
+    small_uniform = sum(s < 11.3 for s in _support_sizes(uniform, 400)) / 400
+    assert 0.4 < small < 0.62 and small_uniform < 0.26, (small, small_uniform)
+    # a pure function of (seed, stream, rank, step)
+    assert _support_sizes(log, 30) == sizes[:30]
+    assert _support_sizes(log, 30, rank=1) != sizes[:30]
+    assert _support_sizes(log, 30, seed=1) != sizes[:30]
+    val = [log.batch(0, VAL_STREAM, 0, i)["support_images"].shape[1] for i in range(30)]
+    assert val != sizes[:30]
+
+
+def test_uniform_support_sizes_keep_their_stream():
+    """support_size_log=False draws S exactly as before the option existed."""
+    from megaseg.data.tasks import episode_rng
+
+    source = FakeSource({k: 80 for k in keys_of("big", labels=3)})
+    sampler = EpisodeSampler([source], batch_size=2, support_size=(2, 9), support_size_log=False)
+    for seed, rank in ((0, 0), (3, 1)):
+        old = [int(episode_rng(seed, TRAIN_STREAM, rank, i).integers(2, 10)) for i in range(40)]
+        assert _support_sizes(sampler, 40, seed, rank) == old
+    default = EpisodeSampler([source], batch_size=2, support_size=(2, 9))
+    assert _same(default.batch(4, TRAIN_STREAM, 0, 7), sampler.batch(4, TRAIN_STREAM, 0, 7))

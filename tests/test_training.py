@@ -182,3 +182,14 @@ def test_augmentation_presets_are_deterministic_per_step():
     assert 0 <= float(a["support_labels"].min()) and float(a["support_labels"].max()) <= 1
     with pytest.raises(ValueError, match="augment must be one of"):
         EpisodeDataModule(augment="strong")
+
+
+def test_data_module_passes_support_size_log_to_the_sampler_and_card():
+    dm = EpisodeDataModule(resolution=16, support_size=(2, 8), batch_size=1, synthetic_tasks=10,
+                           support_size_log=True)  # fmt: skip
+    sampler = dm.train_dataloader().dataset.sampler
+    assert sampler.support_size_log is True
+    assert dm.describe()["support_size_log"] is True
+    plain = EpisodeDataModule(resolution=16, support_size=(2, 8), batch_size=1, synthetic_tasks=10)
+    assert plain.train_dataloader().dataset.sampler.support_size_log is False
+    assert plain.describe()["support_size_log"] is False
