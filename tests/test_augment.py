@@ -301,3 +301,51 @@ def test_show_episodes_writes_a_png(tmp_path):
     out = tmp_path / "episodes.png"
     assert main(["--out", str(out), "--episodes", "2", "--support", "2", "--size", "32"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the "light" preset ---------------------------------------------------------------------
+
+
+def test_light_preset_is_task_level_flips_and_inversion_only():
+    from megaseg.data.augment import LIGHT_TASK_AUGMENTATIONS, InvertIntensity
+    from megaseg.training.datamodule import make_augment
+
+    aug = make_augment("light")
+    assert not aug.in_task.enabled and aug.task == LIGHT_TASK_AUGMENTATIONS
+    assert [type(t) for t in LIGHT_TASK_AUGMENTATIONS.transforms] == [Flip, InvertIntensity]
+    params = aug.sample(B, N, gen())
+    assert all(d.task_level for d in params.draws)  # nothing drawn per example
+    with pytest.raises(ValueError, match="augment must be one of"):
+        make_augment("lite")
+
+
+def test_light_preset_only_flips_labels_and_inverts_images(episodes):
+    """Each episode comes out as itself, flipped left-right or top-bottom, its images maybe
+    inverted: one function for the whole episode, labels never changed but by the flip."""
+    from megaseg.training.datamodule import make_augment
+
+    images, labels = episodes
+    aug = make_augment("light")
+    flips = {"none": lambda x: x, "lr": lambda x: x.flip(-1), "tb": lambda x: x.flip(-2)}
+    seen = set()
+    for seed in range(12):
+        out_images, out_labels = aug(images, labels, gen(seed))
+        for b in range(B):
+            (flip,) = [n for n, f in flips.items()
+                       if torch.allclose(out_labels[b], f(labels[b]), atol=1e-5)]  # fmt: skip
+            flipped = flips[flip](images[b])
+            inverted = not torch.allclose(out_images[b], flipped, atol=1e-5)
+            expected = 1 - flipped if inverted else flipped
+            torch.testing.assert_close(out_images[b], expected, atol=1e-5, rtol=0)
+            seen.add((flip, inverted))
+    assert {f for f, _ in seen} == set(flips) and {i for _, i in seen} == {False, True}
+
+
+def test_light_preset_treats_every_example_of_an_episode_alike(same_example):
+    from megaseg.training.datamodule import make_augment
+
+    for seed in range(4):
+        images, labels = make_augment("light")(*same_example, gen(seed))
+        for i in range(1, N):
+            torch.testing.assert_close(images[:, i], images[:, 0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(labels[:, i], labels[:, 0], atol=1e-6, rtol=0)
