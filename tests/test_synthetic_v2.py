@@ -223,3 +223,58 @@ def test_generator_v2_output_is_pinned(tasks, task):
         atol=1.0,
         rtol=0,
     )
+
+
+# ------------------------------------------------------------------------------ label-map sets
+
+
+def test_label_maps_name_accepts_the_known_sets_only():
+    from megaseg.data.generators import LABEL_MAPS, label_maps_name
+
+    assert label_maps_name(True) == "mni152"
+    assert label_maps_name(False) is None and label_maps_name(None) is None
+    assert [label_maps_name(n) for n in LABEL_MAPS] == ["mni152", "mni152+spm12"]
+    for bad in ("aal", "MNI152", "", 1):
+        with pytest.raises(ValueError, match=r"one of \('mni152', 'mni152\+spm12'\)"):
+            label_maps_name(bad)
+
+
+def _fake_packaged_maps(monkeypatch, size: int = 32) -> tuple[torch.Tensor, list[int]]:
+    """Two SPM-like maps (label 3 in a box) in place of the spm-runtime wheel's (no network),
+    at any size asked; returns them at ``size`` and the list of sizes asked for."""
+    import data_prep.specs.packaged as packaged
+
+    def maps(s: int) -> torch.Tensor:
+        asked.append(s)
+        extra = torch.zeros(2, s, s, dtype=torch.uint8)
+        extra[0, s // 4 : s // 2, s // 4 : s // 2] = 3
+        extra[1, s // 8 : s // 2, s // 8 : -s // 8] = 3
+        return extra
+
+    asked: list[int] = []
+    monkeypatch.setattr(packaged, "packaged_label_maps", maps)
+    extra = maps(size)
+    asked.clear()
+    return extra, asked
+
+
+def test_make_tasks_with_mni152_and_spm12_maps(monkeypatch):
+    pytest.importorskip("nilearn")
+    from megaseg.data import generators
+
+    extra, asked = _fake_packaged_maps(monkeypatch)
+    config = SyntheticV2Config(size=32, num_subjects=4)
+    mni = generators.make_tasks(2, 3, 0, config, real_maps="mni152")
+    both = generators.make_tasks(2, 3, 0, config, real_maps="mni152+spm12")
+    assert asked == [32]  # the packaged maps at the generator's size, only when asked for
+    n = mni.label_maps.shape[0]
+    assert n == synthetic_v2.mni152_label_maps(32).shape[0]
+    assert both.label_maps.shape == (n + 2, 32, 32)
+    assert torch.equal(both.label_maps[:n], mni.label_maps)
+    assert torch.equal(both.label_maps[n:], (extra > 0).to(both.label_maps.dtype))  # 3 -> 1
+    assert both.fingerprint() != mni.fingerprint()
+    assert generators.make_tasks(2, 3, 0, config, real_maps=True).fingerprint() == mni.fingerprint()
+    assert generators.make_tasks(2, 3, 0, config, real_maps=False).label_maps is None
+    with pytest.raises(ValueError, match="real label maps must be"):
+        generators.make_tasks(2, 3, 0, config, real_maps="spm12")
+    assert torch.equal(generators.label_maps("mni152+spm12", 32)[n:], extra)
