@@ -318,3 +318,36 @@ def test_ci_tiny_learns_to_segment_unseen_tasks_in_context(tmp_path):
     assert scores["empty"] < 0.2, scores
     assert scores["dice"] >= scores["baseline"] + 0.15, scores
     assert scores["dice_swapped"] <= scores["dice"] - 0.1, scores
+
+
+def test_export_weights_every_n_steps_replaces_the_default_export(tmp_path, monkeypatch):
+    """A config's ExportWeights(every_n_steps=3) with checkpoints every 2 steps: step files at
+    the first save at or after each multiple of 3 (steps 4 and 6), the default export is
+    replaced, not doubled; a resumed run does not write the multiple of 3 it already kept."""
+    from megaseg.training import ExportWeights
+    from megaseg.training.cli import MegasegCLI
+
+    config = tmp_path / "export.yaml"
+    config.write_text("""
+trainer:
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {save_last: true, every_n_train_steps: 2}
+    - class_path: megaseg.training.ExportWeights
+      init_args: {every_n_steps: 3}
+""")
+    trainers = []
+    monkeypatch.setattr(MegasegCLI, "after_fit", lambda self: trainers.append(self.trainer))
+    small = ["--config", str(config), "--trainer.limit_val_batches", "0", "--data.resolution",
+             "32", "--model.model_kwargs", '{"encoder_widths": [8, 8, 8, 8]}']  # fmt: skip
+    megaseg_main(fit_args(tmp_path, 6, *small))
+    (exports,) = [[cb for cb in t.callbacks if isinstance(cb, ExportWeights)] for t in trainers]
+    assert len(exports) == 1 and exports[0].every_n_steps == 3
+    export = tmp_path / "export"
+    names = sorted(p.name for p in export.glob("*.safetensors"))
+    assert names == ["final.safetensors", "last.safetensors", "step0000004.safetensors",
+                     "step0000006.safetensors"]  # fmt: skip
+    assert megaseg.load_checkpoint(export / "step0000004.safetensors")[1]["training"]["step"] == 4
+    megaseg_main(fit_args(tmp_path, 8, *small, "--ckpt_path", "last"))
+    assert sorted(p.name for p in export.glob("step*.safetensors")) == names[2:]
+    assert megaseg.load_checkpoint(export / "final.safetensors")[1]["training"]["step"] == 8

@@ -68,6 +68,10 @@ class ExportWeights(pl.Callback):
         self.exported = path
         return path
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run: the run that saved its checkpoint kept the multiples up to that step.
+        self._kept_step = trainer.global_step
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.export(trainer, pl_module, "last")
         n, step = self.every_n_steps, trainer.global_step
