@@ -3,13 +3,16 @@
     megaseg evaluate --checkpoint run/export/final.safetensors \\
         --corpus corpus/ --datasets WBC STARE [--protocol configs/protocols/x.yaml] \\
         [--folder my_images/] [--synthetic-tasks 50 [--synthetic-version 2]] \\
-        [--support-sizes 1 2 4 8 16 32 64] [--draws-per-n 5] [--ensemble 1] \\
+        [--support-sizes 1 2 4 8 16 32 64] [--draws-per-n 5] [--ensemble 1] [--flips] \\
         [--methods megaseg mean_label supervised random_init] [--supervised-steps 300] \\
         [--out megaseg_work/eval] [--seed 0] [--allow-overlap]
 
     # the same draws for another checkpoint (sources re-opened from draws.json):
     megaseg evaluate --checkpoint other.safetensors --draws megaseg_work/eval/draws.json \\
         --out megaseg_work/eval_other
+    # the same model and draws with flip test-time augmentation (a paired ablation):
+    megaseg evaluate --checkpoint run/export/final.safetensors \\
+        --draws megaseg_work/eval/draws.json --flips --methods megaseg --out megaseg_work/eval_flips
 
 Writes predictions.csv, tasks.csv, summary.csv / .md / .json, draws.json and PNG plots to
 ``--out`` (default ``megaseg_work/eval``, see :func:`megaseg.paths.work_dir`) and prints the
@@ -97,6 +100,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", metavar="DRAWS_JSON",
                    help="replay exactly the draws of this draws.json (its sources are re-opened "
                         "unless given)")  # fmt: skip
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation of the megaseg method: its probabilities "
+                        "averaged over the identity, horizontal, vertical and both flips of each "
+                        "task (query and support flipped together), 4x its forward passes; "
+                        "mean_label, supervised and random_init are unaffected. Recorded in "
+                        "draws.json and summary.json settings; with --draws, when not given, the "
+                        "recorded value (off for files without it), and --flips / --no-flips "
+                        "override it")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS,
                    help="methods evaluated on the same draws; the first one's best, median and "
                         "worst predictions are plotted")  # fmt: skip
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             support_sizes=args.support_sizes,
             draws_per_n=args.draws_per_n,
             ensemble=args.ensemble,
+            flips=args.flips,
             methods=args.methods,
             out_dir=args.out,
             draws=draws,

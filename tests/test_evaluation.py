@@ -263,6 +263,57 @@ def test_replay_refuses_other_data(seg, disks, tmp_path):
         _quiet(evaluate, seg, [SyntheticSource(1)], methods=FAST, draws=res.draws, progress=False)
 
 
+class _Counting(torch.nn.Module):
+    """The tiny network, counting its forward passes (a plain module: no cached term)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, query, support_images, support_labels, **_):
+        self.calls += 1
+        return self.net(query, support_images, support_labels)
+
+
+def test_flips_are_recorded_and_replayed_and_an_old_file_means_none(model, disks, tmp_path):
+    counting = _Counting(model)
+    seg = Segmenter(counting, R, "cpu")
+
+    def run(**kwargs):
+        counting.calls = 0
+        res = _quiet(evaluate, seg, [disks], methods=FAST, progress=False, **kwargs)
+        return res, counting.calls
+
+    first, calls = run(support_sizes=(1, 2), draws_per_n=1, flips=True, out_dir=tmp_path / "a")
+    assert calls == 4 * len(first.draws.draws)  # one support set per draw, 4 flipped views
+    drawn = json.loads((tmp_path / "a" / "draws.json").read_text())
+    assert drawn["settings"]["flips"] is True
+    meta = json.loads((tmp_path / "a" / "summary.json").read_text())["meta"]
+    assert meta["settings"]["flips"] is True and "flip TTA" in meta["timings"]["megaseg"]["detail"]
+    assert "flip TTA: 4 flipped views" in (tmp_path / "a" / "summary.md").read_text()
+    # replayed: flips as recorded, the same Dice
+    again, calls = run(draws=tmp_path / "a" / "draws.json")
+    assert calls == 4 * len(first.draws.draws) and again.draws.settings["flips"] is True
+    assert [r["dice"] for r in again.rows] == [r["dice"] for r in first.rows]
+    # overridden on the same draws (the paired ablation), and recorded as run
+    plain, calls = run(draws=first.draws, flips=False, out_dir=tmp_path / "b")
+    assert calls == len(first.draws.draws) and first.draws.settings["flips"] is True
+    assert json.loads((tmp_path / "b" / "draws.json").read_text())["settings"]["flips"] is False
+    assert [r["query"] for r in plain.rows] == [r["query"] for r in first.rows]
+    # a draws file written before flips existed: no flips
+    del drawn["settings"]["flips"]
+    (tmp_path / "old.json").write_text(json.dumps(drawn))
+    old, calls = run(draws=tmp_path / "old.json")
+    assert calls == len(first.draws.draws) and old.meta["settings"]["flips"] is False
+    assert "flip TTA" not in old.report
+    drawn["settings"]["flips"] = "yes"
+    (tmp_path / "bad.json").write_text(json.dumps(drawn))
+    with pytest.raises(ValueError, match=r"bad.json: settings: 'flips' must be true or false"):
+        run(draws=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="applies to the 'megaseg' method"):
+        _quiet(evaluate, seg, [disks], methods=("mean_label",), flips=True, progress=False)
+
+
 def test_overlap_with_training_datasets_is_refused_unless_allowed(model, disks, tmp_path):
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
         "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
@@ -448,6 +499,36 @@ def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, caps
     assert code == 0 and {r["dataset"] for r in read_csv(tmp_path / "d" / "predictions.csv")} == {
         "Dataset001_Tiny"
     }
+
+
+def test_cli_flips_are_recorded_replayed_and_overridden(model, corpus, tmp_path, capsys):
+    from megaseg.evaluate_cli import main
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
+        "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
+        "training_datasets": ["SomethingElse"],
+    })  # fmt: skip
+    base = ["--checkpoint", str(ckpt), "--methods", "megaseg", "--no-progress", "--bootstrap", "50"]
+    data = ["--corpus", str(corpus), "--datasets", "Skin2D", "--support-sizes", "2",
+            "--draws-per-n", "1"]  # fmt: skip
+
+    def settings(name):
+        return json.loads((tmp_path / name / "draws.json").read_text())["settings"]
+
+    assert _quiet(main, [*base, *data, "--flips", "--out", str(tmp_path / "a")]) == 0
+    assert settings("a")["flips"] is True
+    replay = [*base, "--draws", str(tmp_path / "a" / "draws.json")]
+    assert _quiet(main, [*replay, "--out", str(tmp_path / "b")]) == 0
+    assert settings("b")["flips"] is True
+    dice = [[r["dice"] for r in read_csv(tmp_path / x / "predictions.csv")] for x in "ab"]
+    assert dice[0] == dice[1]
+    assert _quiet(main, [*replay, "--no-flips", "--out", str(tmp_path / "c")]) == 0
+    assert settings("c")["flips"] is False
+    capsys.readouterr()
+    code, err = _run_cli(
+        [*base, *data, "--methods", "mean_label", "--flips", "--out", str(tmp_path / "d")], capsys
+    )
+    assert code == 2 and "flips: flip test-time augmentation applies to the 'megaseg'" in err
 
 
 # ------------------------------------------------------------------------------ CLI refusals

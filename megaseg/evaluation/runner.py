@@ -9,6 +9,8 @@
 
     # another checkpoint on exactly the same draws:
     evaluate("other.safetensors", sources, draws="eval/draws.json", out_dir="eval_other/")
+    # the same model with flip test-time augmentation, on the same draws (a paired ablation):
+    evaluate("run/export/final.safetensors", sources, draws="eval/draws.json", flips=True)
 
 The protocol (what is drawn, what is excluded) is in :mod:`megaseg.evaluation.protocol`, the
 intervals in :mod:`megaseg.evaluation.stats`, the outputs in :mod:`megaseg.evaluation.report`.
@@ -16,6 +18,7 @@ intervals in :mod:`megaseg.evaluation.stats`, the outputs in :mod:`megaseg.evalu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -48,9 +51,30 @@ from megaseg.evaluation.protocol import (
 )
 from megaseg.evaluation.sources import Source
 from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from megaseg.inference import Segmenter
+from megaseg.inference import FLIPS, Segmenter, flip_tta
 
 MODEL_METHOD = "megaseg"
+
+
+class FlipTTA:
+    """A method under flip test-time augmentation (:func:`~megaseg.inference.flip_tta`): its
+    probabilities averaged over the identity, horizontal, vertical and both flips of the task
+    (query and support flipped together, each output flipped back); 4 calls per support set."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.name = method.name
+
+    def predict(
+        self, query: torch.Tensor, support_images: torch.Tensor, support_labels: torch.Tensor,
+        *, seed: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
+        return flip_tta(
+            lambda q, images, labels: self.method.predict(q, images, labels, seed=seed),
+            query,
+            support_images,
+            support_labels,
+        )
 
 
 @dataclass
@@ -127,13 +151,15 @@ def _methods(
     seed: int,
     supervised_steps: int,
     model_label: str,
+    flips: bool = False,
 ) -> list[Method]:
     out: list[Method] = []
     for m in names:
         if not isinstance(m, str):
             out.append(m)
         elif m == MODEL_METHOD:
-            out.append(ModelMethod(seg, name=model_label))
+            model = ModelMethod(seg, name=model_label)
+            out.append(FlipTTA(model) if flips else model)
         elif m == "mean_label":
             out.append(MeanLabel())
         elif m == "supervised":
@@ -160,6 +186,7 @@ def evaluate(
     support_sizes: Sequence[int] = DEFAULT_SUPPORT_SIZES,
     draws_per_n: int = DEFAULT_DRAWS_PER_N,
     ensemble: int = 1,
+    flips: bool | None = None,
     methods: Sequence[str | Method] = DEFAULT_METHODS,
     out_dir: str | os.PathLike | None = None,
     draws: str | os.PathLike | DrawSet | None = None,
@@ -184,6 +211,11 @@ def evaluate(
         sources: datasets to evaluate on (:mod:`megaseg.evaluation.sources`).
         support_sizes, draws_per_n, ensemble, seed, max_queries: the sweep (see
             :func:`~megaseg.evaluation.protocol.make_draws`); ignored when ``draws`` is given.
+        flips: flip test-time augmentation of the "megaseg" method (:class:`FlipTTA`: 4x its
+            forward passes); the baselines and method objects are unaffected. None: the value
+            recorded in ``draws`` (False for a file without it), else False; True or False
+            overrides it, so one model can be compared with and without flips on the same
+            draws. Recorded as ``settings["flips"]`` in draws.json and the meta.
         methods: names among "megaseg", "mean_label", "supervised", "random_init", or method
             objects (``.name``, ``.predict``). The model's own rows are named ``model_label``.
         out_dir: write the CSVs, summary.md / .json, draws.json and plots there (None: write
@@ -230,14 +262,27 @@ def evaluate(
         warnings.warn(notes[-1], stacklevel=2)
     overlapping = {o.split(":", 1)[0] for o in overlaps}
 
+    if flips is not None and not isinstance(flips, bool):
+        raise ValueError(f"flips: expected True, False or None, got {flips!r}")
+    if flips and MODEL_METHOD not in [m for m in methods if isinstance(m, str)]:
+        raise ValueError(
+            f"flips: flip test-time augmentation applies to the {MODEL_METHOD!r} method, which "
+            f"is not among the methods {[getattr(m, 'name', m) for m in methods]}"
+        )
     replayed = draws is not None
     if replayed:
         drawset = draws if isinstance(draws, DrawSet) else DrawSet.load(draws)
+        recorded = _recorded_flips(drawset)
         replay_check(drawset, sources, R)
     else:
         drawset = make_draws(sources, R, support_sizes, draws_per_n, ensemble, seed, max_queries)
+        recorded = False
+    flips = recorded if flips is None else flips
+    # Recorded beside the draws (a copy: a DrawSet passed in is left as it is), so that
+    # replaying the written draws.json predicts the same way.
+    drawset = dataclasses.replace(drawset, settings={**drawset.settings, "flips": flips})
 
-    method_objs = _methods(methods, seg, seed, supervised_steps, model_label)
+    method_objs = _methods(methods, seg, seed, supervised_steps, model_label, flips)
     primary = method_objs[0].name
     rows, cases, seconds = _run(drawset, sources, method_objs, R, overlapping, primary, progress)
 
@@ -247,6 +292,8 @@ def evaluate(
     for m in method_objs:
         if seconds[m.name]:
             detail = f"{m.steps} training steps each" if isinstance(m, SupervisedUNet) else ""
+            if isinstance(m, FlipTTA):
+                detail = f"flip TTA: {len(FLIPS)} flipped views each"
             timings[m.name] = {"mean_seconds": float(np.mean(seconds[m.name])),
                                "calls": len(seconds[m.name]), "detail": detail}  # fmt: skip
     meta = {
@@ -279,6 +326,16 @@ def evaluate(
     if out_dir is not None:
         result.paths = _write(result, Path(out_dir), sources, cases, primary, R)
     return result
+
+
+def _recorded_flips(drawset: DrawSet) -> bool:
+    """``settings["flips"]`` of a draws file; absent (files written before flip TTA): False."""
+    value = drawset.settings.get("flips", False)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{drawset.path or 'draws'}: settings: 'flips' must be true or false, got {value!r}"
+        )
+    return value
 
 
 def _run(drawset, sources, methods, R, overlapping, primary, progress):
@@ -384,4 +441,4 @@ def _plot_cases(result, cases, sources, primary, R, out: Path) -> Path:
     )
 
 
-__all__ = ["DEFAULT_METHODS", "EvaluationResult", "OverlapError", "evaluate"]
+__all__ = ["DEFAULT_METHODS", "EvaluationResult", "FlipTTA", "OverlapError", "evaluate"]
