@@ -2,10 +2,12 @@
 
     python benchmarks/sanity_suite.py checkpoints/megaseg_small_synth64.safetensors
     python benchmarks/sanity_suite.py CKPT --ns 1 4 16 --ensembles 4 --device cuda
+    python benchmarks/sanity_suite.py CKPT --flips     # flip test-time augmentation
 
 Writes ``docs/results/sanity_<checkpoint stem>.md`` (the Dice table by task and support size N,
 K-ensembles, the ensemble-never-empties check, machine and time) and ``.png`` (support examples
-and queries with truth and prediction at the largest N). The bar a new checkpoint must meet
+and queries with truth and prediction at the largest N); with ``--flips``,
+``sanity_<stem>_flips.md`` / ``.png`` beside them. The bar a new checkpoint must meet
 (issue #13): Dice >= 0.9 on every task at N=16, and the ensemble check passing.
 """
 
@@ -30,6 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--ensembles", type=int, nargs="*", default=[4])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--flips",
+        action="store_true",
+        help="flip test-time augmentation on every prediction (4x the forward passes)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
     path = Path(args.checkpoint)
@@ -38,7 +45,9 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        result = run_sanity(path, ns=args.ns, ensembles=args.ensembles, device=args.device)
+        result = run_sanity(
+            path, ns=args.ns, ensembles=args.ensembles, device=args.device, flips=args.flips
+        )
     except ValueError as err:
         print(f"error: {path}: {err}", file=sys.stderr)
         return 2
@@ -57,11 +66,15 @@ def main(argv=None) -> int:
         f"Tasks:\n{tasks}\n\n"
         f"Machine: {cpu_name()}, device {args.device}; {seconds:.0f} s.\n"
         f"Command: `python benchmarks/sanity_suite.py {args.checkpoint}"
-        f"{' --device ' + args.device if args.device != 'cpu' else ''}`\n"
+        f"{' --ns ' + ' '.join(map(str, args.ns)) if args.ns != [1, 4, 16] else ''}"
+        f"{' --ensembles ' + ' '.join(map(str, args.ensembles)) if args.ensembles != [4] else ''}"
+        f"{' --device ' + args.device if args.device != 'cpu' else ''}"
+        f"{' --flips' if args.flips else ''}`\n"
     )
-    out = args.out_dir / f"sanity_{path.stem}.md"
+    stem = f"sanity_{path.stem}{'_flips' if args.flips else ''}"
+    out = args.out_dir / f"{stem}.md"
     atomic_write(out, lambda tmp: Path(tmp).write_text(text), suffix=".md")
-    sanity_png(args.out_dir / f"sanity_{path.stem}.png", result)
+    sanity_png(args.out_dir / f"{stem}.png", result)
     print(text)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -39,6 +39,15 @@ class SupportMean(nn.Module):
         return (20 * (mean - 0.5)).expand(query.shape[0], -1, -1, -1)
 
 
+class LeftHalf(nn.Module):
+    """Ignores the task: logit +10 on the left half of the image, -30 on the right. Averaged
+    with its mirror images (flip TTA) that is p ~ 0.49998 < 0.5 everywhere: an empty mask."""
+
+    def forward(self, query, support_images, support_labels, support_term=None):
+        left = torch.arange(query.shape[-1]) < query.shape[-1] // 2
+        return torch.where(left, 10.0, -30.0).expand(query.shape)
+
+
 @pytest.fixture(scope="module")
 def tasks():
     return sanity_tasks(size=64)
@@ -111,3 +120,16 @@ def test_png_grid(tmp_path, tasks):
     out = sanity_png(tmp_path / "grid.png", result, chosen)
     assert out.stat().st_size > 1000
     assert np.array(__import__("PIL.Image").Image.open(out)).ndim == 3
+
+
+def test_flips_reach_every_prediction_plain_ensemble_and_members(tasks):
+    seg = Segmenter(LeftHalf(), resolution=64, device="cpu")
+    chosen = [t for t in tasks if t.name == "bright_disc"]
+    plain = run_sanity(seg, ns=(1,), ensembles=(4,), tasks=chosen)
+    flipped = run_sanity(seg, ns=(1,), ensembles=(4,), tasks=chosen, flips=True)
+    one, ens = ("bright_disc", 1, 1), ("bright_disc", 1, 4)
+    assert plain.dice[one] > 0 and plain.dice[ens] > 0 and plain.confident[ens] == QUERIES
+    assert flipped.dice[one] == 0 and flipped.dice[ens] == 0 and flipped.confident[ens] == 0
+    assert not flipped.predictions[one].any()
+    assert flipped.flips and "Flip TTA" in flipped.markdown()
+    assert not plain.flips and "Flip TTA" not in plain.markdown()

@@ -10,6 +10,8 @@ pool examples), and with K-member ensembles (K random N-subsets of the pool), an
 ensemble never turns a confident prediction empty: when every one of the K members alone
 predicts at least ``CONFIDENT_PIXELS`` pixels at probability >= 0.9, the ensemble's mask must
 not be empty. Scores are Dice of ``probs > 0.5`` at 128 px, per query, averaged per task.
+With ``flips=True`` every prediction (plain, ensemble and member) uses flip test-time
+augmentation (:meth:`~megaseg.inference.Segmenter.predict`), at 4x the forward passes.
 
     from megaseg.evaluation.sanity import run_sanity
     result = run_sanity("checkpoints/megaseg_small_synth64.safetensors")
@@ -157,10 +159,12 @@ class SanityResult:
     """``dice[(task, N, K)]``: mean Dice over the queries (K = 1: the first N pool examples;
     K > 1: the mean of K random N-subsets' probabilities); ``violations[(task, N, K)]``: queries
     whose K members were each confident but whose ensemble mask is empty;
-    ``confident[(task, N, K)]``: queries whose K members were each confident."""
+    ``confident[(task, N, K)]``: queries whose K members were each confident. ``flips``:
+    whether every prediction used flip test-time augmentation."""
 
     ns: tuple[int, ...]
     ensembles: tuple[int, ...]
+    flips: bool = False
     dice: dict[tuple[str, int, int], float] = field(default_factory=dict)
     violations: dict[tuple[str, int, int], int] = field(default_factory=dict)
     confident: dict[tuple[str, int, int], int] = field(default_factory=dict)
@@ -191,6 +195,11 @@ class SanityResult:
         )
         checked = [key for key in self.violations if key[2] > 1]
         lines.append("")
+        if self.flips:
+            lines.append(
+                "Flip TTA: every prediction averaged over the identity, horizontal, vertical "
+                "and both flips of the task (query and support flipped together)."
+            )
         if not checked:
             lines.append("Ensemble check: not run (no ensembles).")
             return "\n".join(lines)
@@ -218,10 +227,12 @@ def run_sanity(
     tasks: Sequence[SanityTask] | None = None,
     seed: int = 0,
     device=None,
+    flips: bool = False,
 ) -> SanityResult:
     """Score a :class:`~megaseg.inference.Segmenter` (or a checkpoint path / model name) on the
     suite. ``ns``: support sizes (each <= :data:`POOL`); ``ensembles``: K values > 1 to also
     run as K-member ensembles of N-subsets (plus the ensemble-never-empties check).
+    ``flips``: flip test-time augmentation on every prediction (4x the forward passes).
 
     Returns a :class:`SanityResult` (``.markdown()`` for the table). Predictions of the plain
     runs are kept in ``result.predictions[(task, N, 1)]`` as ``(QUERIES, H, W)`` bool.
@@ -231,7 +242,7 @@ def run_sanity(
         raise ValueError(f"ns: every support size must be in [1, {POOL}], got {ns}")
     seg = _segmenter(segmenter_or_checkpoint, device)
     tasks = sanity_tasks() if tasks is None else tasks
-    result = SanityResult(ns, (1, *ensembles))
+    result = SanityResult(ns, (1, *ensembles), flips=bool(flips))
     for task in tasks:
         sup_x, sup_y = task.support
         qx, qy = task.queries
@@ -239,7 +250,7 @@ def run_sanity(
         truth = qy.numpy()
         for n in ns:
             seg.set_support(list(sup_x[:n].numpy()), list(sup_y[:n].numpy().astype(np.uint8)))
-            preds = seg.predict(queries)
+            preds = seg.predict(queries, flips=flips)
             masks = np.stack([p.mask for p in preds])
             result.predictions[(task.name, n, 1)] = masks
             result.dice[(task.name, n, 1)] = float(
@@ -248,22 +259,24 @@ def run_sanity(
             for k in ensembles:
                 if math.comb(POOL, n) < k:
                     continue
-                _ensemble(seg, task, n, k, seed, queries, truth, result)
+                _ensemble(seg, task, n, k, seed, queries, truth, result, flips)
     return result
 
 
-def _ensemble(seg, task: SanityTask, n: int, k: int, seed: int, queries, truth, result) -> None:
+def _ensemble(
+    seg, task: SanityTask, n: int, k: int, seed: int, queries, truth, result, flips: bool
+) -> None:
     """K-member ensemble of N-subsets of the pool, and each member alone (same subsets)."""
     sup_x, sup_y = task.support
     pool_x, pool_y = list(sup_x.numpy()), list(sup_y.numpy().astype(np.uint8))
     seg.set_support(pool_x, pool_y)
-    ens = seg.predict(queries, ensemble=k, support_size=n, seed=seed)
+    ens = seg.predict(queries, ensemble=k, support_size=n, seed=seed, flips=flips)
     subsets = seg._draw_subsets(k, n, seed)  # the same K subsets the ensemble averaged
     confident = np.ones(len(queries), bool)
     for idx in subsets:
         idx = idx.cpu().tolist()
         seg.set_support([pool_x[i] for i in idx], [pool_y[i] for i in idx])
-        member = seg.predict(queries)
+        member = seg.predict(queries, flips=flips)
         confident &= np.array(
             [(p.probs >= CONFIDENT_PROB).sum() >= CONFIDENT_PIXELS for p in member]
         )
