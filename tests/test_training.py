@@ -193,3 +193,63 @@ def test_data_module_passes_support_size_log_to_the_sampler_and_card():
     plain = EpisodeDataModule(resolution=16, support_size=(2, 8), batch_size=1, synthetic_tasks=10)
     assert plain.train_dataloader().dataset.sampler.support_size_log is False
     assert plain.describe()["support_size_log"] is False
+
+
+# -- a corpus without val tasks (every subject in train) -------------------------------------
+
+
+def _one_split_corpus(root, split: str, name: str = "Solo"):
+    """A 4-subject 2D corpus at 32 px (a disc and a square task) whose every subject is in
+    ``split``, as a packaged source's (``PackagedSpec.split``)."""
+    from test_store import ArrayLoader
+
+    from data_prep.specs.packaged import PackagedSpec
+    from data_prep.store_writer import memory_case, write_dataset
+
+    spec = PackagedSpec(name=name, reader="memory", root="", licence="CC0", source="tests",
+                        split=split)  # fmt: skip
+    cases = [memory_case(name, f"c{i}", f"subject{i}", {1: "disc", 2: "square"}) for i in range(4)]
+    summary = write_dataset(root, spec, cases, ArrayLoader(0), lambda c: f"v1-{c.case_id}",
+                            resolutions=(32,), progress=False)  # fmt: skip
+    assert summary.ok, summary.text()
+    return root
+
+
+def test_a_corpus_without_val_tasks_is_left_out_of_validation(tmp_path, capsys):
+    import pytorch_lightning as pl
+
+    from megaseg.data import Corpus
+    from megaseg.data.tasks import CorpusSource, EmptySplitError
+
+    root = _one_split_corpus(tmp_path / "corpus", "train")
+    with pytest.raises(EmptySplitError, match="no val task with >= 2 examples"):
+        CorpusSource(Corpus(root), "val", 32)
+    assert issubclass(EmptySplitError, ValueError)
+    dm = EpisodeDataModule(corpora=[str(root)], synthetic_ratio=0.5, resolution=32,
+                           support_size=3, batch_size=4, val_batches=1, val_batch_size=2,
+                           synthetic_tasks=10)  # fmt: skip
+    assert [name for name, _ in dm.eval_sets("val")] == ["synthetic"]
+    assert [name for name, _ in dm.eval_sets("test")] == ["synthetic"]
+    out = capsys.readouterr().out
+    assert f"megaseg: {root}: no val task" in out and "no val episodes from this corpus" in out
+    module = tiny_module()
+    trainer = pl.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert "val/synthetic/dice" in metrics and not any("corpus" in k for k in metrics)
+    sampler = dm.train_dataloader().dataset.sampler
+    tasks = [t for i in range(3) for t in sampler.batch(0, 0, 0, i)["task"]]
+    assert any(t.startswith("corpus:") for t in tasks)  # training still draws from the corpus
+
+
+def test_a_corpus_without_train_tasks_still_stops_training(tmp_path):
+    from megaseg.data.tasks import EmptySplitError
+
+    root = _one_split_corpus(tmp_path / "corpus", "test")
+    dm = EpisodeDataModule(corpora=[str(root)], synthetic_ratio=0.5, resolution=32,
+                           support_size=3, synthetic_tasks=10)  # fmt: skip
+    with pytest.raises(EmptySplitError, match="no train task"):
+        dm.train_dataloader()
