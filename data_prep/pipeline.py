@@ -485,9 +485,9 @@ def _run_case(item) -> tuple[int, int, str | None]:
         npz.parent.mkdir(parents=True, exist_ok=True)
         _started(npz).write_text(str(os.getpid()))
     try:
-        slices = process_case(
-            case, _WORKER["loads"][j](case), spec, resolutions, extra_slices=spec.slices_per_plane
-        )
+        # getattr: write_dataset takes any spec object, as the other spec fields read here
+        extra = getattr(spec, "slices_per_plane", 0)
+        slices = process_case(case, _WORKER["loads"][j](case), spec, resolutions, extra)
     except CaseError as err:
         reason = str(err)
     except (Exception, MemoryError) as err:  # a damaged file can make any library raise

@@ -214,3 +214,16 @@ def test_totalsegmentator_layout_reads_the_default_organs(tmp_path):
     value = {n: v for v, n in names.items()}
     assert set(np.unique(loaded[0].label)) == {0, value["liver"], value["spleen"]}
     assert loaded[0].channel_names == ["CT"] and loaded[0].image.min() == -1000
+
+
+@pytest.mark.parametrize("k", [True, -1, 65, 2.0, "3", None])
+def test_slices_per_plane_must_be_an_integer_in_0_64(k):
+    message = r"spec 'x': slices_per_plane must be an integer in \[0, 64\]"
+    with pytest.raises(ValueError, match=message):
+        DatasetSpec(name="x", reader="msd", root="x", slices_per_plane=k)
+
+
+def test_slices_per_plane_defaults():
+    assert DatasetSpec(name="x", reader="msd", root="x", slices_per_plane=64).slices_per_plane == 64
+    assert DatasetSpec(name="x", reader="msd", root="x").slices_per_plane == 0
+    assert get_spec("PkgNimare").slices_per_plane == 6  # template sources: more than 2 slices

@@ -166,3 +166,63 @@ def test_stored_2d_image_matches_prepare_image(tmp_path):
                 expected, _ = prepare_image(raw, 64)
                 stored, _ = corpus.load(key, i, 64, split)
                 np.testing.assert_allclose(stored, expected.numpy(), atol=0.5 / 255 + 1e-6)
+
+
+def test_slice_kinds_keep_their_codes():
+    from megaseg.data.store import SLICE_KINDS
+
+    # codes 0-2 are what older corpora store; "extra" (a spec's slices_per_plane) came 4th
+    assert SLICE_KINDS == ("mid", "max", "2d", "extra")
+
+
+def _examples(root: Path, name: str) -> np.ndarray:
+    return np.load(root / "datasets" / name / "examples.npy")
+
+
+def test_slices_per_plane_adds_extra_examples_and_rebuilds(tmp_path):
+    import dataclasses
+
+    from fixtures_data import write_nnunet
+
+    from data_prep.store_writer import spec_record
+
+    data = write_nnunet(tmp_path / "raw", n_cases=3)
+    spec = spec_from_path(data)
+    name, out = spec.name, tmp_path / "corpus"
+    record = spec_record(spec)
+    assert "slices_per_plane" not in record  # 0: the record, so the build key, as before
+    more = dataclasses.replace(spec, slices_per_plane=2)
+    assert spec_record(more) == {**record, "slices_per_plane": 2}
+
+    def build(s):
+        summary = build_corpus([job_from_spec(s, data)], out, resolutions=(16,), progress=False)
+        assert summary.ok, summary.text()
+        corpus = Corpus(out)
+        counts = {k: sum(corpus.num_examples(k, p) for p in ("train", "val", "test"))
+                  for p in ("train", "val", "test") for k in corpus.tasks(p)}  # fmt: skip
+        return summary, counts
+
+    _, plain = build(spec)
+    assert set(_examples(out, name)[:, 7].tolist()) == {0, 1}  # mid and max
+    summary, extra = build(more)
+    assert summary.reused_datasets == []  # another K: rebuilt, not the stale dataset
+    assert extra.keys() == plain.keys()
+    assert all(extra[k] >= plain[k] for k in plain) and sum(extra.values()) > sum(plain.values())
+    assert 3 in set(_examples(out, name)[:, 7].tolist())  # "extra" rows
+    index = json.loads((out / "datasets" / name / "index.json").read_text())
+    assert index["slice_kinds"][3] == "extra"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["datasets"][name]["spec"]["slices_per_plane"] == 2
+    assert build(more)[0].reused_datasets == [name]  # the same K again: reused
+
+
+def test_write_dataset_takes_any_spec_object(tmp_path):
+    """write_dataset's spec is any object with a name and provenance fields: the pipeline
+    reads a missing slices_per_plane as 0 (it raised AttributeError for every case)."""
+    import types
+
+    spec = types.SimpleNamespace(name="Plain", licence="CC0", source="tests")
+    cases = [memory_case("Plain", f"c{i}", f"s{i}", {1: "disc"}) for i in range(3)]
+    summary = write_dataset(tmp_path / "c", spec, cases, ArrayLoader(0), lambda c: c.case_id,
+                            resolutions=(32,), progress=False)  # fmt: skip
+    assert summary.ok and summary.written == {"Plain": 3}, summary.text()
