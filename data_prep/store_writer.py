@@ -261,6 +261,9 @@ def spec_record(spec: Any) -> dict:
         record["labels"] = _plain(dict(labels))
     if getattr(spec, "slices_per_plane", 0):  # only when set: older build keys stay the same
         record["slices_per_plane"] = int(spec.slices_per_plane)
+    split = getattr(spec, "split", None)
+    if split and not isinstance(split, str):  # per subject: recorded (card, build key)
+        record["split"] = {str(x): str(s) for x, s in split}
     return record
 
 
@@ -333,6 +336,22 @@ def dataset_is_current(out: Path, dataset: str, build_key: str) -> bool:
         return False
 
 
+def declared_splits(spec: Any, subjects: Sequence[str]) -> dict[str, str] | None:
+    """The split of each subject as ``spec.split`` declares it (specs/packaged.py): one split
+    for all, or ``(subject, split)`` pairs; None when the spec declares none (the hashed
+    subject split applies). ValueError naming the dataset when a built subject has no split."""
+    split = getattr(spec, "split", None)
+    if not split:
+        return None
+    if isinstance(split, str):
+        return {x: split for x in subjects}
+    declared = dict(split)
+    missing = sorted(set(subjects) - set(declared))
+    if missing:
+        raise ValueError(f"dataset {spec.name!r}: its split names no split for subjects {missing}")
+    return {x: declared[x] for x in subjects}
+
+
 def consolidate_dataset(
     out: Path,
     spec: Any,
@@ -356,10 +375,7 @@ def consolidate_dataset(
     shards = sorted(shards, key=lambda cs: cs[0].case_id)
     metas = [read_shard_meta(path) for _, path in shards]
     subjects = sorted({m["subject"] for m in metas})
-    if getattr(spec, "split", None):  # a source with one split for all (specs/packaged.py)
-        split_of = {x: spec.split for x in subjects}
-    else:
-        split_of = assign_splits(subjects, name, seed)
+    split_of = declared_splits(spec, subjects) or assign_splits(subjects, name, seed)
 
     offsets = {k: np.cumsum([0] + [m["rows"][k] for m in metas]) for k in ARRAY_KINDS}
     task_keys, examples = _example_table(metas, offsets, subjects, split_of)

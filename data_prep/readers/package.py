@@ -25,12 +25,15 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Case, CaseError, DatasetError, LoadedCase
 from .io import check_declared_size, check_declared_values, check_inside
+
+if TYPE_CHECKING:  # data_prep.fetch imports the readers: no import cycle at run time
+    from data_prep.fetch import Package
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class PackageItem:
         percent); None for a label map.
     drop: label values set to background (artefacts, classes that are not a structure).
     binary: after the drops, every nonzero value is label 1 (``labels`` then names only 1).
+    package: the :class:`data_prep.fetch.Package` whose files these are, for a spec that spans
+        several packages; the paths are then inside that package's folder under the reader's
+        root, a folder laid out like the fetch cache (``<kind>/<name>-<version>/``). None: the
+        paths are inside the reader's root itself (the spec's one package).
     """
 
     case_id: str
@@ -60,6 +67,7 @@ class PackageItem:
     probability: float | None = None
     drop: tuple[int, ...] = ()
     binary: bool = False
+    package: Package | None = None
 
 
 @dataclass(frozen=True)
@@ -118,18 +126,19 @@ class PackageReader:
         modality = spec.modality
         cases = []
         for item in items:
-            paths = [root / p for p in (*item.images, item.label)]
+            folder = _item_folder(root, item)
+            paths = [folder / p for p in (*item.images, item.label)]
             for p in paths:
                 if not p.is_file():
                     raise DatasetError(
                         f"{p}: missing from the package of {spec.name!r} (case {item.case_id}); "
                         "a different package version?"
                     )
-                check_inside(root, p)
+                check_inside(folder, p)
             if item.labels is not None:
                 labels = tuple(item.labels)
             elif item.table is not None:
-                labels = read_label_table(root / item.table, item.offset)
+                labels = read_label_table(folder / item.table, item.offset)
             else:
                 raise DatasetError(
                     f"spec {spec.name!r}: case {item.case_id} has no labels or table"
@@ -207,6 +216,16 @@ class PackageReader:
             image=np.stack(channels), label=label.astype(dtype), affine=np.asarray(affine),
             channel_names=list(case.channel_names),
         )  # fmt: skip
+
+
+def _item_folder(root: Path, item: PackageItem) -> Path:
+    """The folder ``item``'s paths are relative to: ``root``, or its package's folder in
+    ``root`` when the item names a package (see :class:`PackageItem`)."""
+    if item.package is None:
+        return root
+    from data_prep.fetch import unpacked_dir
+
+    return unpacked_dir(item.package, root)
 
 
 def read_inv3(path: Path) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:

@@ -36,6 +36,15 @@ KNOWN_OVERLAPS: tuple[Overlap, ...] = (
         "PkgNimare",
         "both image the FSL MNI152NLin6Asym template (1 mm brain-extracted / 1 and 2 mm head)",
     ),
+    # Only the query side of the cross-subject benchmark: its support candidates are PkgNimare's
+    # and PkgITKKmeans' brain items by design (support is given at test time; the query head
+    # must be unseen), and listing them would make `megaseg evaluate` refuse the benchmark for
+    # every checkpoint trained on those sources.
+    Overlap(
+        "PkgBrainXS",
+        "PkgPyrobex",
+        "PkgBrainXS's queries are PkgPyrobex's ROBEX head and brain mask (the same files)",
+    ),
 )
 
 

