@@ -181,11 +181,21 @@ def test_field_of_view_keeps_a_rectangle_of_at_least_min_keep_per_side():
     assert int(area.min()) < 40 * 40 * 0.6  # some subjects lose much of their field of view
 
 
-def test_generalist_config_fits_and_resumes_with_ckpt_path_last(tmp_path):
+def test_generalist_config_fits_and_resumes_with_ckpt_path_last(tmp_path, monkeypatch):
+    """The config as is but small, on a stand-in for its packaged corpus (every subject in
+    train, as there) and stand-in SPM12 maps: the real ones are built and fetched on the
+    campaign's machine, not in a test."""
+    from test_synthetic_v2 import _fake_packaged_maps
+    from test_training import _one_split_corpus
+
     from megaseg.cli import main
 
+    _fake_packaged_maps(monkeypatch, R)
+    corpus = _one_split_corpus(tmp_path / "corpus", "train")
     root = tmp_path / "run"
     small = ["--trainer.default_root_dir", str(root), "--data.resolution", "32",
+             "--data.corpora", f"[{corpus}]",
+             "--data.protocol", str(REPO / "configs" / "protocols" / "packaged.yaml"),
              "--data.support_size", "[2, 3]", "--data.val_support_size", "3",
              "--data.batch_size", "1", "--data.val_batch_size", "1", "--data.val_batches", "1",
              "--data.num_workers", "0", "--data.synthetic_tasks", "20",
@@ -199,7 +209,42 @@ def test_generalist_config_fits_and_resumes_with_ckpt_path_last(tmp_path):
     assert card["training"]["step"] == 3 and card["weights"] == "ema"
     data = card["training"]["data"]
     assert data["synthetic"]["generator_version"] == 2 and data["augment_preset"] == "generalist"
+    assert data["synthetic"]["label_maps"] == "mni152+spm12" and data["support_size_log"]
+    assert [c["datasets"] for c in data["corpora"]] == [["Solo"]]
     assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == [
         "version_0",
         "version_1",
     ]
+
+
+# ------------------------------------------------------------------------------ label-map sets
+
+
+def test_data_module_and_held_out_source_record_the_mni152_spm12_maps(monkeypatch):
+    from test_synthetic_v2 import _fake_packaged_maps
+
+    from megaseg.evaluation.sources import SyntheticSource, sources_from_record
+
+    _fake_packaged_maps(monkeypatch, R)
+    dm = v2_module(synthetic_real_maps="mni152+spm12")
+    mni = v2_module(synthetic_real_maps=True)
+    card, mni_card = dm.describe()["synthetic"], mni.describe()["synthetic"]
+    assert card["label_maps"] == "mni152+spm12" and mni_card["label_maps"] == "mni152"
+    assert card["fingerprint"] != mni_card["fingerprint"]
+    n = mni.synthetic_generator(0).label_maps.shape[0]
+    assert dm.synthetic_generator(0).label_maps.shape[0] == n + 2
+    assert v2_module(synthetic_real_maps=False).describe()["synthetic"]["label_maps"] is None
+    with pytest.raises(ValueError, match="real label maps must be"):
+        v2_module(synthetic_real_maps="aal")
+
+    record = SyntheticSource(1, version=2, real_maps="mni152+spm12").describe()
+    assert record["label_maps"] == "mni152+spm12"
+    (again,) = sources_from_record([record], R)
+    assert again.real_maps == "mni152+spm12" and again.describe() == record
+    assert again._generator(R).label_maps.shape[0] == n + 2
+    none = SyntheticSource(1, version=2, real_maps=False).describe()
+    assert none["label_maps"] is None
+    assert sources_from_record([none], R)[0].describe() == none
+    # a v2 record of before the label_maps entry existed replays with the MNI152 maps
+    old = {k: v for k, v in SyntheticSource(1, version=2).describe().items() if k != "label_maps"}
+    assert sources_from_record([old], R)[0].real_maps == "mni152"
