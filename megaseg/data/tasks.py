@@ -269,7 +269,8 @@ class EpisodeSampler:
         rng = episode_rng(seed, stream, rank, step)
         lo, hi = self._support_range
         if self.support_size_log:
-            support_size = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
+            u = rng.uniform(np.log(lo), np.log(hi + 1))
+            support_size = min(hi, max(lo, int(np.exp(u))))  # exp(log(lo)) may round below lo
         else:
             support_size = int(rng.integers(lo, hi + 1))
         images, labels, names, others = [], [], [], []
