@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from megaseg import Segmenter, create_model, save_checkpoint, segment
-from megaseg.inference import Prediction, merge_labels
+from megaseg.inference import Prediction, flip_tta, merge_labels
 from megaseg.preprocess import prepare_image, to_grayscale
 
 RES = 32
@@ -551,6 +551,11 @@ def test_flips_average_the_four_predictions_flipped_back(support, query):
     got = seg.predict_prepared(q, flips=True)[0]
     torch.testing.assert_close(got, torch.stack(by_hand).mean(0), atol=1e-6, rtol=0)
     assert (got - plain).abs().max() > 0.05  # the ramp is not flip-equivariant: views differ
+    # flip_tta, which evaluate() wraps around any method, is the same average
+    generic = flip_tta(
+        lambda fq, fi, fl: torch.sigmoid(stub(fq, fi[None], fl[None])), q, images[0], labels[0]
+    )
+    torch.testing.assert_close(generic, got, atol=1e-6, rtol=0)
 
 
 def test_flips_flip_the_support_with_the_query(seg):
