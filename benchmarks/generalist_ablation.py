@@ -89,7 +89,7 @@ def megaseg_cmd() -> str:
 
 def sanity(name: str, weights: str, flips: bool = False) -> dict:
     """The sanity suite's Dice table and ensemble check of ``weights``, cached as JSON."""
-    out = EVAL_DIR / name / ("sanity_flips.json" if flips else "sanity.json")
+    out = EVAL_DIR / name / "sanity.json"
     if out.is_file():
         return json.loads(out.read_text())
     from megaseg.checkpoint import atomic_write
@@ -121,8 +121,10 @@ def evaluate(name: str, weights: str, reference: str, args) -> Path:
     cmd = [megaseg_cmd(), "evaluate", "--checkpoint", weights, "--out", str(out), "--no-progress"]
     if args.allow_overlap:
         cmd.append("--allow-overlap")
-    if args.ensemble > 1:
+    if args.ensemble > 1:  # ignored by a replay: an ensemble run draws its own (--reference)
         cmd += ["--ensemble", str(args.ensemble)]
+    if args.flips:
+        cmd.append("--flips")
     if name == reference:
         cmd += ["--methods", "megaseg", "mean_label", "--support-sizes", *map(str, args.ns),
                 "--draws-per-n", str(args.draws_per_n), "--synthetic-tasks",
@@ -243,6 +245,7 @@ def main(argv=None) -> int:
     e.add_argument("--draws-per-n", type=int, default=3)
     e.add_argument("--ensemble", type=int, default=1)
     e.add_argument("--allow-overlap", action="store_true")
+    e.add_argument("--flips", action="store_true", help="flip test-time augmentation")
     e.add_argument("--no-sanity", action="store_true")
     tb = sub.add_parser("table", help="the ablation table and PNG")
     tb.add_argument("names", nargs="+")
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
         for name, weights in sorted(pairs, key=lambda p: p[0] != reference):
             evaluate(name, weights, reference, args)
             if not args.no_sanity:
-                sanity(name, weights)
+                sanity(name, weights, flips=args.flips)
     else:
         reference = args.reference or args.names[0]
         text = table(args.names, reference, args.out)
