@@ -741,3 +741,192 @@ def test_cli_refuses_a_bad_checkpoint_card_naming_it(model, tmp_path, capsys):
     })  # fmt: skip
     code, err = _run_cli(["--checkpoint", str(ckpt), "--synthetic-tasks", "1"], capsys)
     assert code == 2 and f"{ckpt}: weights do not fit the model" in err
+
+
+# ------------------------------------------------------------------------------ draw intervals
+
+
+def _rows(task_means: dict, draw_offsets, methods=("megaseg",), queries: int = 4) -> list[dict]:
+    """Prediction rows: per method, task ``t`` (dataset ``name``) and draw ``r``: Dice
+    ``task_means[(name, t)] + draw_offsets[r]`` for each of ``queries`` queries, N=16."""
+    rows = []
+    for m in methods:
+        for (dataset, task), mean in task_means.items():
+            for r, off in enumerate(draw_offsets):
+                for q in range(queries):
+                    rows.append({
+                        "method": m, "dataset": dataset, "task": task, "N": 16,
+                        "support_size": 16, "r": r, "seed": 100 + r, "query": f"test:{q}",
+                        "dice": mean + off, "within_subject": False, "overlap": False,
+                    })  # fmt: skip
+    return rows
+
+
+def _cell(summary, method, dataset, N=16):
+    (row,) = [s for s in summary if (s["method"], s["dataset"], s["N"]) == (method, dataset, N)]
+    return row
+
+
+def test_draw_interval_covers_the_draws_and_the_task_interval_the_tasks():
+    from megaseg.evaluation.report import summarize, task_means
+
+    # Tasks far apart (0.3 ... 0.9), draws close together (+-0.01): the draw interval is narrow.
+    spread = {("Far", f"t{i}"): 0.3 + 0.1 * i for i in range(7)}
+    rows = _rows(spread, [-0.01, 0.004, 0.01, -0.006, 0.002])
+    s = _cell(summarize(task_means(rows), resamples=500, seed=2), "megaseg", "Far")
+    assert s["ci_high"] - s["ci_low"] > 0.2 and s["ci_draws_high"] - s["ci_draws_low"] < 0.02
+    assert s["ci_draws_low"] <= s["dice"] <= s["ci_draws_high"] and s["draws"] == 7 * 5
+    # The other way round: identical tasks, draws far apart: the task interval has zero width.
+    same = {("Same", f"t{i}"): 0.5 for i in range(4)}
+    rows = _rows(same, [-0.2, 0.1, 0.15, -0.05, 0.0])
+    t = _cell(summarize(task_means(rows), resamples=500, seed=2), "megaseg", "Same")
+    assert (
+        t["ci_low"] == pytest.approx(t["ci_high"]) and t["ci_draws_high"] - t["ci_draws_low"] > 0.05
+    )
+    assert t["ci_draws_low"] <= t["dice"] <= t["ci_draws_high"]
+    # Seeded: the same seed gives the same numbers, another seed other resamples.
+    again = _cell(summarize(task_means(rows), resamples=500, seed=2), "megaseg", "Same")
+    other = _cell(summarize(task_means(rows), resamples=500, seed=3), "megaseg", "Same")
+    assert again == t
+    assert (other["ci_draws_low"], other["ci_draws_high"]) != (
+        t["ci_draws_low"],
+        t["ci_draws_high"],
+    )
+    # The mean over datasets: its draw interval is inside the range of the dataset values.
+    both = summarize(task_means(_rows({**spread, **same}, [-0.01, 0.01, 0.0])), resamples=500)
+    m = _cell(both, "megaseg", "mean")
+    assert m["ci_draws_low"] <= m["dice"] <= m["ci_draws_high"] and m["draws"] == (7 + 4) * 3
+
+
+def test_draws_are_weighted_by_their_queries():
+    from megaseg.evaluation.report import summarize, task_means
+
+    # One draw of 3 queries at 0.9, one of 1 query at 0.1: the task's Dice is the query mean
+    # 0.7, and a resample of both draws gives that same 0.7 (not the draw mean 0.5).
+    rows = _rows({("W", "t"): 0.0}, [0.9], queries=3) + [
+        {**_rows({("W", "t"): 0.0}, [0.1], queries=1)[0], "r": 1, "seed": 7}
+    ]
+    (task,) = task_means(rows)
+    assert [(u["r"], u["queries"]) for u in task["draws"]] == [(0, 3), (1, 1)]
+    s = _cell(summarize([task], resamples=2000), "megaseg", "W")
+    assert s["dice"] == pytest.approx(0.7)
+    # resamples: both draws once (0.7), draw 0 only (0.9), draw 1 only (0.1), 2:1 mixes
+    assert 0.1 - 1e-12 <= s["ci_draws_low"] < 0.7 < s["ci_draws_high"] <= 0.9 + 1e-12
+
+
+def test_paired_differences_of_identical_methods_are_exactly_zero():
+    from megaseg.evaluation.report import differences, markdown_report, summarize, task_means
+
+    tasks = {("A", "t0"): 0.4, ("A", "t1"): 0.8, ("B", "t0"): 0.6}
+    rows = _rows(tasks, [-0.05, 0.02, 0.03], methods=("megaseg", "copy"))
+    rows += [{**r, "method": "worse", "dice": r["dice"] - 0.1 * (r["r"] + 1) / 3}
+             for r in rows if r["method"] == "megaseg"]  # fmt: skip
+    summary = summarize(task_means(rows), resamples=300)
+    for d in ("A", "B", "mean"):
+        s = _cell(summary, "copy", d)
+        assert s["paired_ref"] == "megaseg" and s["paired_diff"] == 0.0
+        assert (s["paired_ci_low"], s["paired_ci_high"]) == (0.0, 0.0)
+        assert (s["paired_ci_draws_low"], s["paired_ci_draws_high"]) == (0.0, 0.0)
+        assert _cell(summary, "megaseg", d)["paired_ref"] is None  # the reference itself
+        w = _cell(summary, "worse", d)
+        # worse = megaseg - 0.033/0.067/0.1 by draw: the same in every task, so the task
+        # interval is a point and the draw interval spans the draw offsets
+        assert w["paired_diff"] == pytest.approx(0.2 / 3)
+        assert w["paired_ci_low"] == pytest.approx(0.2 / 3) == pytest.approx(w["paired_ci_high"])
+        assert 0.1 / 3 - 1e-9 <= w["paired_ci_draws_low"] < 0.2 / 3 < w["paired_ci_draws_high"]
+        assert w["paired_ci_draws_high"] <= 0.1 + 1e-9
+    diffs = differences(summary)
+    assert {(x["method_a"], x["method_b"]) for x in diffs} == {
+        ("megaseg", "copy"),
+        ("megaseg", "worse"),
+    }
+    report = markdown_report(summary, {})
+    assert "| A | megaseg − copy | 2 | +0.0 [0.0, 0.0]; draws [0.0, 0.0] |" in report
+    assert "Interval over draws" in report and "NOT other subjects" in report
+
+
+def test_old_summary_fields_keep_their_values(seed_offset=5):
+    from megaseg.evaluation.report import SUMMARY_COLUMNS, summarize, task_means
+
+    old = ("method", "scope", "dataset", "N", "dice", "ci_low", "ci_high", "tasks",
+           "predictions", "within_subject", "overlap")  # fmt: skip
+    assert SUMMARY_COLUMNS[:11] == old
+    rng = np.random.default_rng(0)
+    means = {(d, f"t{i}"): float(rng.uniform(0.2, 0.9)) for d in ("A", "B") for i in range(5)}
+    tasks = task_means(_rows(means, [-0.02, 0.0, 0.03], methods=("megaseg", "mean_label")))
+    summary = summarize(tasks, resamples=400, seed=seed_offset)
+    for d_index, d in enumerate(("A", "B")):
+        values = [t["dice"] for t in sorted(tasks, key=lambda t: t["task"])
+                  if (t["method"], t["dataset"]) == ("megaseg", d)]  # fmt: skip
+        expected = bootstrap_ci(np.array(values), 400, seed=seed_offset + d_index)
+        s = _cell(summary, "megaseg", d)
+        assert (s["dice"], s["ci_low"], s["ci_high"]) == tuple(float(x) for x in expected)
+    # tasks read back from a tasks.csv (no draws): same old fields, no draw interval
+    bare = [{k: v for k, v in t.items() if k != "draws"} for t in tasks]
+    plain = summarize(bare, resamples=400, seed=seed_offset)
+    for old, new in zip(plain, summary, strict=True):
+        assert {k: old[k] for k in SUMMARY_COLUMNS[:11]} == {
+            k: new[k] for k in SUMMARY_COLUMNS[:11]
+        }
+        assert old["ci_draws_low"] is None and old["draws"] is None
+        if old["method"] == "mean_label":  # the paired interval over tasks needs no draws
+            assert (
+                old["paired_ci_low"] == new["paired_ci_low"] and old["paired_ci_draws_low"] is None
+            )
+
+
+def test_compare_runs_pairs_folders_on_the_same_draws_and_refuses_others(seg, disks, tmp_path):
+    import shutil
+
+    from megaseg.evaluation.compare import compare_runs
+
+    kw = dict(methods=FAST, progress=False, resamples=200)
+    first = _quiet(evaluate, seg, [disks], support_sizes=(1, 2), draws_per_n=2,
+                   out_dir=tmp_path / "a", **kw)  # fmt: skip
+    drawn = tmp_path / "a" / "draws.json"
+    _quiet(evaluate, seg, [disks], draws=drawn, out_dir=tmp_path / "b", **kw)
+    flips = _quiet(
+        evaluate, seg, [disks], draws=drawn, flips=True, out_dir=tmp_path / "flips", **kw
+    )
+    # one model against itself on the same draws: exactly 0
+    for x in compare_runs(tmp_path / "a", tmp_path / "b", resamples=200):
+        assert (x["diff"], x["ci_low"], x["ci_high"]) == (0.0, 0.0, 0.0)
+        assert (x["ci_draws_low"], x["ci_draws_high"]) == (0.0, 0.0)
+    # the summary's own differences are what compare_runs gives between the two methods
+    diffs = compare_runs(tmp_path / "a", tmp_path / "a", "megaseg", "mean_label", resamples=200)
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text())["summary"]
+    for x in diffs:
+        s = _cell(saved, "mean_label", x["dataset"], x["N"])
+        assert s["paired_ref"] == "megaseg" and s["paired_diff"] == pytest.approx(x["diff"])
+        assert (s["paired_ci_low"], s["paired_ci_draws_low"]) == pytest.approx(
+            (x["ci_low"], x["ci_draws_low"])
+        )
+        cell = (x["dataset"], x["N"])
+        assert x["diff"] == pytest.approx(
+            first.dice("megaseg", *cell) - first.dice("mean_label", *cell)
+        )
+    assert "Paired differences" in (tmp_path / "a" / "summary.md").read_text()
+    # with flips on the same draws (only the settings differ): paired
+    for x in compare_runs(tmp_path / "flips", tmp_path / "a"):
+        assert x["diff"] == pytest.approx(flips.dice(dataset=x["dataset"], N=x["N"])
+                                          - first.dice(dataset=x["dataset"], N=x["N"]))  # fmt: skip
+    # other draws: refused, naming both files
+    _quiet(evaluate, seg, [disks], support_sizes=(1, 2), draws_per_n=2, seed=9,
+           out_dir=tmp_path / "c", **kw)  # fmt: skip
+    with pytest.raises(ValueError, match=r"a/draws.json and .*c/draws.json hold different draws"):
+        compare_runs(tmp_path / "a", tmp_path / "c")
+    # same draws.json but predictions of other queries (a row dropped): refused, naming both
+    shutil.copytree(tmp_path / "b", tmp_path / "d")
+    lines = (tmp_path / "d" / "predictions.csv").read_text().splitlines()
+    (tmp_path / "d" / "predictions.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    pattern = (
+        r"a/predictions.csv \(megaseg: \d+ rows\) and .*d/predictions.csv "
+        r"\(megaseg: \d+ rows\) are not predictions of the same draws and queries"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        compare_runs(tmp_path / "a", tmp_path / "d")
+    with pytest.raises(ValueError, match=r"no rows of method 'supervised'"):
+        compare_runs(tmp_path / "a", tmp_path / "b", method_b="supervised")
+    (tmp_path / "d" / "draws.json").unlink()
+    with pytest.raises(ValueError, match=r"d/draws.json: cannot read the draws file"):
+        compare_runs(tmp_path / "a", tmp_path / "d")
