@@ -408,7 +408,12 @@ def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> d
             out / "summary.csv", result.summary, report.SUMMARY_COLUMNS
         ),
     }
-    text = json.dumps({"meta": result.meta, "summary": result.summary}, indent=1, default=str)
+    record = {
+        "meta": result.meta,
+        "summary": result.summary,
+        "differences": report.differences(result.summary),
+    }
+    text = json.dumps(record, indent=1, default=str)
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(result.report))
     paths["summary_md"] = out / "summary.md"
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text + "\n"))
