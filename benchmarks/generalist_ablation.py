@@ -190,6 +190,42 @@ def table(names: list[str], reference: str, out: Path) -> str:
         lines.append(f"| {name} | {san} | {worst:.2f} | {ens} | " + " | ".join(cells) + " |")
     cells = [cell(ref_rows, "mean_label", d, n) for d in datasets for n in ns]
     lines.append("| mean-label baseline | — | — | — | " + " | ".join(cells) + " |")
+    lines += ["", paired_table(names, reference, datasets, max(ns))]
+    return "\n".join(lines)
+
+
+def paired_table(names: list[str], reference: str, datasets: list[str], n: int) -> str:
+    """Paired differences at N=``n`` on the same draws: each checkpoint minus the reference
+    checkpoint and minus the mean-label baseline, x100, with the 95% interval over tasks and
+    the one over support draws (the only meaningful one for a 3-task dataset)."""
+    from megaseg.evaluation.compare import compare_runs
+
+    def fmt(rows, d):
+        for r in rows:
+            if r["dataset"] == d and r["N"] == n and r["scope"] == "dataset":
+                return (
+                    f"{100 * r['diff']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+                    f"; draws [{100 * r['ci_draws_low']:+.1f}, {100 * r['ci_draws_high']:+.1f}]"
+                )
+        return "—"
+
+    head = ["checkpoint"] + [f"{d}: - {reference}" for d in datasets]
+    head += [f"{d}: - mean-label" for d in datasets]
+    lines = [
+        f"Paired differences at N={n} (Dice x100; [over tasks]; draws [over support draws]):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" * len(head) + "|",
+    ]
+    ref_dir = EVAL_DIR / reference / "eval"
+    for name in names:
+        run = EVAL_DIR / name / "eval"
+        if not (run / "predictions.csv").is_file():
+            continue
+        vs_ref = compare_runs(run, ref_dir) if name != reference else []
+        vs_base = compare_runs(run, ref_dir, method_b="mean_label")
+        cells = [fmt(vs_ref, d) for d in datasets] + [fmt(vs_base, d) for d in datasets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
