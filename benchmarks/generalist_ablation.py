@@ -87,7 +87,7 @@ def megaseg_cmd() -> str:
     return str(Path(sys.executable).parent / "megaseg")
 
 
-def sanity(name: str, weights: str, flips: bool = False) -> dict:
+def sanity(name: str, weights: str, flips: bool = False, resolution: int | None = None) -> dict:
     """The sanity suite's Dice table and ensemble check of ``weights``, cached as JSON."""
     out = EVAL_DIR / name / "sanity.json"
     if out.is_file():
@@ -97,10 +97,14 @@ def sanity(name: str, weights: str, flips: bool = False) -> dict:
 
     start = time.perf_counter()
     kwargs = {"flips": True} if flips else {}
-    result = run_sanity(weights, ns=(1, 4, 16), ensembles=(4,), **kwargs)
+    from megaseg.inference import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(weights, resolution=resolution)
+    result = run_sanity(segmenter, ns=(1, 4, 16), ensembles=(4,), **kwargs)
     record = {
         "weights": weights,
         "flips": flips,
+        "resolution": segmenter.resolution,
         "dice": {f"{t}|{n}|{k}": v for (t, n, k), v in result.dice.items()},
         "violations": sum(result.violations.values()),
         "confident": sum(v for (_, _, k), v in result.confident.items() if k > 1),
@@ -125,6 +129,8 @@ def evaluate(name: str, weights: str, reference: str, args) -> Path:
         cmd += ["--ensemble", str(args.ensemble)]
     if args.flips:
         cmd.append("--flips")
+    if args.resolution:  # a folder source's draws are tied to it: draw once per resolution
+        cmd += ["--resolution", str(args.resolution)]
     if name == reference:
         cmd += ["--methods", "megaseg", "mean_label", "--support-sizes", *map(str, args.ns),
                 "--draws-per-n", str(args.draws_per_n), "--synthetic-tasks",
@@ -282,6 +288,7 @@ def main(argv=None) -> int:
     e.add_argument("--ensemble", type=int, default=1)
     e.add_argument("--allow-overlap", action="store_true")
     e.add_argument("--flips", action="store_true", help="flip test-time augmentation")
+    e.add_argument("--resolution", type=int, help="network input size (default: each card's)")
     e.add_argument("--no-sanity", action="store_true")
     tb = sub.add_parser("table", help="the ablation table and PNG")
     tb.add_argument("names", nargs="+")
@@ -299,7 +306,7 @@ def main(argv=None) -> int:
         for name, weights in sorted(pairs, key=lambda p: p[0] != reference):
             evaluate(name, weights, reference, args)
             if not args.no_sanity:
-                sanity(name, weights, flips=args.flips)
+                sanity(name, weights, flips=args.flips, resolution=args.resolution)
     else:
         reference = args.reference or args.names[0]
         text = table(args.names, reference, args.out)
