@@ -235,6 +235,30 @@ def paired_table(names: list[str], reference: str, datasets: list[str], n: int) 
     return "\n".join(lines)
 
 
+def pairs_table(pairs: list[list[str]]) -> str:
+    """Paired differences A - B at the largest N per dataset (Dice x100, interval over tasks
+    and over support draws), for checkpoints evaluated on the same draws."""
+    from megaseg.evaluation.compare import compare_runs
+
+    lines = [
+        "Arm against arm, same draws (Dice x100; [over tasks]; draws [over support draws]):",
+        "",
+        "| A - B | dataset | N | difference | over tasks | over draws |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for a, b in pairs:
+        rows = compare_runs(EVAL_DIR / a / "eval", EVAL_DIR / b / "eval")
+        n = max(r["N"] for r in rows)
+        for r in rows:
+            if r["N"] == n:
+                lines.append(
+                    f"| {a} - {b} | {r['dataset']} | {n} | {100 * r['diff']:+.1f} | "
+                    f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | "
+                    f"[{100 * r['ci_draws_low']:+.1f}, {100 * r['ci_draws_high']:+.1f}] |"
+                )
+    return "\n".join(lines)
+
+
 def plot(names: list[str], reference: str, png: Path) -> None:
     """Dice vs N per dataset, one line per checkpoint (+ mean-label), with the 95% intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -294,6 +318,8 @@ def main(argv=None) -> int:
     tb.add_argument("names", nargs="+")
     tb.add_argument("--reference")
     tb.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "generalist_ablation")
+    tb.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                    help="also the paired differences A - B (same draws) at the largest N")  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "train":
         for arm in args.arms:
@@ -310,6 +336,8 @@ def main(argv=None) -> int:
     else:
         reference = args.reference or args.names[0]
         text = table(args.names, reference, args.out)
+        if args.pairs:
+            text += "\n\n" + pairs_table([p.split(":", 1) for p in args.pairs])
         print(text)
         from megaseg.checkpoint import atomic_write
 
