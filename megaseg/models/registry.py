@@ -13,9 +13,14 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # default for ``pretrained=True``. Paths are relative to the checkpoints/ folder. This never
 # refers to the official UniverSeg release (that is ``pretrained="official"``, megaseg.hub).
 _PRETRAINED: dict[str, dict[str, str]] = {
-    # 32-feature v1 trained 35 min on a 2-core CPU on synthetic tasks at 64x64; see
-    # checkpoints/README.md (its model card) and configs/megaseg_small_synth64.yaml.
-    "universeg_v1_small": {"synth64": "megaseg_small_synth64.safetensors"},
+    # 32-feature v1 networks trained on a 2-core CPU; model cards in checkpoints/README.md.
+    # "generalist": issue #13's campaign (synthetic tasks v2 + packaged real tasks, 12000 steps
+    # at 64 px then 2000 at 128 px; configs/generalist_cpu*.yaml), the default;
+    # "synth64": the first model (synthetic tasks v1, 35 min; configs/megaseg_small_synth64.yaml).
+    "universeg_v1_small": {
+        "generalist": "megaseg_generalist.safetensors",
+        "synth64": "megaseg_small_synth64.safetensors",
+    },
 }
 
 
