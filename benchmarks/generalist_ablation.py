@@ -270,8 +270,11 @@ def plot(names: list[str], reference: str, png: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     series = [(n, "megaseg", rows(n)) for n in names] + [("mean-label", "mean_label", ref_rows)]
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
     for ax, d in zip(axes, datasets, strict=True):
-        for label, method, rs in series:
+        for i, (label, method, rs) in enumerate(series):
             pts = sorted(
                 (r["N"], r["dice"], r["ci_low"], r["ci_high"])
                 for r in rs
@@ -280,8 +283,10 @@ def plot(names: list[str], reference: str, png: Path) -> None:
             if not pts:
                 continue
             x, y, lo, hi = zip(*pts, strict=True)
-            ax.plot(x, y, marker="o", label=label, ls="--" if method == "mean_label" else "-")
-            ax.fill_between(x, lo, hi, alpha=0.12)
+            color = "black" if method == "mean_label" else colors[i % len(colors)]
+            ls = "--" if method == "mean_label" else "-"
+            ax.plot(x, y, marker="o", label=label, ls=ls, color=color)
+            ax.fill_between(x, lo, hi, alpha=0.08, color=color)
         ax.set_xscale("log", base=2)
         ax.set_title(d, fontsize=9)
         ax.set_xlabel("support size N")
