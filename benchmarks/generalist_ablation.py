@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py
 CONFIG = "configs/generalist_cpu.yaml"
 NO_CORPUS = ["--data.corpora", "[]", "--data.synthetic_ratio", "1.0", "--data.protocol", "null"]
 ARMS: dict[str, list[str]] = {
@@ -343,6 +344,15 @@ def main(argv=None) -> int:
         text = table(args.names, reference, args.out)
         if args.pairs:
             text += "\n\n" + pairs_table([p.split(":", 1) for p in args.pairs])
+        from machine import cpu_name
+
+        text += (
+            f"\n\nEvaluated on {cpu_name()}, CPU (the per-run logs and outputs: "
+            f"{EVAL_DIR.relative_to(ROOT)}/NAME/). Table command: `python "
+            f"benchmarks/generalist_ablation.py table {' '.join(args.names)}"
+            + (f" --pairs {' '.join(args.pairs)}" if args.pairs else "")
+            + "`"
+        )
         print(text)
         from megaseg.checkpoint import atomic_write
 
