@@ -12,6 +12,13 @@ Adam 3e-4, warm-up 1000 + cosine over a fixed 12000 steps, EMA 0.999) stopped at
     v2real_reference  as above with the reference augmentation
     v2real_light      as above with the light one (task-level flips + intensity inversion)
 
+Phase-2 arms start from phase 1's exported EMA weights with ``configs/generalist_cpu_128.yaml``
+(2000 steps at 128 px, light augmentation: the shipped model's phase 2), one change undone each,
+to separate what phase 2's two changes bought:
+
+    p2_light_r64        phase 2 at 64 px (the augmentation change alone)
+    p2_generalist_r128  phase 2 with the generalist augmentation (the resolution change alone)
+
     python benchmarks/generalist_ablation.py train --arms v1_reference v2_generalist
     python benchmarks/generalist_ablation.py train --arms v2real_light --seed 1
 
@@ -55,7 +62,16 @@ ARMS: dict[str, list[str]] = {
     "v2real_generalist": ["--data.augment", "generalist"],
     "v2real_reference": ["--data.augment", "reference"],
     "v2real_light": ["--data.augment", "light"],
+    # Phase 2 (configs/generalist_cpu_128.yaml: 128 px, light augmentation, from phase 1's
+    # EMA weights) with one of its two changes undone, to separate them.
+    "p2_light_r64": ["--data.resolution", "64"],
+    "p2_generalist_r128": ["--data.augment", "generalist"],
 }  # fmt: skip
+PHASE2_CONFIG = "configs/generalist_cpu_128.yaml"
+
+
+def config_of(arm: str) -> str:
+    return PHASE2_CONFIG if arm.startswith("p2_") else CONFIG
 
 
 def run_dir(arm: str, seed: int) -> Path:
@@ -70,7 +86,7 @@ def train(arm: str, steps: int, seed: int) -> Path:
         return final
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(Path(sys.executable).parent / "megaseg"), "fit", "--config", CONFIG, *ARMS[arm],
+        str(Path(sys.executable).parent / "megaseg"), "fit", "--config", config_of(arm), *ARMS[arm],
         "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(out),
         "--seed_everything", str(seed), "--data.seed", str(seed), "--ckpt_path", "last",
     ]  # fmt: skip
