@@ -217,6 +217,16 @@ def table(names: list[str], reference: str, out: Path) -> str:
     return "\n".join(lines)
 
 
+def diff_cells(r: dict) -> tuple[str, str, str]:
+    """A compare_runs row as Dice x100 text: the difference, its interval over tasks, its
+    interval over support draws."""
+    return (
+        f"{100 * r['diff']:+.1f}",
+        f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]",
+        f"[{100 * r['ci_draws_low']:+.1f}, {100 * r['ci_draws_high']:+.1f}]",
+    )
+
+
 def paired_table(names: list[str], reference: str, datasets: list[str], n: int) -> str:
     """Paired differences at N=``n`` on the same draws: each checkpoint minus the reference
     checkpoint and minus the mean-label baseline, x100, with the 95% interval over tasks and
@@ -226,10 +236,8 @@ def paired_table(names: list[str], reference: str, datasets: list[str], n: int) 
     def fmt(rows, d):
         for r in rows:
             if r["dataset"] == d and r["N"] == n and r["scope"] == "dataset":
-                return (
-                    f"{100 * r['diff']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
-                    f"; draws [{100 * r['ci_draws_low']:+.1f}, {100 * r['ci_draws_high']:+.1f}]"
-                )
+                diff, tasks, draws = diff_cells(r)
+                return f"{diff} {tasks}; draws {draws}"
         return "—"
 
     head = ["checkpoint"] + [f"{d}: - {reference}" for d in datasets]
@@ -269,15 +277,14 @@ def pairs_table(pairs: list[list[str]]) -> str:
         for r in rows:
             if r["N"] == n:
                 lines.append(
-                    f"| {a} - {b} | {r['dataset']} | {n} | {100 * r['diff']:+.1f} | "
-                    f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | "
-                    f"[{100 * r['ci_draws_low']:+.1f}, {100 * r['ci_draws_high']:+.1f}] |"
+                    f"| {a} - {b} | {r['dataset']} | {n} | " + " | ".join(diff_cells(r)) + " |"
                 )
     return "\n".join(lines)
 
 
 def plot(names: list[str], reference: str, png: Path) -> None:
     """Dice vs N per dataset, one line per checkpoint (+ mean-label), with the 95% intervals."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -287,8 +294,6 @@ def plot(names: list[str], reference: str, png: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     series = [(n, "megaseg", rows(n)) for n in names] + [("mean-label", "mean_label", ref_rows)]
-    import matplotlib
-
     colors = matplotlib.colormaps["tab20"].colors
     for ax, d in zip(axes, datasets, strict=True):
         for i, (label, method, rs) in enumerate(series):
