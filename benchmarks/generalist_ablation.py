@@ -361,6 +361,9 @@ def main(argv=None) -> int:
             if not args.no_sanity:
                 sanity(name, weights, flips=args.flips, resolution=args.resolution)
     else:
+        bad = [p for p in args.pairs if len(p.split(":", 1)) != 2 or "" in p.split(":", 1)]
+        if bad:
+            parser.error(f"--pairs takes A:B (two evaluated checkpoint names), not {bad}")
         reference = args.reference or args.names[0]
         text = table(args.names, reference, args.out)
         if args.pairs:
