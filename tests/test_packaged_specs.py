@@ -543,6 +543,7 @@ def test_brainxs_overlaps_training_only_through_its_query_head():
         return find_overlaps({"training_datasets": trained}, [{"dataset": XS}])
 
     assert reasons(["PkgNimare", "PkgITKKmeans", "PkgAtlasreader"]) == []  # support side
+    assert reasons(["PkgBrainHeads"]) == []  # the cross-subject training form of that side
     assert "ROBEX head" in reasons(["PkgPyrobex"])[0]
 
 
@@ -627,3 +628,35 @@ def test_declared_splits_refuse_a_subject_the_spec_does_not_name():
     assert declared_splits(SimpleNamespace(name="D"), ["A"]) is None  # the hashed split
     with pytest.raises(ValueError, match=r"'D'.*subjects \['C'\]"):
         declared_splits(spec, ["A", "C"])
+
+
+def test_brain_heads_trains_across_the_two_support_heads_and_never_the_query(tmp_path):
+    """PkgBrainHeads: one task per axis holding both training heads (so an episode can cross
+    them), all in train; never the held-out ROBEX head; its shared files are declared."""
+    from data_prep.specs.overlaps import overlaps_among
+    from megaseg.data.store import Corpus
+    from megaseg.data.tasks import CorpusSource
+
+    spec = get_spec("PkgBrainHeads")
+    assert {i.subject for i in spec.items} == XS_SUPPORT and spec.split == "train"
+    assert {i.label for i in spec.items} == {i.label for i in get_spec(XS).items[1:]}
+    write_fixture(spec, tmp_path / "cache")
+    job = job_from_spec(with_root(spec, tmp_path / "cache"), tmp_path / "cache")
+    assert build_corpus([job], tmp_path / "corpus", resolutions=(32,), progress=False).ok
+    corpus = Corpus(tmp_path / "corpus")
+    keys = corpus.tasks("train")
+    assert [(k.axis, k.label) for k in keys] == [
+        (a, "brain") for a in ("axial", "coronal", "sagittal")
+    ]
+    assert corpus.tasks("val") == [] and corpus.tasks("test") == []
+    source = CorpusSource(corpus, "train", 32)
+    for key in keys:
+        assert set(corpus.subjects(key, "train")) == XS_SUPPORT
+        codes = source.subjects(key)
+        assert len(codes) == corpus.num_examples(key, "train") and set(codes.tolist()) == {0, 1}
+    pairs = {
+        frozenset((o.a, o.b))
+        for o in overlaps_among(["PkgBrainHeads", "PkgNimare", "PkgITKKmeans", "PkgPyrobex"])
+    }
+    assert {frozenset(("PkgBrainHeads", n)) for n in ("PkgNimare", "PkgITKKmeans")} <= pairs
+    assert frozenset(("PkgBrainHeads", "PkgPyrobex")) not in pairs

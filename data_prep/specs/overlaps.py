@@ -36,10 +36,20 @@ KNOWN_OVERLAPS: tuple[Overlap, ...] = (
         "PkgNimare",
         "both image the FSL MNI152NLin6Asym template (1 mm brain-extracted / 1 and 2 mm head)",
     ),
+    Overlap(
+        "PkgBrainHeads",
+        "PkgNimare",
+        "PkgBrainHeads' MNI152NLin6Asym head and brain mask are PkgNimare's (the same files)",
+    ),
+    Overlap(
+        "PkgBrainHeads",
+        "PkgITKKmeans",
+        "PkgBrainHeads' KmeansTest T1 and brain are PkgITKKmeans' (the same files)",
+    ),
     # Only the query side of the cross-subject benchmark: its support candidates are PkgNimare's
-    # and PkgITKKmeans' brain items by design (support is given at test time; the query head
-    # must be unseen), and listing them would make `megaseg evaluate` refuse the benchmark for
-    # every checkpoint trained on those sources.
+    # and PkgITKKmeans' brain items (PkgBrainHeads holds both) by design (support is given at
+    # test time; the query head must be unseen), and listing them would make `megaseg evaluate`
+    # refuse the benchmark for every checkpoint trained on those sources.
     Overlap(
         "PkgBrainXS",
         "PkgPyrobex",

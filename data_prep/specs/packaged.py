@@ -380,6 +380,33 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         notes="one real patient head CT (256 x 256 x 108, 0.96 x 0.96 x 1.5 mm) with the project's "
         "threshold masks: bone (>= 226 HU) and soft tissue (-142 to 225 HU, head minus bone)",
     ),
+    # Brain extraction across subjects, for training: the two whole-head T1s with a brain mask
+    # that training may use (PkgNimare's and PkgITKKmeans' brain items, the same files) in one
+    # dataset, so that a task holds two subjects and an episode can take its support from one
+    # head and its query from the other (``cross_subject`` of the training data module). Every
+    # other real source images one template or person: without this, only synthetic geometry
+    # asks the model to carry a structure from one head to another. Its two heads are the
+    # support pool of PkgBrainXS below; the held-out query head (ROBEX) is in no training task.
+    PackagedSpec(
+        name="PkgBrainHeads",
+        reader="package",
+        root="",
+        modality="T1w",
+        items=(
+            dataclasses.replace(NIMARE_BRAIN, package=NIMARE),
+            dataclasses.replace(ITK_BRAIN, package=ITK_EXAMPLES),
+        ),
+        slices_per_plane=12,  # as PkgBrainXS: two heads, ~26 examples per axis
+        licence="MNI152NLin6Asym: FSL licence (non-commercial; NiMARE MIT); ITK Apache-2.0",
+        citation="Grabner et al., MICCAI (2006) (MNI152NLin6Asym); Salo et al., NiMARE, Aperture "
+        "Neuro 3 (2023); McCormick et al., Front Neuroinform 8:13 (2014) (ITK)",
+        source="pip wheel nimare==0.22.1 (PyPI); Debian package insighttoolkit5-examples "
+        "5.2.1-5+deb12u1",
+        version="nimare 0.22.1 + insighttoolkit5-examples 5.2.1-5+deb12u1",
+        notes="brain masks of two whole-head T1s in one dataset (cross-subject training "
+        "tasks): the MNI152NLin6Asym 1 mm template and ITK's KmeansTest T1; the same items as "
+        "PkgNimare's brain mask and PkgITKKmeans",
+    ),
     # Brain extraction across subjects: the held-out benchmark of issue #13 item 1 (held out by
     # configs/protocols/packaged.yaml). The queries are the ROBEX head (split test), the support
     # candidates the whole-head T1s of other subjects with a brain mask (split train, the
