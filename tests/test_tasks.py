@@ -21,6 +21,7 @@ from megaseg.data.tasks import (
     EpisodeStream,
     SyntheticSource,
     TaskTree,
+    draw_cross_subject,
     draw_indices,
 )
 
@@ -284,3 +285,72 @@ def test_uniform_support_sizes_keep_their_stream():
         assert _support_sizes(sampler, 40, seed, rank) == old
     default = EpisodeSampler([source], batch_size=2, support_size=(2, 9))
     assert _same(default.batch(4, TRAIN_STREAM, 0, 7), sampler.batch(4, TRAIN_STREAM, 0, 7))
+
+
+# -- cross-subject episodes (cross_subject) ---------------------------------------------------
+
+
+class SubjectSource(FakeSource):
+    """A FakeSource whose examples belong to subjects: example i of every task is subject
+    ``i % n_subjects``."""
+
+    def __init__(self, counts, n_subjects):
+        super().__init__(counts)
+        self.n_subjects = n_subjects
+
+    def subjects(self, key):
+        return np.arange(self.counts[key]) % self.n_subjects
+
+
+def test_draw_cross_subject_keeps_the_query_subject_out_of_the_support():
+    rng = np.random.default_rng(0)
+    subjects = np.array([0] * 5 + [1] * 3 + [2] * 12)
+    for support_size in (1, 4, 16, 20):
+        for _ in range(50):
+            query, support = draw_cross_subject(rng, subjects, support_size)
+            assert len(support) == support_size
+            assert subjects[query] not in subjects[support]
+            others = int((subjects != subjects[query]).sum())
+            if others >= support_size:  # distinct while the other subjects allow
+                assert len(set(support.tolist())) == support_size
+    assert draw_cross_subject(rng, np.zeros(6, dtype=int), 4) is None  # one subject only
+
+
+def _episode_subjects(sampler, source, steps=20):
+    """(query subject, support subjects) of every episode of ``steps`` batches (a FakeSource
+    label holds its example index at pixel (0, 0); example i is subject i % n_subjects)."""
+    out = []
+    for i in range(steps):
+        b = sampler.batch(0, TRAIN_STREAM, 0, i)
+        query = b["query_label"][:, 0, 0, 0].long() % source.n_subjects
+        support = b["support_labels"][:, :, 0, 0, 0].long() % source.n_subjects
+        out += [(int(q), set(s.tolist())) for q, s in zip(query, support, strict=True)]
+    return out
+
+
+def test_cross_subject_episodes_take_the_support_from_other_subjects():
+    source = SubjectSource({k: 30 for k in keys_of("multi", labels=3)}, n_subjects=2)
+    crossed = EpisodeSampler([source], batch_size=4, support_size=(2, 12), cross_subject=1.0)
+    episodes = _episode_subjects(crossed, source)
+    assert len(episodes) == 80 and all(q not in s for q, s in episodes)
+    # the usual draw (and half of them at 0.5) puts the query's subject in the support
+    usual = EpisodeSampler([source], batch_size=4, support_size=(2, 12))
+    within = [q in s for q, s in _episode_subjects(usual, source)]
+    assert sum(within) > 0.6 * len(within)
+    half = EpisodeSampler([source], batch_size=4, support_size=(2, 12), cross_subject=0.5)
+    within = [q in s for q, s in _episode_subjects(half, source, steps=50)]
+    assert 0.2 * len(within) < sum(within) < 0.8 * len(within)
+
+
+def test_cross_subject_leaves_single_subject_tasks_and_the_default_stream_alone():
+    one = SubjectSource({k: 30 for k in keys_of("one", labels=2)}, n_subjects=1)
+    crossed = EpisodeSampler([one], batch_size=4, support_size=8, cross_subject=1.0)
+    assert all(q in s for q, s in _episode_subjects(crossed, one))  # falls back to the usual draw
+    plain = FakeSource({k: 30 for k in keys_of("plain", labels=2)})  # no subjects(): untouched
+    for a, b in ((EpisodeSampler([plain], batch_size=3, support_size=5, cross_subject=1.0),
+                  EpisodeSampler([plain], batch_size=3, support_size=5)),
+                 (EpisodeSampler([one], batch_size=3, support_size=5, cross_subject=0.0),
+                  EpisodeSampler([one], batch_size=3, support_size=5))):  # fmt: skip
+        assert _same(a.batch(2, TRAIN_STREAM, 0, 5), b.batch(2, TRAIN_STREAM, 0, 5))
+    with pytest.raises(ValueError, match="cross_subject"):
+        EpisodeSampler([plain], cross_subject=1.5)

@@ -195,6 +195,16 @@ def test_data_module_passes_support_size_log_to_the_sampler_and_card():
     assert plain.describe()["support_size_log"] is False
 
 
+def test_data_module_passes_cross_subject_to_the_training_sampler_only():
+    dm = EpisodeDataModule(resolution=16, support_size=4, batch_size=1, synthetic_tasks=10,
+                           cross_subject=1.0)  # fmt: skip
+    assert dm.train_dataloader().dataset.sampler.cross_subject == 1.0
+    assert dm.describe()["cross_subject"] == 1.0
+    assert all(s.cross_subject == 0.0 for _, s in dm.eval_sets("val"))  # validation: usual draw
+    with pytest.raises(ValueError, match="cross_subject must be in"):
+        EpisodeDataModule(cross_subject=2.0)
+
+
 # -- a corpus without val tasks (every subject in train) -------------------------------------
 
 

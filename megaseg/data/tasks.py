@@ -136,6 +136,7 @@ class CorpusSource:
                 stacklevel=2,
             )
         self._counts = {k: n for k, n in counts.items() if n >= 2}
+        self._subjects: dict[TaskKey, np.ndarray] = {}
         if not self._counts:
             raise EmptySplitError(
                 f"{corpus.root}: no {split} task with >= 2 examples to draw episodes from"
@@ -155,6 +156,15 @@ class CorpusSource:
     def load(self, key: TaskKey, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         images, labels = self.corpus.load_many(key, indices, self.resolution, self.split)
         return torch.from_numpy(images), torch.from_numpy(labels)
+
+    def subjects(self, key: TaskKey) -> np.ndarray:
+        """Subject of each example index of ``key``, as integer codes (equal = same subject)."""
+        codes = self._subjects.get(key)
+        if codes is None:
+            names = self.corpus.subjects(key, self.split)
+            codes = np.unique(names, return_inverse=True)[1].reshape(-1)
+            self._subjects[key] = codes
+        return codes
 
 
 class SyntheticSource:
@@ -192,6 +202,20 @@ def draw_indices(rng: np.random.Generator, n: int, support_size: int) -> tuple[i
     return query, support + (support >= query)
 
 
+def draw_cross_subject(
+    rng: np.random.Generator, subjects: np.ndarray, support_size: int
+) -> tuple[int, np.ndarray] | None:
+    """A query index and ``support_size`` others, none of the query's subject: distinct while
+    the other subjects' examples allow, with replacement otherwise. ``subjects``: one code per
+    example. None when the drawn query's subject is the task's only one (draw as usual then)."""
+    query = int(rng.integers(len(subjects)))
+    others = np.flatnonzero(subjects != subjects[query])
+    if others.size == 0:
+        return None
+    replace = others.size < support_size
+    return query, rng.choice(others, size=support_size, replace=replace)
+
+
 class EmptySplitError(ValueError):
     """A corpus has no task with >= 2 examples in the split asked for."""
 
@@ -219,6 +243,10 @@ class EpisodeSampler:
             ``(B, S+1, 1, H, W)`` stack (query first), e.g. task-level then in-task augmentation.
         foreign_support: also draw, per episode, a support set of another task
             (``other_support_*``), for the support-swap metric.
+        cross_subject: probability that an episode of a task with several subjects (a source
+            with ``subjects(key)``: corpora) takes its support only from subjects other than
+            the query's, as when a user segments a new patient from others' examples. 0 keeps
+            the stream of the usual draw, where most support sets hold the query's subject.
     """
 
     sources: Sequence[TaskSource]
@@ -228,8 +256,11 @@ class EpisodeSampler:
     augment: Augment | None = None
     foreign_support: bool = False
     support_size_log: bool = False
+    cross_subject: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.cross_subject <= 1.0:
+            raise ValueError(f"cross_subject must be in [0, 1], got {self.cross_subject}")
         if not self.sources:
             raise ValueError("EpisodeSampler needs at least one source")
         w = np.ones(len(self.sources)) if self.weights is None else np.asarray(self.weights, float)
@@ -246,7 +277,11 @@ class EpisodeSampler:
         return self.sources[min(i, len(self.sources) - 1)]
 
     def _episode(self, rng, source, key, support_size):
-        query, support = draw_indices(rng, source.num_examples(key), support_size)
+        drawn = None
+        if self.cross_subject > 0 and hasattr(source, "subjects"):
+            if rng.random() < self.cross_subject:
+                drawn = draw_cross_subject(rng, source.subjects(key), support_size)
+        query, support = drawn or draw_indices(rng, source.num_examples(key), support_size)
         return _load_unique(source, key, np.concatenate([[query], support]))
 
     def _foreign(self, rng, key, support_size) -> tuple[Tensor, Tensor]:

@@ -116,6 +116,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (the batches are the same for any number); None: chosen
             by ``megaseg fit`` from the cores (:mod:`megaseg.training.threads`), 0 from Python.
         seed: seed of the episode streams.
+        cross_subject: probability that a training episode of a corpus task with several
+            subjects takes its support only from subjects other than the query's
+            (:class:`~megaseg.data.tasks.EpisodeSampler`); validation keeps the usual draw.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         synthetic_version: int = 1,
         synthetic_real_maps: bool | str = True,
         support_size_log: bool = False,
+        cross_subject: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -160,6 +164,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.synthetic_version = generators.check_version(synthetic_version, "synthetic_version")
         self.synthetic_real_maps = generators.label_maps_name(synthetic_real_maps)
         self.support_size_log = support_size_log
+        if not 0.0 <= cross_subject <= 1.0:
+            raise ValueError(f"cross_subject must be in [0, 1], got {cross_subject}")
+        self.cross_subject = cross_subject
         self.synthetic_config = generators.make_config(
             synthetic_version, synthetic_config, size=resolution
         )
@@ -308,6 +315,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         sampler = EpisodeSampler(
             sources, weights, batch_size=self.batch_size, support_size=self.support_size,
             augment=self.augment, support_size_log=self.support_size_log,
+            cross_subject=self.cross_subject,
         )  # fmt: skip
         stream = EpisodeStream(sampler, self.seed, self._rank(), self._start_step(), TRAIN_STREAM)
         return self._loader(stream)
@@ -379,6 +387,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             "resolution": self.resolution,
             "support_size": self.support_size,
             "support_size_log": self.support_size_log,
+            "cross_subject": self.cross_subject,
             "batch_size": self.batch_size,
             "augment": None if self.augment is None else repr(self.augment),
             "augment_preset": self.hparams.get("augment"),
