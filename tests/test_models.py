@@ -74,6 +74,28 @@ def test_registry_lists_variants_and_rejects_unknown():
         create_model("no_such_model")
 
 
+def test_every_shipped_tag_loads_and_the_default_is_the_cross_subject_generalist():
+    """The weights in checkpoints/ load through the registry without pickle, and each card
+    says how it was trained: the default with cross-subject brain-mask episodes."""
+    import megaseg
+    from megaseg.models.registry import _PRETRAINED, pretrained_path
+
+    tags = _PRETRAINED["universeg_v1_small"]
+    assert list(tags)[0] == "generalist" and {"phase2", "synth64"} <= set(tags)
+    cards = {}
+    for tag in tags:
+        model, cards[tag] = megaseg.load_checkpoint(pretrained_path("universeg_v1_small", tag))
+        assert cards[tag]["model"]["kwargs"]["encoder_widths"] == [32, 32, 32, 32]
+    data = cards["generalist"]["training"]["data"]
+    assert data["cross_subject"] == 1.0
+    assert ["PkgBrainHeads"] in [c["datasets"] for c in data["corpora"]]
+    assert "cross_subject" not in cards["phase2"]["training"]["data"]  # the option came later
+    default = create_model("universeg_v1_small", pretrained=True)
+    shipped, _ = megaseg.load_checkpoint(pretrained_path("universeg_v1_small", "generalist"))
+    for a, b in zip(default.state_dict().values(), shipped.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_pretrained_without_shipped_weights_says_so():
     with pytest.raises(ValueError, match="ships no pretrained weights"):
         create_model("universeg_v1", pretrained=True)

@@ -14,11 +14,15 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # refers to the official UniverSeg release (that is ``pretrained="official"``, megaseg.hub).
 _PRETRAINED: dict[str, dict[str, str]] = {
     # 32-feature v1 networks trained on a 2-core CPU; model cards in checkpoints/README.md.
-    # "generalist": issue #13's campaign (synthetic tasks v2 + packaged real tasks, 12000 steps
-    # at 64 px then 2000 at 128 px; configs/generalist_cpu*.yaml), the default;
+    # "generalist": issue #13's campaign (synthetic tasks v2 + packaged real tasks with
+    # cross-subject brain-mask episodes, 12000 steps at 64 px then 2000 at 128 px;
+    # configs/generalist_cpu.yaml, then generalist_cpu_128.yaml + generalist_cpu_128_heads.yaml),
+    # the default; "phase2": the previous default, the same without the cross-subject tasks
+    # (better within one subject on MNI152, worse across subjects);
     # "synth64": the first model (synthetic tasks v1, 35 min; configs/megaseg_small_synth64.yaml).
     "universeg_v1_small": {
         "generalist": "megaseg_generalist.safetensors",
+        "phase2": "megaseg_generalist_p2.safetensors",
         "synth64": "megaseg_small_synth64.safetensors",
     },
 }
