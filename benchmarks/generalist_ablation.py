@@ -314,10 +314,12 @@ def plot(names: list[str], reference: str, png: Path) -> None:
         ax.set_xlabel("support size N")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("Dice")
-    axes[-1].legend(fontsize=7)
     fig.tight_layout()
+    # beside the panels, not over them: a long ablation has ~20 lines
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
+    fig.savefig(png, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
