@@ -82,17 +82,18 @@ def test_every_shipped_tag_loads_and_the_default_is_the_cross_subject_generalist
 
     tags = _PRETRAINED["universeg_v1_small"]
     assert list(tags)[0] == "generalist" and {"phase2", "synth64"} <= set(tags)
-    cards = {}
+    models, cards = {}, {}
     for tag in tags:
-        model, cards[tag] = megaseg.load_checkpoint(pretrained_path("universeg_v1_small", tag))
+        path = pretrained_path("universeg_v1_small", tag)
+        models[tag], cards[tag] = megaseg.load_checkpoint(path)
         assert cards[tag]["model"]["kwargs"]["encoder_widths"] == [32, 32, 32, 32]
     data = cards["generalist"]["training"]["data"]
     assert data["cross_subject"] == 1.0
     assert ["PkgBrainHeads"] in [c["datasets"] for c in data["corpora"]]
     assert "cross_subject" not in cards["phase2"]["training"]["data"]  # the option came later
     default = create_model("universeg_v1_small", pretrained=True)
-    shipped, _ = megaseg.load_checkpoint(pretrained_path("universeg_v1_small", "generalist"))
-    for a, b in zip(default.state_dict().values(), shipped.state_dict().values(), strict=True):
+    shipped = models["generalist"].state_dict().values()
+    for a, b in zip(default.state_dict().values(), shipped, strict=True):
         assert torch.equal(a, b)
 
 
