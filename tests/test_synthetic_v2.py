@@ -278,3 +278,32 @@ def test_make_tasks_with_mni152_and_spm12_maps(monkeypatch):
     with pytest.raises(ValueError, match="real label maps must be"):
         generators.make_tasks(2, 3, 0, config, real_maps="spm12")
     assert torch.equal(generators.label_maps("mni152+spm12", 32)[n:], extra)
+
+
+def test_label_maps_folder_saves_and_reads_the_maps(monkeypatch, tmp_path):
+    """$MEGASEG_LABEL_MAPS: the first call builds and saves the maps, later calls read them
+    (no source needed), and a file of the wrong shape is refused with its path."""
+    from megaseg.data import generators
+
+    built = []
+
+    def fake(size):
+        built.append(size)
+        return torch.arange(3 * size * size).reshape(3, size, size).remainder(5).byte()
+
+    monkeypatch.setattr(synthetic_v2, "mni152_label_maps", fake)
+    monkeypatch.delenv(generators.LABEL_MAPS_DIR, raising=False)
+    direct = generators.label_maps("mni152", 16)
+    assert built == [16] and not list(tmp_path.iterdir())  # unset: nothing saved
+
+    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(tmp_path))
+    first = generators.label_maps("mni152", 16)
+    saved = tmp_path / "mni152_16.npy"
+    assert saved.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["mni152_16.npy"]
+    again = generators.label_maps(True, 16)  # True names "mni152"
+    assert built == [16, 16]  # read, not rebuilt
+    assert torch.equal(first, direct) and torch.equal(again, direct) and again.dtype == torch.uint8
+
+    np.save(saved, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="mni152_16.npy"):
+        generators.label_maps("mni152", 16)

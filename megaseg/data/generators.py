@@ -60,15 +60,49 @@ def label_maps_name(real_maps: bool | str | None) -> str | None:
     return real_maps
 
 
+LABEL_MAPS_DIR = "MEGASEG_LABEL_MAPS"  # environment variable: a folder of saved label maps
+
+
 def label_maps(name: str, size: int):
     """The label maps ``(M, size, size)`` named ``name``: ``"mni152"`` (nilearn's template, 66
     maps) or ``"mni152+spm12"`` (also SPM12's tissue maps and Neuromorphometrics labels from the
-    ``spm-runtime`` wheel, fetched on first use: :func:`data_prep.specs.packaged.packaged_label_maps`)."""
+    ``spm-runtime`` wheel, fetched on first use: :func:`data_prep.specs.packaged.packaged_label_maps`).
+
+    With ``$MEGASEG_LABEL_MAPS`` set to a folder, the maps are read from
+    ``<folder>/<name>_<size>.npy`` when that file exists, and written there when it does not:
+    a machine without nilearn, the spm-runtime wheel or internet (an offline GPU node) trains
+    on maps saved elsewhere. Unset (the default), they are always built from their sources.
+    """
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    name = label_maps_name(name)
+    folder = os.environ.get(LABEL_MAPS_DIR)
+    path = Path(folder) / f"{name}_{size}.npy" if folder else None
+    if path is not None and path.is_file():
+        maps = np.load(path, allow_pickle=False)
+        if maps.dtype != np.uint8 or maps.ndim != 3 or maps.shape[1:] != (size, size):
+            raise ValueError(
+                f"{path} (${LABEL_MAPS_DIR}): expected uint8 label maps of shape (M, {size}, "
+                f"{size}), got {maps.dtype} {maps.shape}; delete it to rebuild it"
+            )
+        return torch.from_numpy(maps)
+    maps = _build_label_maps(name, size)
+    if path is not None:
+        from megaseg.paths import atomic_write
+
+        atomic_write(path, lambda tmp: np.save(tmp, maps.numpy()), suffix=".npy")
+    return maps
+
+
+def _build_label_maps(name: str, size: int):
     import torch
 
     from megaseg.data.synthetic_v2 import mni152_label_maps
 
-    name = label_maps_name(name)
     maps = mni152_label_maps(size)
     if name == "mni152+spm12":
         from data_prep.specs.packaged import packaged_label_maps
