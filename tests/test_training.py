@@ -80,6 +80,45 @@ def test_optimizer_and_scheduler_come_from_the_constructor():
     assert isinstance(tiny_module().configure_optimizers(), torch.optim.Adam)
 
 
+
+
+def test_cosine_follows_the_time_limit_of_a_run_without_a_step_limit():
+    """trainer.max_time and no max_steps: warm-up, then the total is the steps the measured rate
+    reaches by the deadline, so the learning rate ends at min_factor when the time is up."""
+    from pytorch_lightning.callbacks import Timer
+
+    module = tiny_module(lr_scheduler=lambda o: WarmupCosine(o, warmup_steps=10, min_factor=0.1))
+    timer = Timer(duration={"seconds": 100})
+    elapsed = {"t": 0.0}
+    timer.time_elapsed = lambda stage="train": elapsed["t"]
+    trainer = types.SimpleNamespace(estimated_stepping_batches=float("inf"), callbacks=[timer],
+                                    global_step=0)  # fmt: skip
+    module._trainer = trainer
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert sched.total_steps is None  # constant after warm-up until the rate is known
+
+    def at(step: int, seconds: float) -> None:
+        trainer.global_step, elapsed["t"] = step, seconds
+        module._follow_time_budget()
+
+    at(20, 5.0)  # before a tenth of the time: start-up costs would distort the rate
+    assert sched.total_steps is None
+    at(200, 20.0)  # 10 steps/s -> 1000 steps by the deadline
+    assert sched.total_steps == 1000
+    at(210, 20.5)  # not a multiple of TIME_BUDGET_EVERY: unchanged
+    assert sched.total_steps == 1000
+    at(600, 80.0)  # slower since: 7.5 steps/s on average -> 750
+    assert sched.total_steps == 750 and sched.factor(750) == pytest.approx(0.1)
+    at(800, 120.0)  # past the deadline (the last step's check): the total is where we are
+    assert sched.total_steps == 801
+
+    fixed = tiny_module(lr_scheduler=lambda o: WarmupCosine(o, warmup_steps=10))
+    fixed._trainer = types.SimpleNamespace(estimated_stepping_batches=500, callbacks=[timer],
+                                           global_step=0)  # fmt: skip
+    assert fixed.configure_optimizers()["lr_scheduler"]["scheduler"].total_steps == 500
+    assert fixed._time_budget == (None, None)  # a step limit wins over the time limit
+
+
 def _fake_trainer(module, datamodule=None, step=7):
     return types.SimpleNamespace(datamodule=datamodule, global_step=step, current_epoch=0,
                                  lightning_module=module)  # fmt: skip

@@ -26,6 +26,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from megaseg.models import create_model
 
+# A WarmupCosine over trainer.max_time re-estimates its total steps every this many steps,
+# once this fraction of the time has passed (earlier, start-up costs distort the rate).
+TIME_BUDGET_EVERY = 20
+TIME_BUDGET_FROM = 0.1
+
 
 class WarmupCosine(LambdaLR):
     """Linear warm-up from ``start_factor * lr`` to ``lr`` over ``warmup_steps``, then cosine
@@ -33,9 +38,11 @@ class WarmupCosine(LambdaLR):
 
     ``total_steps=None``: the trainer's number of optimizer steps (``trainer.max_steps``),
     filled in by :class:`InContextSegModule` when training starts, so that
-    ``--trainer.max_steps 100`` shortens the whole schedule; constant after warm-up when the
-    run has no step limit. Warm-up is capped to ``max_warmup_fraction`` of the total, so a
-    short run leaves it.
+    ``--trainer.max_steps 100`` shortens the whole schedule. A run with no step limit but a
+    time limit (``trainer.max_time``, e.g. a GPU lease) decays over its time instead: from a
+    tenth of the time on, the module sets the total to the steps the measured rate reaches by
+    the deadline (:data:`TIME_BUDGET_EVERY`). With neither limit: constant after warm-up.
+    Warm-up is capped to ``max_warmup_fraction`` of the total, so a short run leaves it.
     """
 
     def __init__(
@@ -119,6 +126,16 @@ def freeze_unused_parameters(net: nn.Module) -> list[str]:
     return unused
 
 
+def _time_limit(trainer: pl.Trainer):
+    """The trainer's ``Timer`` callback when it has a duration (``trainer.max_time``), else None."""
+    from pytorch_lightning.callbacks import Timer
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, Timer) and getattr(cb, "_duration", None):
+            return cb
+    return None
+
+
 class InContextSegModule(pl.LightningModule):
     """Episodic training of an in-context segmentation network.
 
@@ -168,6 +185,7 @@ class InContextSegModule(pl.LightningModule):
 
             self.ema = ModelEmaV3(self.net, decay=ema_decay)
         self.compile_net = compile
+        self._time_budget: tuple = (None, None)  # (WarmupCosine, Timer) of a max_time run
         self.resolution, self.support_size = resolution, support_size
         self.init_weights = init_weights
 
@@ -209,6 +227,19 @@ class InContextSegModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self.net, step=self.global_step)
+        self._follow_time_budget()
+
+    def _follow_time_budget(self) -> None:
+        """A :class:`WarmupCosine` of a run limited by ``trainer.max_time`` alone: set its total
+        to the steps the rate so far reaches by the deadline (the time is the trainer's
+        ``Timer``, which a resumed run restores)."""
+        scheduler, timer = getattr(self, "_time_budget", (None, None))
+        step = self.global_step
+        if scheduler is None or step == 0 or step % TIME_BUDGET_EVERY:
+            return
+        fraction = timer.time_elapsed("train") / timer._duration
+        if fraction >= TIME_BUDGET_FROM:
+            scheduler.set_total_steps(max(step + 1, round(step / min(fraction, 1.0))))
 
     def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> dict:
         name = self._eval_name(stage, dataloader_idx)
@@ -272,7 +303,14 @@ class InContextSegModule(pl.LightningModule):
                 total = trainer.estimated_stepping_batches
                 if math.isfinite(total) and total > 0:
                     scheduler.set_total_steps(int(total))
-            rank_zero_info(f"megaseg: learning-rate schedule {scheduler.describe()}")
+                else:
+                    timer = _time_limit(trainer)
+                    if timer is not None:
+                        self._time_budget = (scheduler, timer)
+            rank_zero_info(
+                f"megaseg: learning-rate schedule {scheduler.describe()}"
+                + (" until the cosine over trainer.max_time starts" if self._time_budget[0] else "")
+            )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
