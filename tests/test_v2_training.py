@@ -244,6 +244,38 @@ def test_heads_config_layers_cross_subject_on_phase_two(tmp_path, monkeypatch):
     assert data["synthetic"]["generator_version"] == 2 and data["synthetic_ratio"] == 0.75
 
 
+def test_gpu_configs_fit_on_a_cpu_and_layer_the_wide_network(tmp_path, monkeypatch):
+    """configs/generalist_gpu.yaml (+ generalist_gpu_w64.yaml), shrunk and on the CPU: bf16
+    autocast, a time limit instead of a step limit, and the overlay's optimizer and start."""
+    from test_synthetic_v2 import _fake_packaged_maps
+    from test_training import _one_split_corpus
+
+    from megaseg.cli import main
+
+    _fake_packaged_maps(monkeypatch, R)
+    corpus = _one_split_corpus(tmp_path / "corpus", "train")
+    for overlay in ((), ("generalist_gpu_w64.yaml",)):
+        root = tmp_path / f"run{len(overlay)}"
+        small = ["--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
+                 "--data.resolution", "32", "--data.corpora", f"[{corpus}]",
+                 "--model.init_weights", "null", "--data.batch_size", "2",
+                 "--data.support_size", "[2, 3]", "--data.val_support_size", "3",
+                 "--data.val_batch_size", "1", "--data.val_batches", "1",
+                 "--data.num_workers", "0", "--data.synthetic_tasks", "20",
+                 "--model.model_kwargs", '{"encoder_widths": [8, 8, 8, 8]}',
+                 "--trainer.max_steps", "2"]  # fmt: skip
+        configs = [f"--config={REPO / 'configs' / c}" for c in ("generalist_gpu.yaml", *overlay)]
+        _quiet(main, ["fit", *configs, *small])
+        _, card = megaseg.load_checkpoint(root / "export" / "final.safetensors")
+        config, data = card["config"], card["training"]["data"]
+        assert config["trainer"]["precision"] == "bf16-mixed"
+        assert config["trainer"]["max_time"] == "00:00:05:30"
+        assert data["cross_subject"] == 1.0 and data["augment_preset"] == "light"
+        assert data["support_size_log"] and data["synthetic"]["generator_version"] == 2
+        lr = config["model"]["optimizer"]["init_args"]["lr"]
+        assert lr == (4e-4 if overlay else 2e-4)
+
+
 # ------------------------------------------------------------------------------ label-map sets
 
 
