@@ -80,8 +80,6 @@ def test_optimizer_and_scheduler_come_from_the_constructor():
     assert isinstance(tiny_module().configure_optimizers(), torch.optim.Adam)
 
 
-
-
 def test_cosine_follows_the_time_limit_of_a_run_without_a_step_limit():
     """trainer.max_time and no max_steps: warm-up, then the total is the steps the measured rate
     reaches by the deadline, so the learning rate ends at min_factor when the time is up."""
