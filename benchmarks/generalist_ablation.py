@@ -35,7 +35,8 @@ checkpoint. Its weights are then scored on the visible benchmark, and the table 
 (the first one given draws them, with the mean-label baseline; the others replay its
 draws.json): the held-out cross-subject real source (``--corpus``/``--datasets``), held-out
 synthetic v2 tasks and the MNI152 template (within-subject). Outputs go to
-``megaseg_work/ablation/<NAME>/`` (resumable: a finished part is not rerun). ``table`` gathers
+``megaseg_work/ablation/<NAME>/`` (resumable: a finished part is not rerun; the folder records
+the sha256 of its weights and refuses other weights under that NAME). ``table`` gathers
 them into a Markdown table with 95% intervals and a Dice-vs-N PNG.
 """
 
@@ -102,6 +103,36 @@ EVAL_DIR = ROOT / "megaseg_work" / "ablation"
 
 def megaseg_cmd() -> str:
     return str(Path(sys.executable).parent / "megaseg")
+
+
+def check_weights(name: str, weights: str) -> None:
+    """Tie ``EVAL_DIR/name`` to the file ``weights`` by its sha256 (``weights.json``), so a cached
+    result is never reused for other weights under the same name: exits with a message naming
+    the folder when it was made from another file, or before weights were recorded."""
+    import hashlib
+
+    folder = EVAL_DIR / name
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    record = folder / "weights.json"
+    if record.is_file():
+        made_from = json.loads(record.read_text())
+        if made_from.get("sha256") == digest:
+            return
+        why = f"was made from {made_from.get('path')} (sha256 {made_from.get('sha256', '?')[:12]})"
+    elif folder.is_dir() and any(folder.iterdir()):
+        why = "holds results that do not record their weights (made by an older version)"
+    else:
+        from megaseg.checkpoint import atomic_write
+
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"path": weights, "sha256": digest}, indent=1)
+        atomic_write(record, lambda tmp: Path(tmp).write_text(text))
+        return
+    sys.exit(
+        f"generalist_ablation: {folder} {why}, not {weights} (sha256 {digest[:12]}): its cached "
+        "results would be reused for other weights. Delete that folder (this script's own "
+        "cache) or evaluate under another NAME."
+    )
 
 
 def sanity(name: str, weights: str, flips: bool = False, resolution: int | None = None) -> dict:
@@ -358,6 +389,8 @@ def main(argv=None) -> int:
         if any(len(p) != 2 for p in pairs):
             parser.error("checkpoints are NAME=WEIGHTS")
         reference = args.reference or pairs[0][0]
+        for name, weights in pairs:
+            check_weights(name, weights)
         for name, weights in sorted(pairs, key=lambda p: p[0] != reference):
             evaluate(name, weights, reference, args)
             if not args.no_sanity:
