@@ -76,20 +76,24 @@ def test_registry_lists_variants_and_rejects_unknown():
 
 def test_every_shipped_tag_loads_and_the_default_is_the_cross_subject_generalist():
     """The weights in checkpoints/ load through the registry without pickle, and each card
-    says how it was trained: the default with cross-subject brain-mask episodes."""
+    says how it was trained: the default with cross-subject brain-mask episodes, on a GPU."""
     import megaseg
     from megaseg.models.registry import _PRETRAINED, pretrained_path
 
     tags = _PRETRAINED["universeg_v1_small"]
-    assert list(tags)[0] == "generalist" and {"phase2", "synth64"} <= set(tags)
+    assert list(tags)[0] == "generalist" and {"cpu", "phase2", "synth64"} <= set(tags)
     models, cards = {}, {}
     for tag in tags:
         path = pretrained_path("universeg_v1_small", tag)
         models[tag], cards[tag] = megaseg.load_checkpoint(path)
         assert cards[tag]["model"]["kwargs"]["encoder_widths"] == [32, 32, 32, 32]
-    data = cards["generalist"]["training"]["data"]
-    assert data["cross_subject"] == 1.0
-    assert ["PkgBrainHeads"] in [c["datasets"] for c in data["corpora"]]
+    for tag in ("generalist", "cpu"):
+        data = cards[tag]["training"]["data"]
+        assert data["cross_subject"] == 1.0
+        assert ["PkgBrainHeads"] in [c["datasets"] for c in data["corpora"]]
+    trainer = cards["generalist"]["config"]["trainer"]
+    assert trainer["precision"] == "bf16-mixed" and trainer["max_time"]  # the GPU minutes
+    assert cards["cpu"]["config"]["trainer"]["precision"] == "32-true"
     assert "cross_subject" not in cards["phase2"]["training"]["data"]  # the option came later
     default = create_model("universeg_v1_small", pretrained=True)
     shipped = models["generalist"].state_dict().values()

@@ -13,15 +13,17 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # default for ``pretrained=True``. Paths are relative to the checkpoints/ folder. This never
 # refers to the official UniverSeg release (that is ``pretrained="official"``, megaseg.hub).
 _PRETRAINED: dict[str, dict[str, str]] = {
-    # 32-feature v1 networks trained on a 2-core CPU; model cards in checkpoints/README.md.
+    # 32-feature v1 networks; model cards in checkpoints/README.md.
     # "generalist": issue #13's campaign (synthetic tasks v2 + packaged real tasks with
-    # cross-subject brain-mask episodes, 12000 steps at 64 px then 2000 at 128 px;
-    # configs/generalist_cpu.yaml, then generalist_cpu_128.yaml + generalist_cpu_128_heads.yaml),
-    # the default; "phase2": the previous default, the same without the cross-subject tasks
-    # (better within one subject on MNI152, worse across subjects);
-    # "synth64": the first model (synthetic tasks v1, 35 min; configs/megaseg_small_synth64.yaml).
+    # cross-subject brain-mask episodes): 12000 steps at 64 px and 2000 at 128 px on a CPU
+    # (configs/generalist_cpu.yaml, generalist_cpu_128.yaml + generalist_cpu_128_heads.yaml),
+    # then 5.5 minutes on an H200 at 128 px (configs/generalist_gpu.yaml), the default;
+    # "cpu": the same before the GPU minutes (the default until then); "phase2": the CPU
+    # recipe without the cross-subject tasks; "synth64": the first model (synthetic tasks v1,
+    # 35 min on a CPU; configs/megaseg_small_synth64.yaml).
     "universeg_v1_small": {
         "generalist": "megaseg_generalist.safetensors",
+        "cpu": "megaseg_generalist_cpu.safetensors",
         "phase2": "megaseg_generalist_p2.safetensors",
         "synth64": "megaseg_small_synth64.safetensors",
     },
