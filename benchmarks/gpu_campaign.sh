@@ -5,6 +5,9 @@
 #   w64: configs/generalist_gpu_w64.yaml  (the published 64-feature width, from scratch)
 # Run from the repository root on the GPU machine:
 #   OUT=<results folder> bash benchmarks/gpu_campaign.sh
+# Settings (environment): TRAIN_TIME (per run, default 5 min 30 s), BENCH_LIMIT (seconds for
+# gpu_speed.py, 0 skips it), RUNS ("w32 w64", or one of them), FIT_ARGS (more fit options for
+# every run, e.g. --model.init_weights W --data.num_workers 14).
 # What it needs beside the code, in $DEV (default .dev, ignored by git; built on a machine with
 # the packages and internet):
 #   $DEV/wheels/*.whl        Python packages the GPU image lacks (monai, nibabel, jsonargparse and
@@ -20,7 +23,8 @@ set -u
 OUT=${OUT:-runs/gpu_campaign}
 DEV=${DEV:-.dev}
 TRAIN_TIME=${TRAIN_TIME:-00:00:05:30}  # per run, both at once
-BENCH_LIMIT=${BENCH_LIMIT:-120}  # seconds for gpu_speed.py
+BENCH_LIMIT=${BENCH_LIMIT:-120}  # seconds for gpu_speed.py; 0: skip it
+RUNS=${RUNS:-w32 w64}  # which of the two runs
 # FIT_ARGS: more `megaseg fit` options for both runs (a CPU dry run: --trainer.accelerator cpu ...)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -43,8 +47,10 @@ python3 -c "import torch, pytorch_lightning, monai, jsonargparse; print('torch',
 'lightning', pytorch_lightning.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())" \
   || { say "imports failed"; exit 1; }
 
-say "gpu_speed.py (limit ${BENCH_LIMIT}s)"
-timeout "$BENCH_LIMIT" python3 benchmarks/gpu_speed.py --out "$OUT/gpu_speed.md" || say "gpu_speed.py stopped: $?"
+if [ "$BENCH_LIMIT" -gt 0 ]; then
+  say "gpu_speed.py (limit ${BENCH_LIMIT}s)"
+  timeout "$BENCH_LIMIT" python3 benchmarks/gpu_speed.py --out "$OUT/gpu_speed.md" || say "gpu_speed.py stopped: $?"
+fi
 
 nvidia-smi dmon -s um -d 10 > /tmp/dmon.txt 2>&1 &
 dmon=$!
@@ -66,12 +72,12 @@ if [ "${shm_kib:-0}" -lt 8388608 ]; then
   mount -o remount,size=16G /dev/shm 2> /dev/null || say "/dev/shm is small and stays so"
 fi
 df -h /dev/shm | tail -1
-for run in w32 w64; do
+for run in $RUNS; do
   launch $run
 done
 
 copy_latest() {  # the newest export of each run, so a lease that ends early still returns weights
-  for run in w32 w64; do
+  for run in $RUNS; do
     for name in final last; do
       src=/tmp/runs/$run/export/$name
       if [ -f "$src.safetensors" ] && [ "$src.safetensors" -nt "$OUT/$run.safetensors" ]; then
@@ -82,10 +88,13 @@ copy_latest() {  # the newest export of each run, so a lease that ends early sti
     done
   done
 }
-running() { kill -0 "${pids[w32]}" 2> /dev/null || kill -0 "${pids[w64]}" 2> /dev/null; }
+running() {
+  for run in $RUNS; do kill -0 "${pids[$run]}" 2> /dev/null && return 0; done
+  return 1
+}
 while running; do
   sleep 10
-  for run in w32 w64; do  # a run that fails at once (bf16 on this stack?) gets one fp32 retry
+  for run in $RUNS; do  # a run that fails at once (bf16 on this stack?) gets one fp32 retry
     if [ -z "${retried[$run]:-}" ] && ! kill -0 "${pids[$run]}" 2> /dev/null; then
       wait "${pids[$run]}"
       rc=$?
@@ -100,13 +109,13 @@ while running; do
   copy_latest
   say "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>&1)"
 done
-for run in w32 w64; do
+for run in $RUNS; do
   wait "${pids[$run]}"
   say "$run exited with $?"
 done
 kill "$dmon" 2> /dev/null
 copy_latest
-for run in w32 w64; do
+for run in $RUNS; do
   csv=$(ls -t /tmp/runs/$run/lightning_logs/*/metrics.csv 2> /dev/null | head -1)
   [ -n "$csv" ] && cp "$csv" "$OUT/${run}_metrics.csv"
   echo "===== $run log (last 40 lines)"
