@@ -131,7 +131,7 @@ def _time_limit(trainer: pl.Trainer):
     from pytorch_lightning.callbacks import Timer
 
     for cb in trainer.callbacks:
-        if isinstance(cb, Timer) and getattr(cb, "_duration", None):
+        if isinstance(cb, Timer) and cb.time_remaining() is not None:
             return cb
     return None
 
@@ -233,11 +233,13 @@ class InContextSegModule(pl.LightningModule):
         """A :class:`WarmupCosine` of a run limited by ``trainer.max_time`` alone: set its total
         to the steps the rate so far reaches by the deadline (the time is the trainer's
         ``Timer``, which a resumed run restores)."""
-        scheduler, timer = getattr(self, "_time_budget", (None, None))
+        scheduler, timer = self._time_budget
         step = self.global_step
         if scheduler is None or step == 0 or step % TIME_BUDGET_EVERY:
             return
-        fraction = timer.time_elapsed("train") / timer._duration
+        elapsed = timer.time_elapsed("train")
+        duration = elapsed + timer.time_remaining("train")
+        fraction = elapsed / duration if duration > 0 else 1.0
         if fraction >= TIME_BUDGET_FROM:
             scheduler.set_total_steps(max(step + 1, round(step / min(fraction, 1.0))))
 
