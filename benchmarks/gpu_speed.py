@@ -15,28 +15,23 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from machine import cpu_name  # benchmarks/machine.py (the script's folder is on sys.path)
-from train_speed import sync, train_step_fn
+from train_speed import median_seconds, sync, train_step_fn
 
 from megaseg import create_model
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` (which synchronizes) over ``repeats`` runs after ``warmup``."""
-    for _ in range(warmup):
+    """Median seconds of ``fn`` (which synchronizes) over ``repeats`` runs after ``warmup``
+    calls (train_speed's ``median_seconds`` makes the last one)."""
+    for _ in range(warmup - 1):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds({"fn": fn}, repeats)["fn"]
 
 
 def peak_gib() -> float:
