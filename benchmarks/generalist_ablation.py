@@ -109,10 +109,12 @@ def check_weights(name: str, weights: str) -> None:
     """Tie ``EVAL_DIR/name`` to the file ``weights`` by its sha256 (``weights.json``), so a cached
     result is never reused for other weights under the same name: exits with a message naming
     the folder when it was made from another file, or before weights were recorded."""
-    import hashlib
+    from data_prep.store_writer import sha256_file
 
+    if not Path(weights).is_file():
+        sys.exit(f"generalist_ablation: {name}={weights}: no such weights file")
     folder = EVAL_DIR / name
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    digest = sha256_file(Path(weights))
     record = folder / "weights.json"
     if record.is_file():
         made_from = json.loads(record.read_text())

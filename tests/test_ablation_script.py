@@ -39,3 +39,6 @@ def test_a_cached_name_refuses_other_weights(ablation, tmp_path):
     (legacy / "summary.json").write_text("{}")
     with pytest.raises(SystemExit, match="do not record their weights"):
         ablation.check_weights("old", str(a))
+    with pytest.raises(SystemExit, match=r"new=.*missing\.safetensors: no such weights file"):
+        ablation.check_weights("new", str(tmp_path / "missing.safetensors"))
+    assert not (ablation.EVAL_DIR / "new").exists()  # nothing written for a bad argument
