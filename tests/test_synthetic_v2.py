@@ -307,3 +307,7 @@ def test_label_maps_folder_saves_and_reads_the_maps(monkeypatch, tmp_path):
     np.save(saved, np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="mni152_16.npy"):
         generators.label_maps("mni152", 16)
+    saved.write_bytes(b"not an array")
+    with pytest.raises(ValueError, match=r"mni152_16\.npy .*not a readable \.npy file"):
+        generators.label_maps("mni152", 16)
+    assert saved.read_bytes() == b"not an array"  # the user's file is left as it is

@@ -83,7 +83,13 @@ def label_maps(name: str, size: int):
     folder = os.environ.get(LABEL_MAPS_DIR)
     path = Path(folder) / f"{name}_{size}.npy" if folder else None
     if path is not None and path.is_file():
-        maps = np.load(path, allow_pickle=False)
+        try:
+            maps = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(
+                f"{path} (${LABEL_MAPS_DIR}): not a readable .npy file ({e}); delete it to "
+                "rebuild it"
+            ) from e
         if maps.dtype != np.uint8 or maps.ndim != 3 or maps.shape[1:] != (size, size):
             raise ValueError(
                 f"{path} (${LABEL_MAPS_DIR}): expected uint8 label maps of shape (M, {size}, "
