@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import numpy as np
 
 from data_prep.readers.base import Case
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
+from megaseg.paths import LockHeld, pid_lock
 
 WORK_DIR = ".build"
 WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
@@ -124,30 +124,22 @@ def check_dataset_name(name: Any) -> str:
 
 @contextlib.contextmanager
 def build_lock(out: Path):
-    """Hold an exclusive lock on corpus ``out``; the file ``out/.lock`` holds the holder's PID.
-
-    ``flock`` is released by the OS when its holder dies, so the lock of a killed build is
-    taken over without any check of the PID. Raises BuildRefused naming the lock and the PID
-    of the build that holds it.
+    """Hold an exclusive lock on corpus ``out``; the file ``out/.lock`` holds the holder's PID
+    (:func:`megaseg.paths.pid_lock`: a killed build's lock is taken over). Raises BuildRefused
+    naming the lock and the PID of the build that holds it.
     """
     path = Path(out) / LOCK
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise BuildRefused(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            held.enter_context(pid_lock(path))
+        except LockHeld as busy:
             raise BuildRefused(
                 f"{out}: another build is writing this corpus (lock {path}, held by PID "
-                f"{holder}); wait for it or stop it"
+                f"{busy.holder}); wait for it or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except ValueError as err:  # a link or a folder at the lock's path
+            raise BuildRefused(str(err)) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def _is_megaseg_manifest(path: Path) -> bool:
