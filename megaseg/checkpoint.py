@@ -208,6 +208,22 @@ def check_shapes(
     """Raise :class:`CheckpointError` unless ``shapes`` (name -> shape of every tensor in the
     file) are exactly ``model``'s state-dict names and shapes. Works on a meta model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    parts = shape_mismatches(expected, shapes)
+    if not parts:
+        return
+    raise CheckpointError(
+        f"{path}: weights do not fit the model its card describes "
+        f"({type(model).__name__}, {sum(math.prod(s) for s in expected.values()):,} "
+        f"parameters): " + " | ".join(parts)
+    )
+
+
+def shape_mismatches(
+    expected: Mapping[str, Sequence[int]], shapes: Mapping[str, Sequence[int]]
+) -> list[str]:
+    """``["missing: ...", "unexpected: ...", "shape: name: file (..), model (..)"]`` (at most
+    5 names each) between a model's and a file's tensor shapes; [] when they are the same."""
+    expected = {k: tuple(v) for k, v in expected.items()}
     got = {k: tuple(v) for k, v in shapes.items()}
     missing = sorted(expected.keys() - got.keys())
     unexpected = sorted(got.keys() - expected.keys())
@@ -216,18 +232,12 @@ def check_shapes(
         for k in expected.keys() & got.keys()
         if got[k] != expected[k]
     ]
-    if not (missing or unexpected or wrong):
-        return
     parts = []
     for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", sorted(wrong))):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             parts.append(f"{what}: {'; '.join(items[:5])}{more}")
-    raise CheckpointError(
-        f"{path}: weights do not fit the model its card describes "
-        f"({type(model).__name__}, {sum(math.prod(s) for s in expected.values()):,} "
-        f"parameters): " + " | ".join(parts)
-    )
+    return parts
 
 
 def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike, allow: bool = False) -> None:
