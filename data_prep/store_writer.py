@@ -43,7 +43,7 @@ import numpy as np
 
 from data_prep.readers.base import Case
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
-from megaseg.paths import LockHeld, pid_lock
+from megaseg.paths import LockHeld, pid_lock, sha256_file
 
 WORK_DIR = ".build"
 WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
@@ -207,14 +207,6 @@ def make_work_dir(out: Path) -> Path:
     if not (work / WORK_MARKER).is_file():
         atomic_write_json(work / WORK_MARKER, {"written_by": "megaseg prep build"})
     return work
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash(data: Any) -> str:

@@ -18,7 +18,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 TEMP_MARK = ".megaseg-tmp."
@@ -49,6 +49,35 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_all(items: Sequence[tuple[Path, Callable[[str], None], str]]) -> None:
+    """:func:`atomic_write` of several ``(path, write, suffix)`` at once: every temporary is
+    written before any is renamed, so a failed write (an exception) replaces none of the paths.
+    The renames follow each other at once, last item first; only a kill between two of them can
+    leave a mix of old and new files."""
+
+    def chain(i: int) -> None:
+        if i == len(items):
+            return
+        path, write, suffix = items[i]
+
+        def write_then_rest(tmp: str) -> None:
+            write(tmp)
+            chain(i + 1)  # the next files are written (and renamed) before this one is renamed
+
+        atomic_write(path, write_then_rest, suffix=suffix)
+
+    chain(0)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _host_tag() -> str:
