@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import threading
+import time
 
 import pytest
 import torch
@@ -29,11 +30,13 @@ def official_bytes() -> bytes:
 
 
 class _Server:
-    """Serves ``files[path] = (body, declared_length)`` on 127.0.0.1 and logs each request."""
+    """Serves ``files[path] = (body, declared_length)`` on 127.0.0.1 and logs each request;
+    ``drip`` seconds > 0: the body goes out one byte at a time, that far apart."""
 
     def __init__(self):
         self.files: dict[str, tuple[bytes, int]] = {}
         self.requests: list[str] = []
+        self.drip = 0.0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,7 +49,16 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(declared))
                 self.end_headers()
-                self.wfile.write(body)  # fewer bytes than declared: a cut connection
+                if not server.drip:
+                    self.wfile.write(body)  # fewer bytes than declared: a cut connection
+                    return
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.drip)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -160,3 +172,32 @@ def test_official_weights_exist_only_for_v1():
         create_model("universeg_v1_small", pretrained="official", accept_license=True)
     with pytest.raises(ValueError, match=r"unknown pretrained weights"):
         Segmenter.from_pretrained("universeg-v2", accept_license=True)
+
+
+def test_a_server_dripping_bytes_hits_the_overall_deadline(
+    server, official_bytes, tmp_path, monkeypatch, capsys
+):
+    """One byte every 20 ms never trips the per-read timeout (a plain download of the 4.7 MB
+    file would take a day); the overall deadline ends it, shows progress, caches nothing."""
+    server.drip = 0.02
+    url = server.serve(WEIGHTS, official_bytes)
+    monkeypatch.setattr(hub, "DOWNLOAD_DEADLINE_S", 1.0, raising=False)
+    outcome: dict[str, BaseException] = {}
+
+    def fetch():
+        try:
+            hub.official_weights(accept_license=True, url=url, timeout=5)
+        except BaseException as e:  # handed to the test thread
+            outcome["error"] = e
+
+    start = time.monotonic()
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "no overall deadline: still downloading after 20 s"
+    assert time.monotonic() - start < 15
+    error = outcome.get("error")
+    assert isinstance(error, hub.DownloadError), error
+    assert "download not finished after 1 s" in str(error) and url in str(error)
+    assert _cache_files(tmp_path) == []  # no weights, no partial file
+    assert "downloading universeg_v1_nf64_ss64_STA.pt" in capsys.readouterr().err
