@@ -279,6 +279,36 @@ def card_resolution(card: dict | None, path: str | os.PathLike) -> int | None:
     return value
 
 
+def card_preprocessing(card: dict | None, path: str | os.PathLike) -> dict[str, Any]:
+    """The card's ``preprocessing`` object with its ``modality`` (a string) and ``window``
+    (``[low, high]``, finite, low < high) checked, as far as they are given; {} when absent."""
+    pre = (card or {}).get("preprocessing")
+    if pre is None:
+        return {}
+    where = card_path(path)
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{where}: preprocessing must be an object, got {json.dumps(pre)}")
+    modality = pre.get("modality")
+    if modality is not None and not isinstance(modality, str):
+        raise CheckpointError(
+            f'{where}: preprocessing.modality must be a string (e.g. "CT"), got '
+            f"{json.dumps(modality)}"
+        )
+    window = pre.get("window")
+    if window is not None and not (
+        isinstance(window, list)
+        and len(window) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in window)
+        and all(math.isfinite(v) for v in window)
+        and window[0] < window[1]
+    ):
+        raise CheckpointError(
+            f"{where}: preprocessing.window must be [low, high], two finite numbers with low < "
+            f"high, got {json.dumps(window)}"
+        )
+    return pre
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module | None = None, *, allow_nonfinite: bool = False
 ) -> tuple[nn.Module, dict]:

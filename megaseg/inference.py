@@ -116,6 +116,9 @@ class Segmenter:
             (``K * S * C * R * R * 4`` bytes for K labels; only used when ``model.fast``).
         card: the checkpoint's card, kept for reference; its ``preprocessing`` ``modality``
             and ``window`` are the defaults of :meth:`set_support`.
+
+    Attributes: ``weights_path``, the checkpoint file the network was loaded from
+    (:meth:`from_checkpoint`; None otherwise), so that errors about its card can name it.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Segmenter:
         self.memory_budget_mb = memory_budget_mb
         self.cache_support_term = cache_support_term
         self.card = card
+        self.weights_path: Path | None = None
         pre = _card_preprocessing(card)
         self.default_modality: str | None = pre.get("modality")
         window = pre.get("window")
@@ -173,7 +177,7 @@ class Segmenter:
                 malformed card, weights that do not fit the card's model or hold NaN/inf.
             ValueError: a model for which no weights are shipped.
         """
-        from megaseg.checkpoint import load_checkpoint
+        from megaseg.checkpoint import card_preprocessing, load_checkpoint
         from megaseg.models import create_model, list_models
         from megaseg.models.registry import pretrained_path
 
@@ -194,7 +198,10 @@ class Segmenter:
             )
         if resolution is None:
             resolution = card_resolution(card, path) or DEFAULT_RESOLUTION
-        return cls(model, resolution, device, card=card, **kwargs)
+        card_preprocessing(card, path)  # a malformed modality / window: named with the card
+        seg = cls(model, resolution, device, card=card, **kwargs)
+        seg.weights_path = path
+        return seg
 
     @classmethod
     def from_pretrained(
