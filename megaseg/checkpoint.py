@@ -118,10 +118,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def load_torch_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Tensor]:
     """A state dict saved with ``torch.save``, read with ``weights_only=True`` (no code runs).
 
-    A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped.
+    A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped. ``map_location=
+    "meta"``: shapes only, no tensor data is read (see :func:`torch_shapes`).
     """
     with open(path, "rb") as f:
         head = f.read(4)
@@ -133,7 +134,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"safetensors file; starts with {head!r})"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused, the file holds pickled objects other than tensors "
@@ -195,6 +196,25 @@ def build_model(
         raise CheckpointError(
             f"{card_path(path)}: cannot build model {name!r} with kwargs {json.dumps(kwargs)}: {e}"
         ) from e
+
+
+def torch_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a ``torch.save`` state dict, read on the ``meta`` device: no
+    storage is read, so a file whose entries are deflated does not inflate here. Refuses
+    tensors backed by storages far larger than themselves (the real load allocates storages)."""
+    state = load_torch_state_dict(path, map_location="meta")
+    if not zipfile.is_zipfile(path):  # the legacy format holds its data inline, in the file
+        return state_shapes(state)
+    with zipfile.ZipFile(path) as zf:  # one "<archive>/data/<key>" entry per storage
+        held = sum(i.file_size for i in zf.infolist() if "/data/" in i.filename)
+    needed = sum(v.numel() * v.element_size() for v in state.values())
+    if held > 4 * needed + 2**20:
+        raise CheckpointError(
+            f"{path}: its tensors ({needed / 2**20:.1f} MB) are views into storages of "
+            f"{held / 2**20:.1f} MB that loading would allocate; re-save the state dict with "
+            "each tensor cloned"
+        )
+    return state_shapes(state)
 
 
 def state_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
@@ -328,12 +348,10 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     card = read_card(path)
-    state = None
     if path.suffix == ".safetensors":
         shapes = safetensors_shapes(path)
-    else:  # a torch file's tensors are as large as the file: reading them is bounded
-        state = load_torch_state_dict(path)
-        shapes = state_shapes(state)
+    else:  # read on "meta": a deflated torch file would inflate before any shape is checked
+        shapes = torch_shapes(path)
     card_resolution(card, path)
     if model is None:
         name, kwargs = model_spec(card, path)
@@ -341,8 +359,10 @@ def load_checkpoint(
         model = build_model(name, kwargs, path)
     else:
         check_shapes(model, shapes, path)
-    if state is None:
+    if path.suffix == ".safetensors":
         state = load_safetensors(path)
+    else:
+        state = load_torch_state_dict(path)
     check_finite(state, path, allow_nonfinite)
     try:
         model.load_state_dict(state, strict=True)

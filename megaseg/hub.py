@@ -36,7 +36,7 @@ from megaseg.checkpoint import (
     check_shapes,
     load_checkpoint,
     load_torch_state_dict,
-    state_shapes,
+    torch_shapes,
 )
 
 OFFICIAL_NAME = "universeg-v1-official"
@@ -96,12 +96,9 @@ def verify_official(path: str | os.PathLike, source: str | None = None) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a tensors-only v1 state dict with the
     released names and shapes and finite values. ``source`` (a URL) is named in the error."""
     where = f"{source} (downloaded)" if source else f"{path}"
-    try:
-        state = load_torch_state_dict(path)
-        check_shapes(
-            build_model(OFFICIAL_MODEL, {}, path, device="meta"), state_shapes(state), path
-        )
-        check_finite(state, path)
+    try:  # shapes first, on "meta": a deflated forgery must not inflate before it is refused
+        check_shapes(build_model(OFFICIAL_MODEL, {}, path, device="meta"), torch_shapes(path), path)
+        check_finite(load_torch_state_dict(path), path)
     except CheckpointError as e:
         raise DownloadError(f"{where}: not the UniverSeg v1 weights: {e}") from e
 
