@@ -142,3 +142,37 @@ def test_predict_volume_keeps_support_labels_of_2_31_and_above(segmenter, tmp_pa
     labels = segmenter.predict_volume(volume, out_path=tmp_path / "seg.nii.gz")
     assert labels.dtype == np.int64 and set(np.unique(labels)) == {0, *BIG}
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj), labels)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import nibabel as nib, numpy as np, torch
+from megaseg import Segmenter, create_model
+
+def killed_save(img, filename):  # the process dies halfway through writing the file
+    with open(filename, "wb") as f:
+        f.write(b"half a NIfTI")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+seg = Segmenter(create_model("universeg_v1", encoder_widths=[8, 8, 8, 8]), 32, "cpu")
+disk = np.zeros((24, 24), np.uint8)
+disk[8:16, 8:16] = 1
+seg.set_support([disk * 100.0], [disk])
+nib.save = killed_save
+seg.predict_volume(np.zeros((24, 24, 3), np.float32), out_path=sys.argv[1])
+"""
+
+
+def test_a_killed_nifti_write_leaves_a_temporary_the_next_write_removes(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "seg.nii.gz")],
+                         env=env, capture_output=True, timeout=300)  # fmt: skip
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".seg.nii.gz") and left[0].endswith(".nii.gz")
+    tiny.predict_volume(np.zeros((24, 24, 3), np.float32), out_path=tmp_path / "other.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".megaseg-outputs.json", "other.nii.gz"]

@@ -31,12 +31,14 @@ def official_bytes() -> bytes:
 
 class _Server:
     """Serves ``files[path] = (body, declared_length)`` on 127.0.0.1 and logs each request;
-    ``drip`` seconds > 0: the body goes out one byte at a time, that far apart."""
+    ``drip`` seconds > 0: the body goes out one byte at a time, that far apart; ``stall``
+    bytes: that many go out at once, then nothing for a minute."""
 
     def __init__(self):
         self.files: dict[str, tuple[bytes, int]] = {}
         self.requests: list[str] = []
         self.drip = 0.0
+        self.stall: int | None = None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,6 +51,11 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(declared))
                 self.end_headers()
+                if server.stall is not None:
+                    self.wfile.write(body[: server.stall])
+                    self.wfile.flush()
+                    time.sleep(60)
+                    return
                 if not server.drip:
                     self.wfile.write(body)  # fewer bytes than declared: a cut connection
                     return
@@ -201,3 +208,39 @@ def test_a_server_dripping_bytes_hits_the_overall_deadline(
     assert "download not finished after 1 s" in str(error) and url in str(error)
     assert _cache_files(tmp_path) == []  # no weights, no partial file
     assert "downloading universeg_v1_nf64_ss64_STA.pt" in capsys.readouterr().err
+
+
+def test_a_killed_download_leaves_a_partial_file_the_next_one_removes(
+    server, official_bytes, tmp_path
+):
+    """kill -9 during the download (another process; the server sent 2.5 MB and stalls): its
+    partial file stays beside the target; the next download into the cache removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server.stall = 5 * 2**19
+    url = server.serve(WEIGHTS, official_bytes)
+    folder = tmp_path / "cache" / "universeg"
+    env = {**os.environ, hub.ENV_CACHE: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    code = f"from megaseg import hub; hub.official_weights(accept_license=True, url={url!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = (
+                [p for p in folder.glob(".*") if p.stat().st_size > 0] if folder.is_dir() else []
+            )
+            if partial:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and partial, "the download never started"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [p.name for p in folder.iterdir()] == [partial[0].name]  # left behind by the kill
+    server.stall = None
+    path = hub.official_weights(accept_license=True, url=url)
+    assert sorted(p.name for p in folder.iterdir()) == [path.name]
