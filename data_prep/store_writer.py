@@ -43,7 +43,7 @@ import numpy as np
 
 from data_prep.readers.base import Case
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
-from megaseg.paths import LockHeld, pid_lock, sha256_file
+from megaseg.paths import pid_lock, sha256_file
 
 WORK_DIR = ".build"
 WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
@@ -129,16 +129,11 @@ def build_lock(out: Path):
     naming the lock and the PID of the build that holds it.
     """
     path = Path(out) / LOCK
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(pid_lock(path))
-        except LockHeld as busy:
-            raise BuildRefused(
-                f"{out}: another build is writing this corpus (lock {path}, held by PID "
-                f"{busy.holder}); wait for it or stop it"
-            ) from None
-        except ValueError as err:  # a link or a folder at the lock's path
-            raise BuildRefused(str(err)) from None
+    busy = lambda pid: BuildRefused(  # noqa: E731
+        f"{out}: another build is writing this corpus (lock {path}, held by PID {pid}); wait for "
+        "it or stop it"
+    )
+    with pid_lock(path, busy=busy, refused=BuildRefused):
         yield
 
 

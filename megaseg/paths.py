@@ -140,23 +140,28 @@ class LockHeld(RuntimeError):
 
 
 @contextlib.contextmanager
-def pid_lock(path: Path) -> Iterator[None]:
+def pid_lock(
+    path: Path,
+    busy: Callable[[str], Exception] | None = None,
+    refused: Callable[[str], Exception] = ValueError,
+) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created), which holds the holder's PID.
 
     The OS releases the lock when its holder dies, so a killed process's lock is taken over
-    without any check of the PID. Raises :class:`LockHeld` when a live process holds it, and
-    ValueError when ``path`` is a link or a folder (not a lock file megaseg wrote).
+    without any check of the PID. When a live process holds it, raises ``busy(pid)`` (default
+    :class:`LockHeld`); when ``path`` is a link or a folder (not a lock file megaseg wrote),
+    ``refused(message)``. Exceptions of the ``with`` body pass through unchanged.
     """
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise ValueError(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
+        raise refused(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise LockHeld(path, holder) from None
+            raise (busy(holder) if busy else LockHeld(path, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from megaseg.checkpoint import shape_mismatches
-from megaseg.paths import LockHeld, pid_lock
+from megaseg.paths import pid_lock
 from megaseg.training.checkpoint_io import IncompleteCheckpoint, check_complete
 
 LOCK_NAME = ".megaseg-fit.lock"
@@ -45,17 +45,12 @@ def run_lock(root: str | os.PathLike) -> Iterator[Path]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_NAME
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(pid_lock(path))
-        except LockHeld as busy:
-            raise RunRefused(
-                f"{root}: another megaseg fit is running in this folder (PID {busy.holder}, lock "
-                f"{path}); its checkpoints and exported weights would be mixed with this run's. "
-                "Wait for it or stop it, or give this run its own --trainer.default_root_dir"
-            ) from None
-        except ValueError as err:  # a link or a folder at the lock's path
-            raise RunRefused(str(err)) from None
+    busy = lambda pid: RunRefused(  # noqa: E731
+        f"{root}: another megaseg fit is running in this folder (PID {pid}, lock {path}); its "
+        "checkpoints and exported weights would be mixed with this run's. Wait for it or stop "
+        "it, or give this run its own --trainer.default_root_dir"
+    )
+    with pid_lock(path, busy=busy, refused=RunRefused):
         yield path
 
 
