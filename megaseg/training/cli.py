@@ -306,7 +306,7 @@ def lightning_main(argv: list[str] | None = None) -> int:
         argv = None  # the command line itself: let LightningCLI read sys.argv
     quiet_third_party_notices()
     threads = torch.get_num_threads()
-    command = (sys.argv[1:] if argv is None else list(argv) or ["fit"])[0]
+    command = next(iter(sys.argv[1:] if argv is None else argv), "fit")  # for error lines
     try:
         MegasegCLI(
             InContextSegModule,
