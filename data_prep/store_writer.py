@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import numpy as np
 
 from data_prep.readers.base import Case
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
+from megaseg.paths import pid_lock, sha256_file
 
 WORK_DIR = ".build"
 WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
@@ -124,30 +124,17 @@ def check_dataset_name(name: Any) -> str:
 
 @contextlib.contextmanager
 def build_lock(out: Path):
-    """Hold an exclusive lock on corpus ``out``; the file ``out/.lock`` holds the holder's PID.
-
-    ``flock`` is released by the OS when its holder dies, so the lock of a killed build is
-    taken over without any check of the PID. Raises BuildRefused naming the lock and the PID
-    of the build that holds it.
+    """Hold an exclusive lock on corpus ``out``; the file ``out/.lock`` holds the holder's PID
+    (:func:`megaseg.paths.pid_lock`: a killed build's lock is taken over). Raises BuildRefused
+    naming the lock and the PID of the build that holds it.
     """
     path = Path(out) / LOCK
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise BuildRefused(f"{path}: not a lock file megaseg wrote (a link or a folder); move it")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise BuildRefused(
-                f"{out}: another build is writing this corpus (lock {path}, held by PID "
-                f"{holder}); wait for it or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    busy = lambda pid: BuildRefused(  # noqa: E731
+        f"{out}: another build is writing this corpus (lock {path}, held by PID {pid}); wait for "
+        "it or stop it"
+    )
+    with pid_lock(path, busy=busy, refused=BuildRefused):
         yield
-    finally:
-        os.close(fd)
 
 
 def _is_megaseg_manifest(path: Path) -> bool:
@@ -215,14 +202,6 @@ def make_work_dir(out: Path) -> Path:
     if not (work / WORK_MARKER).is_file():
         atomic_write_json(work / WORK_MARKER, {"written_by": "megaseg prep build"})
     return work
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash(data: Any) -> str:

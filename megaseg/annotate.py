@@ -44,14 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaseg.inference import _input_path, _load_volume, _same_file, _save_image, merge_labels
+from megaseg.inference import _input_path, _load_volume, _same_file, merge_labels
+from megaseg.outputs import check_replaceable, record
+from megaseg.paths import atomic_write_all
 from megaseg.preprocess import normalize_intensity, prepare_image, restore
 
 ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
 
 _CHUNK = 16  # queries per forward call: small enough for a progress bar that moves
-_SAVED_BY = b"megaseg annotate"
+_SAVED_BY = b"megaseg annotate"  # the header's descrip: informative, not proof of ownership
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class SessionResult:
     """What :meth:`VolumeSession.segment` returns, in the volume's own ``(X, Y, Z)`` layout.
 
     Attributes:
-        labels: ``(X, Y, Z)`` integer label map (uint8 / int16): the labelled slices as given,
-            every other slice predicted.
+        labels: ``(X, Y, Z)`` integer label map, the smallest of uint8 / int16 / int32 /
+            int64 that holds its values: the labelled slices as given, every other slice
+            predicted.
         uncertainty: ``(X, Y, Z)`` float32 in [0, 1] (see the module doc); 0 on labelled slices.
         slice_scores: ``(D,)`` float32 along the axis, the mean uncertainty of each slice.
         labelled: the indices of the labelled slices, sorted.
@@ -187,10 +190,10 @@ class VolumeSession:
     def add(self, index: int, labels) -> VolumeSession:
         """Label slice ``index`` (new or corrected) with an ``(H, W)`` integer map; returns self.
 
-        0 is background, every other value a structure (several at once allowed). A slice
-        whose labels are all 0 is kept as given (it stays background) but cannot serve as a
-        support example. Raises ValueError for an index outside the volume, a map of another
-        shape, or values that are not integers.
+        0 is background, every other value a structure (several at once allowed), up to
+        2**63 - 1. A slice whose labels are all 0 is kept as given (it stays background) but
+        cannot serve as a support example. Raises ValueError for an index outside the volume,
+        a map of another shape, or values that are not integers in that range.
         """
         index = self._check_index(index, "index")
         lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
@@ -210,6 +213,10 @@ class VolumeSession:
             raise ValueError(f"{where}: expected an integer label map, got dtype {lab.dtype}")
         if lab.min() < 0:
             raise ValueError(f"{where}: label values must be >= 0 (0 = background)")
+        if lab.max() >= 2**63:  # would wrap around in the int64 the session keeps
+            raise ValueError(
+                f"{where}: label value {lab.max()} is above the largest supported, 2**63 - 1"
+            )
         self._labels[index] = lab.astype(np.int64)
         self._edits += 1
         self._versions[index] = self._edits
@@ -447,12 +454,15 @@ class VolumeSession:
 
         ``uncertainty_path`` defaults to ``<name>_uncertainty.nii.gz`` beside ``path``.
         Segments first if needed. Returns both paths. An existing file is replaced only when
-        megaseg annotate wrote it (its header says so) or with ``overwrite=True``; the input
-        volume itself never.
+        megaseg wrote it and nobody changed it since (the sha256 megaseg recorded in the
+        folder's :data:`megaseg.outputs.RECORD` matches), or with ``overwrite=True``; the
+        input volume itself never. Both files are written to temporaries before either is
+        renamed into place, so a failed write leaves the previous pair as it was.
 
         Raises:
-            ValueError: either path is not a .nii / .nii.gz name, or is the input volume.
-            FileExistsError: a file megaseg did not write is in the way.
+            ValueError: either path is not a .nii / .nii.gz name, is the input volume, or
+                both are the same file.
+            FileExistsError: a file megaseg did not write (or one changed since) is in the way.
         """
         path = Path(path)
         if uncertainty_path is None:
@@ -463,11 +473,25 @@ class VolumeSession:
             # nibabel would pick another format (or none) from another extension
             if not out.name.endswith((".nii", ".nii.gz")):
                 raise ValueError(f"{out}: label maps are written as .nii or .nii.gz")
+        if _same_file(path, uncertainty_path):
+            raise ValueError(
+                f"{uncertainty_path}: is also the labels' path {path}; the uncertainty would "
+                "replace the labels: give it another path"
+            )
         for out in (path, uncertainty_path):
             self._check_target(out, overwrite)
         result = self.segment()
-        for data, out in ((result.labels, path), (result.uncertainty, uncertainty_path)):
-            _save_image(self._nifti(data), out)
+        import nibabel as nib
+
+        images = {
+            path: self._nifti(result.labels),
+            uncertainty_path: self._nifti(result.uncertainty),
+        }
+        atomic_write_all(
+            [(out, lambda tmp, img=img: nib.save(img, tmp), _nifti_suffix(out))
+             for out, img in images.items()]
+        )  # fmt: skip
+        record([path, uncertainty_path], by="megaseg annotate")
         return path, uncertainty_path
 
     def _check_target(self, out: Path, overwrite: bool) -> None:
@@ -475,19 +499,7 @@ class VolumeSession:
             return
         if self._source is not None and _same_file(self._source, out):
             raise ValueError(f"{out}: is the input volume; choose another output path")
-        if overwrite:
-            return
-        try:
-            import nibabel as nib
-
-            ours = bytes(nib.load(os.fspath(out)).header["descrip"]).startswith(_SAVED_BY)
-        except Exception:  # unreadable or not NIfTI: certainly not ours
-            ours = False
-        if not ours:
-            raise FileExistsError(
-                f"{out}: exists and was not written by megaseg annotate; remove it, choose "
-                "another path, or pass overwrite=True"
-            )
+        check_replaceable(out, overwrite, hint="pass overwrite=True")
 
     def _nifti(self, data: np.ndarray):
         import nibabel as nib
@@ -499,7 +511,7 @@ class VolumeSession:
             affine = np.eye(4) if self._affine is None else self._affine
             if src is not None:
                 affine = np.asarray(src.affine)
-            img = nib.Nifti1Image(data, affine)
+            img = nib.Nifti1Image(data, affine, dtype=data.dtype)  # int64 needs it said
             img.set_sform(affine, code=1)
             img.set_qform(affine, code=1)
         img.set_data_dtype(data.dtype)
@@ -512,8 +524,17 @@ class VolumeSession:
 
 
 def _label_dtype(values: Sequence[int]) -> np.dtype:
+    """The smallest of uint8 / int16 / int32 / int64 holding ``values`` (all >= 0, < 2**63)."""
     top = max(values, default=0)
-    return np.dtype(np.uint8 if top <= 255 else np.int16 if top < 2**15 else np.int32)
+    for dtype, limit in ((np.uint8, 2**8), (np.int16, 2**15), (np.int32, 2**31)):
+        if top < limit:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _nifti_suffix(path: Path) -> str:
+    """The temporary's suffix: nibabel picks the format (and compression) from the name."""
+    return ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:

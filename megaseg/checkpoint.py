@@ -118,10 +118,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def load_torch_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Tensor]:
     """A state dict saved with ``torch.save``, read with ``weights_only=True`` (no code runs).
 
-    A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped.
+    A Lightning-style ``{"state_dict": {...}, ...}`` wrapper is unwrapped. ``map_location=
+    "meta"``: shapes only, no tensor data is read (see :func:`torch_shapes`).
     """
     with open(path, "rb") as f:
         head = f.read(4)
@@ -133,7 +134,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"safetensors file; starts with {head!r})"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused, the file holds pickled objects other than tensors "
@@ -197,6 +198,25 @@ def build_model(
         ) from e
 
 
+def torch_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a ``torch.save`` state dict, read on the ``meta`` device: no
+    storage is read, so a file whose entries are deflated does not inflate here. Refuses
+    tensors backed by storages far larger than themselves (the real load allocates storages)."""
+    state = load_torch_state_dict(path, map_location="meta")
+    if not zipfile.is_zipfile(path):  # the legacy format holds its data inline, in the file
+        return state_shapes(state)
+    with zipfile.ZipFile(path) as zf:  # one "<archive>/data/<key>" entry per storage
+        held = sum(i.file_size for i in zf.infolist() if "/data/" in i.filename)
+    needed = sum(v.numel() * v.element_size() for v in state.values())
+    if held > 4 * needed + 2**20:
+        raise CheckpointError(
+            f"{path}: its tensors ({needed / 2**20:.1f} MB) are views into storages of "
+            f"{held / 2**20:.1f} MB that loading would allocate; re-save the state dict with "
+            "each tensor cloned"
+        )
+    return state_shapes(state)
+
+
 def state_shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a state dict (what :func:`check_shapes` compares)."""
     return {k: tuple(v.shape) for k, v in state.items()}
@@ -208,6 +228,22 @@ def check_shapes(
     """Raise :class:`CheckpointError` unless ``shapes`` (name -> shape of every tensor in the
     file) are exactly ``model``'s state-dict names and shapes. Works on a meta model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    parts = shape_mismatches(expected, shapes)
+    if not parts:
+        return
+    raise CheckpointError(
+        f"{path}: weights do not fit the model its card describes "
+        f"({type(model).__name__}, {sum(math.prod(s) for s in expected.values()):,} "
+        f"parameters): " + " | ".join(parts)
+    )
+
+
+def shape_mismatches(
+    expected: Mapping[str, Sequence[int]], shapes: Mapping[str, Sequence[int]]
+) -> list[str]:
+    """``["missing: ...", "unexpected: ...", "shape: name: file (..), model (..)"]`` (at most
+    5 names each) between a model's and a file's tensor shapes; [] when they are the same."""
+    expected = {k: tuple(v) for k, v in expected.items()}
     got = {k: tuple(v) for k, v in shapes.items()}
     missing = sorted(expected.keys() - got.keys())
     unexpected = sorted(got.keys() - expected.keys())
@@ -216,18 +252,12 @@ def check_shapes(
         for k in expected.keys() & got.keys()
         if got[k] != expected[k]
     ]
-    if not (missing or unexpected or wrong):
-        return
     parts = []
     for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", sorted(wrong))):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             parts.append(f"{what}: {'; '.join(items[:5])}{more}")
-    raise CheckpointError(
-        f"{path}: weights do not fit the model its card describes "
-        f"({type(model).__name__}, {sum(math.prod(s) for s in expected.values()):,} "
-        f"parameters): " + " | ".join(parts)
-    )
+    return parts
 
 
 def check_finite(state: Mapping[str, Tensor], path: str | os.PathLike, allow: bool = False) -> None:
@@ -269,6 +299,36 @@ def card_resolution(card: dict | None, path: str | os.PathLike) -> int | None:
     return value
 
 
+def card_preprocessing(card: dict | None, path: str | os.PathLike) -> dict[str, Any]:
+    """The card's ``preprocessing`` object with its ``modality`` (a string) and ``window``
+    (``[low, high]``, finite, low < high) checked, as far as they are given; {} when absent."""
+    pre = (card or {}).get("preprocessing")
+    if pre is None:
+        return {}
+    where = card_path(path)
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{where}: preprocessing must be an object, got {json.dumps(pre)}")
+    modality = pre.get("modality")
+    if modality is not None and not isinstance(modality, str):
+        raise CheckpointError(
+            f'{where}: preprocessing.modality must be a string (e.g. "CT"), got '
+            f"{json.dumps(modality)}"
+        )
+    window = pre.get("window")
+    if window is not None and not (
+        isinstance(window, list)
+        and len(window) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in window)
+        and all(math.isfinite(v) for v in window)
+        and window[0] < window[1]
+    ):
+        raise CheckpointError(
+            f"{where}: preprocessing.window must be [low, high], two finite numbers with low < "
+            f"high, got {json.dumps(window)}"
+        )
+    return pre
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module | None = None, *, allow_nonfinite: bool = False
 ) -> tuple[nn.Module, dict]:
@@ -288,12 +348,10 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     card = read_card(path)
-    state = None
     if path.suffix == ".safetensors":
         shapes = safetensors_shapes(path)
-    else:  # a torch file's tensors are as large as the file: reading them is bounded
-        state = load_torch_state_dict(path)
-        shapes = state_shapes(state)
+    else:  # read on "meta": a deflated torch file would inflate before any shape is checked
+        shapes = torch_shapes(path)
     card_resolution(card, path)
     if model is None:
         name, kwargs = model_spec(card, path)
@@ -301,8 +359,10 @@ def load_checkpoint(
         model = build_model(name, kwargs, path)
     else:
         check_shapes(model, shapes, path)
-    if state is None:
+    if path.suffix == ".safetensors":
         state = load_safetensors(path)
+    else:
+        state = load_torch_state_dict(path)
     check_finite(state, path, allow_nonfinite)
     try:
         model.load_state_dict(state, strict=True)

@@ -17,8 +17,9 @@
 Writes predictions.csv, tasks.csv, summary.csv / .md / .json, draws.json and PNG plots to
 ``--out`` (default ``megaseg_work/eval``, see :func:`megaseg.paths.work_dir`) and prints the
 summary. Exit codes: 0 done, 2 bad arguments or refused (e.g. a dataset the checkpoint was
-trained on, without ``--allow-overlap``; a malformed protocol or draws file), with a one-line
-message on stderr and no traceback.
+trained on, without ``--allow-overlap``; a malformed protocol or draws file; a file in
+``--out`` megaseg did not write, or the replayed draws file), with a one-line message on
+stderr and no traceback.
 
 Nothing heavy is imported at module level or while parsing: ``--help`` answers without
 loading torch, MONAI or Lightning.
@@ -115,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
                    help="training steps of the supervised U-Net baseline per support set")  # fmt: skip
     p.add_argument("--label", default="megaseg", help="name of the checkpoint's rows")
     p.add_argument("--out", type=Path, default=work_dir("eval"), help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that an earlier evaluation did not write or that "
+                        "were changed since (refused by default; the --draws file being replayed "
+                        "is never replaced)")  # fmt: skip
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate even on datasets the checkpoint was trained on (flagged everywhere)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=None,
@@ -225,9 +230,18 @@ def main(argv: list[str] | None = None) -> int:
             resamples=args.bootstrap,
             model_label=args.label,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     # ValueError covers CheckpointError, ProtocolError and malformed protocol/draws files.
-    except (OverlapError, ValueError, FileNotFoundError, KeyError, CorpusError) as err:
+    # FileExistsError: --out holds a file megaseg did not write (megaseg.outputs).
+    except (
+        OverlapError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+        CorpusError,
+    ) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
     print(result.report)

@@ -10,7 +10,10 @@ caller opts in with ``accept_license=True``. The file is downloaded once with ur
 temporary file beside its target, is read with the safe loader (``torch.load(weights_only=
 True)``), checked for the v1 state-dict names and shapes and for finite values, and only then
 moved into place, so a truncated or garbage download never stays in the cache. Offline
-machines pass the file they have: ``path=`` or ``$MEGASEG_UNIVERSEG_WEIGHTS``.
+machines pass the file they have: ``path=`` or ``$MEGASEG_UNIVERSEG_WEIGHTS``. The download
+shows its progress (bytes, rate) on stderr and gives up after an overall deadline
+(:data:`DOWNLOAD_DEADLINE_S`): a per-read timeout alone never trips on a server that sends a
+byte now and then.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,7 +36,7 @@ from megaseg.checkpoint import (
     check_shapes,
     load_checkpoint,
     load_torch_state_dict,
-    state_shapes,
+    torch_shapes,
 )
 
 OFFICIAL_NAME = "universeg-v1-official"
@@ -51,6 +55,9 @@ ENV_CACHE = "MEGASEG_CACHE"
 ENV_WEIGHTS = "MEGASEG_UNIVERSEG_WEIGHTS"
 # The released file is ~4.7 MB; a response far larger than that is not it.
 MAX_DOWNLOAD_BYTES = 64 * 2**20
+# The whole download must end within this many seconds (4.7 MB: 10 min is ~8 KB/s); each read
+# also has its own timeout, so a stalled one ends within both.
+DOWNLOAD_DEADLINE_S = 600.0
 
 log = logging.getLogger(__name__)
 _license_shown = False
@@ -89,12 +96,9 @@ def verify_official(path: str | os.PathLike, source: str | None = None) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a tensors-only v1 state dict with the
     released names and shapes and finite values. ``source`` (a URL) is named in the error."""
     where = f"{source} (downloaded)" if source else f"{path}"
-    try:
-        state = load_torch_state_dict(path)
-        check_shapes(
-            build_model(OFFICIAL_MODEL, {}, path, device="meta"), state_shapes(state), path
-        )
-        check_finite(state, path)
+    try:  # shapes first, on "meta": a deflated forgery must not inflate before it is refused
+        check_shapes(build_model(OFFICIAL_MODEL, {}, path, device="meta"), torch_shapes(path), path)
+        check_finite(load_torch_state_dict(path), path)
     except CheckpointError as e:
         raise DownloadError(f"{where}: not the UniverSeg v1 weights: {e}") from e
 
@@ -106,6 +110,7 @@ def official_weights(
     url: str | None = None,
     cache: str | os.PathLike | None = None,
     timeout: float = 60.0,
+    deadline: float | None = None,
 ) -> Path:
     """The local file of the official v1 weights: ``path`` / ``$MEGASEG_UNIVERSEG_WEIGHTS``
     if given, else the cached download (fetched from ``url`` on first use).
@@ -126,27 +131,48 @@ def official_weights(
     target = Path(cache).expanduser() if cache else cache_dir()
     target = target / "universeg" / Path(urllib.request.urlparse(url).path).name
     if not target.is_file():
-        download(url, target, timeout)
+        download(url, target, timeout, deadline)
     return target
 
 
-def download(url: str, target: Path, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``target`` atomically, verified by :func:`verify_official` first."""
+def download(url: str, target: Path, timeout: float = 60.0, deadline: float | None = None) -> Path:
+    """Fetch ``url`` to ``target`` atomically, verified by :func:`verify_official` first.
+
+    ``timeout``: seconds one read may wait; ``deadline``: seconds the whole download may take
+    (default :data:`DOWNLOAD_DEADLINE_S`), checked after every read.
+    """
+    from tqdm.auto import tqdm
+
+    deadline = DOWNLOAD_DEADLINE_S if deadline is None else float(deadline)
     log.warning("downloading %s to %s", url, target)
+    start = time.monotonic()
 
     def fetch(tmp: str) -> None:
         with open(tmp, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "megaseg"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with (
+                urllib.request.urlopen(request, timeout=min(timeout, deadline)) as response,
+                tqdm(desc=f"downloading {target.name}", unit="B", unit_scale=True,
+                     total=_length(response), leave=False) as bar,
+            ):  # fmt: skip
                 expected = response.headers.get("Content-Length")
                 total = 0
-                while chunk := response.read(2**20):
+                # read1: what has arrived (a plain read waits for the whole MB, however slow)
+                while chunk := response.read1(2**20):
                     total += len(chunk)
                     if total > MAX_DOWNLOAD_BYTES:
                         raise DownloadError(
                             f"{url}: more than {MAX_DOWNLOAD_BYTES // 2**20} MB, not the v1 weights"
                         )
                     out.write(chunk)
+                    bar.update(len(chunk))
+                    if time.monotonic() - start > deadline:
+                        raise DownloadError(
+                            f"{url}: download not finished after {deadline:g} s ({total} of "
+                            f"{expected or 'unknown'} bytes); the server is too slow. Try again "
+                            f"later, or fetch the file yourself and pass it with path= or "
+                            f"${ENV_WEIGHTS}"
+                        )
             if expected is not None and total != int(expected):
                 raise DownloadError(
                     f"{url}: download truncated ({total} of {expected} bytes); try again"
@@ -163,6 +189,11 @@ def download(url: str, target: Path, timeout: float = 60.0) -> Path:
     return target
 
 
+def _length(response) -> int | None:
+    value = response.headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def load_official(
     name: str = OFFICIAL_MODEL,
     *,
@@ -171,6 +202,7 @@ def load_official(
     url: str | None = None,
     cache: str | os.PathLike | None = None,
     timeout: float = 60.0,
+    deadline: float | None = None,
     **kwargs,
 ) -> nn.Module:
     """``universeg_v1`` (``kwargs`` to its builder, e.g. ``fast=False``) with the official
@@ -181,7 +213,12 @@ def load_official(
             f"not {name!r}"
         )
     weights = official_weights(
-        accept_license=accept_license, path=path, url=url, cache=cache, timeout=timeout
+        accept_license=accept_license,
+        path=path,
+        url=url,
+        cache=cache,
+        timeout=timeout,
+        deadline=deadline,
     )
     model, _ = load_checkpoint(weights, build_model(name, kwargs, weights))
     return model

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from megaseg.checkpoint import MAX_RESOLUTION, atomic_write, card_resolution
+from megaseg.outputs import check_replaceable, record
 from megaseg.preprocess import (
     normalize_intensity,
     prepare_image,
@@ -56,6 +57,9 @@ DEFAULT_RESOLUTION = 128
 ACTIVATION_UNITS = 6
 CPU_MEMORY_BUDGET_MB = 2048  # default budget on the CPU
 CUDA_MEMORY_FRACTION = 0.5  # default budget on a GPU: this share of its free memory
+# One task per label value: more values than this in a support set is almost surely an image
+# passed as a label map (each value would become a task); data_prep's --max-labels default.
+MAX_LABELS = 100
 
 # The views of flip test-time augmentation, as ``torch.flip`` dims of a ``(..., H, W)``
 # tensor: identity, horizontal (W), vertical (H), both. Each is its own inverse.
@@ -112,6 +116,9 @@ class Segmenter:
             (``K * S * C * R * R * 4`` bytes for K labels; only used when ``model.fast``).
         card: the checkpoint's card, kept for reference; its ``preprocessing`` ``modality``
             and ``window`` are the defaults of :meth:`set_support`.
+
+    Attributes: ``weights_path``, the checkpoint file the network was loaded from
+    (:meth:`from_checkpoint`; None otherwise), so that errors about its card can name it.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class Segmenter:
         self.memory_budget_mb = memory_budget_mb
         self.cache_support_term = cache_support_term
         self.card = card
+        self.weights_path: Path | None = None
         pre = _card_preprocessing(card)
         self.default_modality: str | None = pre.get("modality")
         window = pre.get("window")
@@ -169,7 +177,7 @@ class Segmenter:
                 malformed card, weights that do not fit the card's model or hold NaN/inf.
             ValueError: a model for which no weights are shipped.
         """
-        from megaseg.checkpoint import load_checkpoint
+        from megaseg.checkpoint import card_preprocessing, load_checkpoint
         from megaseg.models import create_model, list_models
         from megaseg.models.registry import pretrained_path
 
@@ -190,7 +198,10 @@ class Segmenter:
             )
         if resolution is None:
             resolution = card_resolution(card, path) or DEFAULT_RESOLUTION
-        return cls(model, resolution, device, card=card, **kwargs)
+        card_preprocessing(card, path)  # a malformed modality / window: named with the card
+        seg = cls(model, resolution, device, card=card, **kwargs)
+        seg.weights_path = path
+        return seg
 
     @classmethod
     def from_pretrained(
@@ -234,6 +245,8 @@ class Segmenter:
         labels,
         modality: str | None = None,
         window: tuple[float, float] | None = None,
+        *,
+        max_labels: int = MAX_LABELS,
     ) -> Segmenter:
         """Preprocess and cache the support set; returns ``self``.
 
@@ -245,6 +258,8 @@ class Segmenter:
             modality, window: intensity windowing (see
                 :func:`~megaseg.preprocess.normalize_intensity`), applied to each support
                 image and later to every query. Default: the card's, else min-max.
+            max_labels: the most distinct nonzero label values (tasks) the integer maps may
+                hold together (:data:`MAX_LABELS`); more is refused as a likely mistake.
 
         Raises:
             ValueError: naming the argument (and the example's index) that is wrong.
@@ -278,6 +293,12 @@ class Segmenter:
                     "example needs its structure labelled"
                 )
         values, soft = _label_values(labs)
+        if len(values) > max_labels:
+            raise ValueError(
+                f"support_labels: {len(values)} distinct label values, each of which would be "
+                f"its own task; more than max_labels={max_labels}. Is an image passed as a label "
+                "map? Pass max_labels=N to segment that many structures"
+            )
         R = self.resolution
         image_t = torch.stack([prepare_image(x, R, modality, window)[0] for x in imgs])
         if soft:  # one task, the masks as given
@@ -432,6 +453,7 @@ class Segmenter:
         flips: bool = False,
         return_probs: bool = False,
         overwrite_input: bool = False,
+        overwrite: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment a 3D volume slice by slice along ``axis``.
 
@@ -444,17 +466,24 @@ class Segmenter:
                 values), with the input's affine and header (identity affine for arrays).
                 Written atomically (a temporary file beside it, then renamed). The input file
                 itself (also through a symlink or hard link) is refused unless
-                ``overwrite_input=True``: a label map written over the scan destroys it.
+                ``overwrite_input=True``: a label map written over the scan destroys it. Any
+                other existing file is replaced only when megaseg wrote it and it is unchanged
+                since (:mod:`megaseg.outputs`), or with ``overwrite=True``.
             ensemble, support_size, seed, flips: as in :meth:`predict`; every slice sees the
                 same support subsets (and, with ``flips``, each slice is flipped in-plane).
             return_probs: also return the ``(K, X, Y, Z)`` float32 per-label probabilities.
 
         Returns:
             The merged label map, the volume's shape, with the support's label values.
+
+        Raises:
+            FileExistsError: ``out_path`` is a file megaseg did not write (see ``overwrite``).
         """
         sup = self._require_support()
         if out_path is not None and not overwrite_input:
             _refuse_input_as_output(volume, out_path)
+        if out_path is not None and not _is_input(volume, out_path):
+            check_replaceable(out_path, overwrite, hint="pass overwrite=True")
         data, image = _load_volume(volume)
         if axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"axis: must be 0, 1 or 2 for a 3D volume, got {axis}")
@@ -483,6 +512,7 @@ class Segmenter:
         label_map = np.ascontiguousarray(np.moveaxis(label_map, 0, axis))
         if out_path is not None:
             _save_nifti(label_map, image, out_path)
+            record([out_path], by="megaseg predict_volume")
         if probs is not None:
             return label_map, np.moveaxis(probs, 1, axis % 3 + 1)
         return label_map
@@ -614,7 +644,9 @@ def _label_dtype(values: Sequence[int]) -> np.dtype:
         return np.dtype(np.uint8)
     if v.size and v.min() >= -(2**15) and v.max() < 2**15:
         return np.dtype(np.int16)
-    return np.dtype(np.int32)
+    if v.size and v.min() >= -(2**31) and v.max() < 2**31:
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
 
 
 def _card_preprocessing(card: dict | None) -> dict:
@@ -649,6 +681,11 @@ def _numeric(x, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype != bool and not np.issubdtype(x.dtype, np.number):
         raise ValueError(f"{name}: expected numbers, got an array of dtype {x.dtype}")
+    if x.dtype.kind == "c":  # numpy would drop the imaginary part with only a warning
+        raise ValueError(
+            f"{name}: complex values (dtype {x.dtype}); pass real intensities, e.g. the "
+            "magnitude np.abs(x)"
+        )
     return x
 
 
@@ -680,6 +717,8 @@ def _image_2d(x, name: str) -> np.ndarray:
         x = to_grayscale(x)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e
+    if x.size == 0:
+        raise ValueError(f"{name}: empty image of shape {x.shape}")
     return _finite(x, name)
 
 
@@ -690,6 +729,8 @@ def _label_2d(x, name: str) -> np.ndarray:
         x = x.reshape(x.shape[1:] if x.shape[0] == 1 else x.shape[:-1])
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2D label map (H,W), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name}: empty label map of shape {x.shape}")
     return _finite(x, name)
 
 
@@ -737,6 +778,11 @@ def _label_values(labels: list[np.ndarray]) -> tuple[tuple[int, ...], bool]:
     soft masks in [0, 1] (any non-integer value) give one task, ``((1,), True)``."""
     if all(x.dtype.kind in "biu" or np.array_equal(x, np.round(x)) for x in labels):
         values = np.unique(np.concatenate([np.unique(x) for x in labels]))
+        if values.size and not -(2**63) <= values.min() <= values.max() < 2**63:
+            raise ValueError(
+                f"support_labels: label values [{values.min()}, {values.max()}] outside the "
+                "supported range [-2**63, 2**63 - 1]"
+            )
         return tuple(v.item() for v in values[values != 0].astype(np.int64)), False
     for i, x in enumerate(labels):
         if x.min() < 0 or x.max() > 1:
@@ -771,6 +817,11 @@ def _load_volume(volume) -> tuple[np.ndarray, Any]:
     elif hasattr(volume, "affine") and hasattr(volume, "get_fdata"):
         image = volume
     if image is not None:
+        if np.dtype(image.get_data_dtype()).kind == "c":
+            raise ValueError(
+                f"{name}: complex values (dtype {image.get_data_dtype()}); megaseg segments real "
+                "intensities: save the magnitude image"
+            )
         data = np.asarray(image.get_fdata(dtype=np.float32))
         if data.ndim == 4 and data.shape[-1] == 1:
             data = data[..., 0]
@@ -792,8 +843,10 @@ def _save_nifti(label_map: np.ndarray, image, out_path: str | os.PathLike) -> No
 
     if isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         out = type(image)(label_map, image.affine, header=image.header.copy())
-    else:
-        out = nib.Nifti1Image(label_map, None if image is None else image.affine)
+    else:  # dtype said explicitly: nibabel refuses int64 data (labels >= 2**31) without it
+        out = nib.Nifti1Image(
+            label_map, None if image is None else image.affine, dtype=label_map.dtype
+        )
         if image is None:
             out.set_sform(np.eye(4), code=1)
             out.set_qform(np.eye(4), code=1)
@@ -826,6 +879,11 @@ def _same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
     return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _is_input(volume, out_path: str | os.PathLike) -> bool:
+    src = _input_path(volume)
+    return src is not None and _same_file(src, Path(out_path))
 
 
 def _refuse_input_as_output(volume, out_path: str | os.PathLike) -> None:

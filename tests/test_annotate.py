@@ -183,6 +183,7 @@ def test_save_keeps_affine(segmenter, mni, tmp_path):
     np.testing.assert_allclose(saved_unc.get_fdata(), result.uncertainty, atol=1e-6)
     assert saved.get_data_dtype() == np.uint8
     assert sorted(p.name for p in out.parent.iterdir()) == [
+        ".megaseg-outputs.json",  # the record of what megaseg wrote (megaseg.outputs)
         "labels.nii.gz",
         "labels_uncertainty.nii.gz",
     ]

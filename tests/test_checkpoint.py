@@ -233,3 +233,41 @@ def test_nonfinite_raw_state_dict_is_refused_too(model, tmp_path):
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match=r"nan\.pt: 44 tensor\(s\) hold NaN"):
         load_checkpoint(tmp_path / "nan.pt", model=create_model("universeg_v1", **TINY))
+
+
+INFLATE_SCRIPT = """
+import resource, sys
+from megaseg.checkpoint import CheckpointError, load_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_checkpoint(sys.argv[1])
+except CheckpointError as e:
+    print("REFUSED", e)
+print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+FORGE_SCRIPT = """
+import io, sys, zipfile, torch
+# v1's first weight name, with a shape v1 does not have: 256 MB of zeros, ~250 KB deflated
+buf = io.BytesIO()
+torch.save({"enc_blocks.0.cross.cross_conv.weight": torch.zeros(64 * 2**20)}, buf)
+with zipfile.ZipFile(buf) as src, zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as dst:
+    for info in src.infolist():
+        dst.writestr(info.filename, src.read(info.filename))
+"""
+
+
+def test_a_deflated_torch_file_is_refused_before_it_inflates(tmp_path):
+    """The file is ~250 KB; loading its tensor would allocate 256 MB. Its shapes are read on
+    the meta device and refused first, so the load's peak memory stays far below that."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "forged.pt"
+    subprocess.run([sys.executable, "-c", FORGE_SCRIPT, str(path)], check=True, timeout=120)
+    assert path.stat().st_size < 2**20
+    run = subprocess.run([sys.executable, "-c", INFLATE_SCRIPT, str(path)], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert "REFUSED" in run.stdout and "weights do not fit the model" in run.stdout, run.stderr
+    growth_mb = int(run.stdout.split("GROWTH_KB")[1]) / 1024
+    assert growth_mb < 64, f"the load grew the peak memory by {growth_mb:.0f} MB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 
@@ -668,7 +669,8 @@ def test_cli_replays_from_another_folder(first_run, corpus, tmp_path, capsys, mo
     assert [r["dice"] for r in read_csv(elsewhere / "b" / "predictions.csv")] == dice
     written = sorted(p.name for p in (elsewhere / "b").iterdir())
     assert "draws.json" in written and "summary.json" in written
-    assert not [n for n in written if n.startswith(".")]  # atomic writes leave no temporaries
+    # atomic writes leave no temporaries; the record of what megaseg wrote (megaseg.outputs) stays
+    assert not [n for n in written if n.startswith(".") and n != ".megaseg-outputs.json"]
     # a draws file of an older version, with the root relative to the draws file's folder
     old = json.loads((first / "draws.json").read_text())
     old["sources"][0]["root"] = corpus.name
@@ -692,6 +694,73 @@ def test_cli_reports_capped_n_as_one_clean_line(first_run, corpus, tmp_path, cap
     assert len(capped) == 1 and "\n" not in capped[0]
     assert re.fullmatch(r"Skin2D: N=500 capped to the support pool \(\d+ examples\) in 1 of 1 "
                         r"task\(s\)", capped[0]), capped  # fmt: skip
+
+
+def test_cli_never_replaces_an_output_it_did_not_write(first_run, tmp_path, capsys):
+    base, first = first_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("my own table\n")
+    replay = [*base, "--draws", str(first / "draws.json"), "--out", str(out)]
+    code, err = _run_cli(replay, capsys)
+    assert code == 2 and f"{out / 'summary.csv'}: exists and was not written by megaseg" in err
+    assert "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # refused before running
+    assert (out / "summary.csv").read_text() == "my own table\n"
+    assert _run_cli([*replay, "--overwrite"], capsys)[0] == 0  # said explicitly
+    assert (out / "summary.csv").read_text() != "my own table\n"
+    assert _run_cli(replay, capsys)[0] == 0  # now its own outputs: replaced without a word
+    (out / "draws.json").write_text((out / "draws.json").read_text() + " ")  # a user's edit
+    code, err = _run_cli(replay, capsys)
+    assert code == 2 and f"{out / 'draws.json'}: exists and was not written by megaseg" in err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_never_replaces_the_draws_file_it_replays(first_run, tmp_path, capsys, overwrite):
+    base, first = first_run
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    draws = folder / "draws.json"
+    draws.write_bytes((first / "draws.json").read_bytes())
+    before = draws.read_bytes()
+    code, err = _run_cli([*base, "--draws", str(draws), "--out", str(folder), *overwrite], capsys)
+    assert code == 2 and f"{draws}: is the draws file this evaluation replays" in err
+    assert draws.read_bytes() == before and sorted(os.listdir(folder)) == ["draws.json"]
+
+
+def test_cli_out_naming_a_file_is_one_line(first_run, tmp_path, capsys):
+    base, first = first_run
+    out = tmp_path / "results.txt"
+    out.write_text("not a folder")
+    code, err = _run_cli([*base, "--draws", str(first / "draws.json"), "--out", str(out)], capsys)
+    assert code == 2 and f"{out}: exists and is not a folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("training", "corpus A", r"training must be an object, got 'corpus A'"),
+        ("training", {"data": {"corpora": [7]}}, r"training.data.corpora\[0\] must be an object"),
+        ("training", {"data": {"synthetic": {"seed_range": "0-9"}}},
+         r"training.data.synthetic.seed_range must be \[low, high\]"),
+        ("preprocessing", {"window": "wide"}, r"preprocessing.window must be \[low, high\]"),
+        ("preprocessing", {"window": [400, -100]}, r"preprocessing.window must be \[low, high\]"),
+        ("preprocessing", {"modality": 3}, r"preprocessing.modality must be a string"),
+    ],
+)  # fmt: skip
+def test_cli_a_malformed_card_is_one_line_naming_it(
+    first_run, tmp_path, capsys, field, value, reason
+):
+    base, first = first_run
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", create_model("universeg_v1", **TINY),
+                           {"model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
+                            field: value})  # fmt: skip
+    args = [*base[2:], "--checkpoint", str(ckpt), "--draws", str(first / "draws.json"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    code, err = _run_cli(args, capsys)
+    assert code == 2 and re.search(rf"{re.escape(str(ckpt.with_suffix('.json')))}: {reason}", err)
+    assert len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------ CLI help

@@ -10,6 +10,7 @@ from torch import nn
 
 from megaseg import Segmenter, create_model, save_checkpoint, segment
 from megaseg.inference import Prediction, flip_tta, merge_labels
+from megaseg.outputs import RECORD
 from megaseg.preprocess import prepare_image, to_grayscale
 
 RES = 32
@@ -488,7 +489,8 @@ def test_overwrite_input_replaces_it_atomically(seg, support, scan):
     image = nib.load(scan)  # its data is read lazily from the file being replaced
     labels = seg.predict_volume(image, out_path=scan, overwrite_input=True)
     np.testing.assert_array_equal(np.asarray(nib.load(scan).dataobj), labels)
-    assert [p.name for p in scan.parent.iterdir()] == ["scan.nii.gz"]
+    # no temporary left; the record of what megaseg wrote (megaseg.outputs) is expected
+    assert [p.name for p in scan.parent.iterdir() if p.name != RECORD] == ["scan.nii.gz"]
 
 
 def test_failed_write_leaves_the_previous_output_untouched(seg, support, scan, monkeypatch):
@@ -502,8 +504,8 @@ def test_failed_write_leaves_the_previous_output_untouched(seg, support, scan, m
         raise OSError("disk full")
 
     monkeypatch.setattr(nib, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        seg.predict_volume(scan, out_path=out)
+    with pytest.raises(OSError, match="disk full"):  # a file megaseg did not write: overwrite=True
+        seg.predict_volume(scan, out_path=out, overwrite=True)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in scan.parent.iterdir()) == ["scan.nii.gz", "seg.nii.gz"]
 

@@ -118,3 +118,25 @@ def test_plugin_manifest_registers_the_widget(make_napari_viewer):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("megaseg", "Annotate volume (megaseg)")
     assert isinstance(widget, AnnotateWidget)
+
+
+def test_another_scan_in_the_same_layer_gets_a_new_session(make_napari_viewer, qtbot, mni):
+    """The image layer's data replaced by another scan of the same shape: the next Segment
+    segments that scan (as a fresh session would), not the cached session of the first one."""
+    from megaseg.annotate import VolumeSession
+
+    t1, _ = mni
+    viewer = _viewer_with_paint(make_napari_viewer, mni, [10, 20])
+    widget = AnnotateWidget(viewer)
+    _segment(qtbot, widget)
+    first = widget.session
+    other = np.ascontiguousarray(np.flip(t1, axis=1))  # same shape, another image
+    viewer.layers["t1"].data = other
+    assert widget.run() is not None
+    # not _segment's waitSignal: a cached result can finish before the wait starts
+    qtbot.waitUntil(lambda: widget._run.enabled, timeout=TIMEOUT_MS)
+    assert "Error" not in widget._status.value, widget._status.value
+    assert widget.session is not first
+    fresh = VolumeSession(first.segmenter, other, axis=0, progress=False)
+    fresh.add_volume(viewer.layers["paint"].data)
+    np.testing.assert_array_equal(widget.result.labels, fresh.segment().labels)

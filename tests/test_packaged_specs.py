@@ -135,6 +135,33 @@ def test_inv3_masks_nest_and_axes_follow_spacing(tmp_path):
     np.testing.assert_array_equal(loaded.label == 2, soft)
 
 
+def test_inv3_arrays_are_held_to_max_voxels_and_their_member_size(tmp_path, monkeypatch):
+    """Checked before a member is decompressed (a 14 MB forged project declared 8.9 GB)."""
+    import plistlib
+
+    from data_prep.readers.package import read_inv3
+
+    path = tmp_path / "p.inv3"
+    write_inv3(path)  # matrix (6, 8, 10) = 480 voxels, masks (7, 9, 11) = 693
+    monkeypatch.setenv("MEGASEG_MAX_VOXELS", "400")
+    with pytest.raises(CaseError, match=r"p\.inv3: matrix\.dat declares shape \(6, 8, 10\) = "
+                                        r"480 voxels, over the limit of 400"):  # fmt: skip
+        read_inv3(path)
+    monkeypatch.delenv("MEGASEG_MAX_VOXELS")
+    with tarfile.open(path) as tar:  # the same project, its matrix declared 100x larger
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    main = plistlib.loads(files["tmpabc123/main.plist"])
+    main["matrix"]["shape"] = [60, 80, 10]
+    files["tmpabc123/main.plist"] = plistlib.dumps(main)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(CaseError, match=r"matrix\.dat holds 960 bytes, not the 96000"):
+        read_inv3(path)
+
+
 @pytest.mark.parametrize("spec", PACKAGED, ids=lambda s: s.name)
 def test_each_spec_reads_its_package_layout(spec, tmp_path):
     write_fixture(spec, tmp_path)
@@ -465,6 +492,78 @@ def test_fetch_unpacks_a_nested_zip_keeping_only_its_selection(tmp_path):
     assert (root / "spm_x/_spm.ctf.d/fsroot/spm/tpm/TPM.nii").read_bytes() == b"tpm"
     assert not (root / "spm_x/_spm.ctf.d/fsroot/spm/canonical").exists()
     assert not (root / "spm_x/_spm.ctf").exists()
+
+
+def _demo(tmp_path) -> tuple[Package, FakeDownloader]:
+    src = _wheel(tmp_path / "demo-1.0-py3-none-any.whl", {"demo/data/a.txt": b"A" * 100})
+    pkg = Package("wheel", "demo", "1.0", sha256=sha256_file(src), keep=("demo/data/",))
+    return pkg, FakeDownloader(src)
+
+
+@pytest.mark.parametrize("damage", ["edit", "truncate", "delete"])
+def test_fetch_checks_the_unpacked_files_and_unpacks_again(tmp_path, damage):
+    pkg, down = _demo(tmp_path)
+    kept = fetch(pkg, tmp_path / "cache", download=down) / "demo/data/a.txt"
+    if damage == "edit":
+        kept.write_bytes(b"B" * 100)  # same size, other bytes
+    elif damage == "truncate":
+        kept.write_bytes(b"A" * 10)
+    else:
+        kept.unlink()
+    assert fetch(pkg, tmp_path / "cache", download=down) / "demo/data/a.txt" == kept
+    assert kept.read_bytes() == b"A" * 100 and down.calls == 1  # from the cached archive
+
+
+def test_fetch_does_not_serve_a_forged_marker(tmp_path):
+    """A folder whose marker names the pinned sha256, but whose files the archive never held."""
+    pkg, down = _demo(tmp_path)
+    folder = unpacked_dir(pkg, tmp_path / "cache")
+    (folder / "demo/data").mkdir(parents=True)
+    (folder / "demo/data/a.txt").write_bytes(b"forged")
+    (folder / MARKER).write_text(json.dumps({
+        "package": str(pkg), "selection": pkg.selection, "sha256": pkg.sha256,
+        "archive": "demo-1.0-py3-none-any.whl",
+    }))  # fmt: skip
+    assert (fetch(pkg, tmp_path / "cache", download=down) / "demo/data/a.txt").read_bytes() == (
+        b"A" * 100
+    )
+    assert down.calls == 1
+
+
+def test_fetch_ignores_a_stray_archive_and_keeps_it(tmp_path):
+    pkg, down = _demo(tmp_path)
+    archives = tmp_path / "cache" / "archives"
+    archives.mkdir(parents=True)
+    stray = archives / "demo-1.0-py2.py3-none-any.whl"  # a name the glob matches, sorted first
+    stray.write_bytes(b"someone else's file")
+    root = fetch(pkg, tmp_path / "cache", download=down)
+    assert (root / "demo/data/a.txt").read_bytes() == b"A" * 100 and down.calls == 1
+    assert stray.read_bytes() == b"someone else's file"
+
+
+def test_unpacking_more_than_the_size_cap_is_refused_before_writing(tmp_path, monkeypatch):
+    import data_prep.fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "MAX_UNPACKED_BYTES", 2**20, raising=False)
+    src = tmp_path / "bomb-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/small.txt", b"ok")
+        zf.writestr("bomb/zeros.bin", bytes(4 * 2**20))  # 4 MB in ~4 KB
+    assert src.stat().st_size < 64 * 2**10
+    with pytest.raises(FetchError, match=r"bomb-1\.0-py3-none-any\.whl: its members declare "
+                                         r"more than 1 MB once unpacked \(at 'bomb/zeros\.bin'"):  # fmt: skip
+        fetch(Package("wheel", "bomb", "1.0"), tmp_path / "cache", download=FakeDownloader(src))
+    assert not list((tmp_path / "cache" / "wheel").iterdir())  # nothing unpacked, no temporary
+
+
+def test_a_corrupt_deb_ar_header_is_a_named_fetch_error(tmp_path):
+    src = _deb(tmp_path / "demo_1.0_all.deb", {"./usr/share/demo/a.txt": b"A"})
+    data = bytearray(src.read_bytes())
+    first = 8 + 60 + 4  # the magic, debian-binary's header and its 4 bytes
+    data[first + 48 : first + 58] = b"12x4      "  # control.tar.xz's size field
+    src.write_bytes(bytes(data))
+    with pytest.raises(FetchError, match=r"demo_1\.0_all\.deb: corrupt ar header at byte 72"):
+        fetch(Package("deb", "demo", "1.0"), tmp_path / "cache", download=FakeDownloader(src))
 
 
 # --------------------------------------------------------------------------- cross-subject

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import threading
+import time
 
 import pytest
 import torch
@@ -29,11 +30,15 @@ def official_bytes() -> bytes:
 
 
 class _Server:
-    """Serves ``files[path] = (body, declared_length)`` on 127.0.0.1 and logs each request."""
+    """Serves ``files[path] = (body, declared_length)`` on 127.0.0.1 and logs each request;
+    ``drip`` seconds > 0: the body goes out one byte at a time, that far apart; ``stall``
+    bytes: that many go out at once, then nothing for a minute."""
 
     def __init__(self):
         self.files: dict[str, tuple[bytes, int]] = {}
         self.requests: list[str] = []
+        self.drip = 0.0
+        self.stall: int | None = None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,7 +51,21 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(declared))
                 self.end_headers()
-                self.wfile.write(body)  # fewer bytes than declared: a cut connection
+                if server.stall is not None:
+                    self.wfile.write(body[: server.stall])
+                    self.wfile.flush()
+                    time.sleep(60)
+                    return
+                if not server.drip:
+                    self.wfile.write(body)  # fewer bytes than declared: a cut connection
+                    return
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.drip)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -160,3 +179,68 @@ def test_official_weights_exist_only_for_v1():
         create_model("universeg_v1_small", pretrained="official", accept_license=True)
     with pytest.raises(ValueError, match=r"unknown pretrained weights"):
         Segmenter.from_pretrained("universeg-v2", accept_license=True)
+
+
+def test_a_server_dripping_bytes_hits_the_overall_deadline(
+    server, official_bytes, tmp_path, monkeypatch, capsys
+):
+    """One byte every 20 ms never trips the per-read timeout (a plain download of the 4.7 MB
+    file would take a day); the overall deadline ends it, shows progress, caches nothing."""
+    server.drip = 0.02
+    url = server.serve(WEIGHTS, official_bytes)
+    monkeypatch.setattr(hub, "DOWNLOAD_DEADLINE_S", 1.0, raising=False)
+    outcome: dict[str, BaseException] = {}
+
+    def fetch():
+        try:
+            hub.official_weights(accept_license=True, url=url, timeout=5)
+        except BaseException as e:  # handed to the test thread
+            outcome["error"] = e
+
+    start = time.monotonic()
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "no overall deadline: still downloading after 20 s"
+    assert time.monotonic() - start < 15
+    error = outcome.get("error")
+    assert isinstance(error, hub.DownloadError), error
+    assert "download not finished after 1 s" in str(error) and url in str(error)
+    assert _cache_files(tmp_path) == []  # no weights, no partial file
+    assert "downloading universeg_v1_nf64_ss64_STA.pt" in capsys.readouterr().err
+
+
+def test_a_killed_download_leaves_a_partial_file_the_next_one_removes(
+    server, official_bytes, tmp_path
+):
+    """kill -9 during the download (another process; the server sent 2.5 MB and stalls): its
+    partial file stays beside the target; the next download into the cache removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server.stall = 5 * 2**19
+    url = server.serve(WEIGHTS, official_bytes)
+    folder = tmp_path / "cache" / "universeg"
+    env = {**os.environ, hub.ENV_CACHE: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    code = f"from megaseg import hub; hub.official_weights(accept_license=True, url={url!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = (
+                [p for p in folder.glob(".*") if p.stat().st_size > 0] if folder.is_dir() else []
+            )
+            if partial:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and partial, "the download never started"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [p.name for p in folder.iterdir()] == [partial[0].name]  # left behind by the kill
+    server.stall = None
+    path = hub.official_weights(accept_license=True, url=url)
+    assert sorted(p.name for p in folder.iterdir()) == [path.name]

@@ -226,3 +226,24 @@ def test_write_dataset_takes_any_spec_object(tmp_path):
     summary = write_dataset(tmp_path / "c", spec, cases, ArrayLoader(0), lambda c: c.case_id,
                             resolutions=(32,), progress=False)  # fmt: skip
     assert summary.ok and summary.written == {"Plain": 3}, summary.text()
+
+
+@pytest.mark.parametrize("cases", [8, 3], ids=["same-size", "smaller"])
+def test_a_dataset_rebuilt_under_an_open_corpus_is_a_named_error(tmp_path, cases):
+    """A fit's DataLoader worker (a pickled Corpus, arrays not yet mapped) reads after
+    `prep build` rebuilt the dataset: same size, it would serve other images than its index
+    says; smaller, an IndexError. Maps opened before the rebuild keep their files."""
+    out = tmp_path / "corpus"
+    write_memory_dataset(out, "Alpha", 8)
+    opened = Corpus(out)
+    key = opened.tasks("train")[0]
+    before = opened.load_many(key, [0, 1], 32, "train")  # mapped before the rebuild
+    worker = pickle.loads(pickle.dumps(opened))
+    write_memory_dataset(out, "Alpha", cases, seed=5)
+    with pytest.raises(CorpusError, match=r"Alpha/index\.json: replaced or changed since this "
+                                          r"corpus was opened"):  # fmt: skip
+        worker.load_many(key, [0, 1], 32, "train")
+    after = opened.load_many(key, [0, 1], 32, "train")
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    assert Corpus(out).num_examples(key, "train") <= 8  # reopened: the new build, no error

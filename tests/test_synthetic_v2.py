@@ -311,3 +311,29 @@ def test_label_maps_folder_saves_and_reads_the_maps(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"mni152_16\.npy .*not a readable \.npy file"):
         generators.label_maps("mni152", 16)
     assert saved.read_bytes() == b"not an array"  # the user's file is left as it is
+
+
+def test_label_maps_folder_refuses_a_huge_header_and_paths_of_the_wrong_kind(monkeypatch, tmp_path):
+    """A header declaring 2**40 maps over a 200-byte file, a folder where the .npy should be,
+    a file where the folder should be: each a ValueError naming the path, nothing allocated."""
+    from megaseg.data import generators
+
+    monkeypatch.setattr(synthetic_v2, "mni152_label_maps", lambda size: pytest.fail("built"))
+    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(tmp_path))
+    forged = tmp_path / "mni152_16.npy"
+    with forged.open("wb") as f:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": "|u1", "fortran_order": False, "shape": (2**40, 16, 16)}
+        )
+        f.write(bytes(200))
+    with pytest.raises(ValueError, match=r"mni152_16\.npy .*not a readable \.npy file"):
+        generators.label_maps("mni152", 16)
+    forged.unlink()
+    forged.mkdir()
+    with pytest.raises(ValueError, match=r"mni152_16\.npy .*exists but is not a \.npy file"):
+        generators.label_maps("mni152", 16)
+    not_a_folder = tmp_path / "maps.txt"
+    not_a_folder.write_text("x")
+    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(not_a_folder))
+    with pytest.raises(ValueError, match=r"maps\.txt .*exists but is not a folder"):
+        generators.label_maps("mni152", 16)

@@ -235,29 +235,52 @@ def read_inv3(path: Path) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     The matrix is stored ``(Z, Y, X)`` in DICOM pixel order (x to the patient's left, y to
     posterior: LPS), spacing ``(sx, sy, sz)`` mm; each mask is one voxel larger on every axis
     (the first row/column/slice are InVesalius' bookkeeping) and > 127 inside.
+
+    Every array's declared shape is held to ``--max-voxels`` (:func:`max_voxels`) and to its
+    member's size in the archive before the member is decompressed: a small forged project
+    cannot make the reader inflate gigabytes.
     """
     import plistlib
     import tarfile
+
+    from data_prep.readers.io import max_voxels
 
     try:
         with tarfile.open(path) as tar:
             files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
 
-            def read(name: str) -> bytes:
+            def read(name: str, shape: tuple[int, ...] | None = None, dtype=None) -> bytes:
+                """Member ``name``; with ``shape``, checked to hold exactly that array."""
                 if name not in files:
                     raise CaseError(f"{path}: {name} missing from the project")
+                if shape is not None:
+                    voxels = int(np.prod(shape, dtype=object))
+                    if voxels > max_voxels():
+                        raise CaseError(
+                            f"{path}: {name} declares shape {shape} = {voxels} voxels, over the "
+                            f"limit of {max_voxels()} (raise it with --max-voxels or "
+                            "MEGASEG_MAX_VOXELS)"
+                        )
+                    if files[name].size != voxels * np.dtype(dtype).itemsize:
+                        raise CaseError(
+                            f"{path}: {name} holds {files[name].size} bytes, not the "
+                            f"{voxels * np.dtype(dtype).itemsize} its shape {shape} and dtype "
+                            f"{np.dtype(dtype)} need"
+                        )
                 return tar.extractfile(files[name]).read()
 
             main = plistlib.loads(read("main.plist"))
             matrix = main["matrix"]
             shape = tuple(int(n) for n in matrix["shape"])
-            volume = np.frombuffer(read(matrix["filename"]), dtype=np.dtype(matrix["dtype"]))
+            dtype = np.dtype(matrix["dtype"])
+            volume = np.frombuffer(read(matrix["filename"], shape, dtype), dtype=dtype)
             volume = volume.reshape(shape)
             masks = []
             for key in sorted(main.get("masks", {}), key=int):
                 info = plistlib.loads(read(main["masks"][key]))
-                m = np.frombuffer(read(info["mask_file"]), np.uint8)
-                m = m.reshape(tuple(int(n) for n in info["mask_shape"]))[1:, 1:, 1:]
+                mask_shape = tuple(int(n) for n in info["mask_shape"])
+                m = np.frombuffer(read(info["mask_file"], mask_shape, np.uint8), np.uint8)
+                m = m.reshape(mask_shape)[1:, 1:, 1:]
                 if m.shape != shape:
                     raise CaseError(f"{path}: mask {key} shape {m.shape} != matrix {shape}")
                 masks.append(np.ascontiguousarray((m > 127).transpose(2, 1, 0)))

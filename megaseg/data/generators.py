@@ -82,9 +82,16 @@ def label_maps(name: str, size: int):
     name = label_maps_name(name)
     folder = os.environ.get(LABEL_MAPS_DIR)
     path = Path(folder) / f"{name}_{size}.npy" if folder else None
+    if path is not None:
+        for p, what in ((Path(folder), "a folder"), (path, "a .npy file")):
+            if p.exists() and not (p.is_dir() if what == "a folder" else p.is_file()):
+                raise ValueError(
+                    f"{p} (${LABEL_MAPS_DIR}): exists but is not {what}; move it away or point "
+                    f"${LABEL_MAPS_DIR} elsewhere"
+                )
     if path is not None and path.is_file():
-        try:
-            maps = np.load(path, allow_pickle=False)
+        try:  # mapped: a header declaring more than the file holds fails here, allocating nothing
+            maps = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(
                 f"{path} (${LABEL_MAPS_DIR}): not a readable .npy file ({e}); delete it to "
@@ -95,7 +102,7 @@ def label_maps(name: str, size: int):
                 f"{path} (${LABEL_MAPS_DIR}): expected uint8 label maps of shape (M, {size}, "
                 f"{size}), got {maps.dtype} {maps.shape}; delete it to rebuild it"
             )
-        return torch.from_numpy(maps)
+        return torch.from_numpy(np.array(maps))
     maps = _build_label_maps(name, size)
     if path is not None:
         from megaseg.paths import atomic_write

@@ -16,12 +16,19 @@ corpus is never loaded whole.
 
 Which datasets are held out is the experiment's choice: pass the protocol (``load_protocol``)
 as ``exclude=`` and the store refuses to serve those datasets' train and val examples.
+
+A dataset rebuilt while a reader has it open (``prep build`` into the corpus of a running fit)
+is detected: each dataset records the identity (device, inode, size, mtime) of its files when
+its index is read, and a memory map opened later, in a DataLoader worker or at the first
+validation, must be of those very files, else :class:`CorpusError`. Maps opened before the
+rebuild keep reading the files they opened, which match the index read with them.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -83,15 +90,27 @@ class CorpusError(Exception):
     """The corpus on disk is missing, incomplete or of another format version."""
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: (device, inode, size, mtime)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class _Dataset:
     """Index and lazily opened arrays of one dataset of the corpus."""
 
     def __init__(self, root: Path, name: str):
         self.root = root / "datasets" / name
+        # Before reading: a file replaced while being read is then caught at its next open.
+        files = {f: _identity(self.root / f) for f in ("index.json", "examples.npy")}
         self.index = json.loads((self.root / "index.json").read_text())
         self.examples = np.load(self.root / "examples.npy")
         self.subjects = self.index["subjects"]
         self.resolutions = tuple(self.index["resolutions"])
+        for R in self.resolutions:
+            for kind in ("images", "labels"):
+                files[f"{kind}_{R}.npy"] = _identity(self.root / f"{kind}_{R}.npy")
+        self._files = files
         self.ranges: dict[TaskKey, dict[str, tuple[int, int]]] = {
             TaskKey(name, t["group"], t["modality"], t["axis"], t["label"]): {
                 s: tuple(r) for s, r in t["ranges"].items()
@@ -108,9 +127,26 @@ class _Dataset:
                 raise ValueError(
                     f"{self.root.name}: resolution {resolution} not stored (have {list(self.resolutions)})"
                 )
-            arr = np.load(self.root / f"{kind}_{resolution}.npy", mmap_mode="r")
+            path = self.root / f"{kind}_{resolution}.npy"
+            self._check_unchanged("index.json", "examples.npy", path.name)
+            arr = np.load(path, mmap_mode="r")
+            self._check_unchanged(path.name)  # and the file mapped is the one checked
             self._arrays[(kind, resolution)] = arr
         return arr
+
+    def _check_unchanged(self, *names: str) -> None:
+        for name in names:
+            try:
+                same = _identity(self.root / name) == self._files[name]
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise CorpusError(
+                    f"{self.root / name}: replaced or changed since this corpus was opened (a "
+                    "`megaseg prep build` into it while it is read?); the index read then does "
+                    "not describe it. Restart the run once the build has finished, and build "
+                    "into another --out while a run reads this corpus"
+                )
 
     def __getstate__(self):
         # Memory maps would be pickled as full copies; workers reopen them instead.

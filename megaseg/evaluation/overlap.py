@@ -17,28 +17,53 @@ class OverlapError(ValueError):
     """An evaluation names a dataset the model was trained on (override: allow_overlap)."""
 
 
+class CardFieldError(ValueError):
+    """A card field this module reads has another type than a card megaseg writes; the message
+    names the field (the caller adds the card's path)."""
+
+
+def _field(value, kind: type, name: str):
+    if value is not None and not isinstance(value, kind):
+        raise CardFieldError(
+            f"{name} must be a{'n object' if kind is dict else ' list'}, got {value!r:.80}"
+        )
+    return value
+
+
+def _training_data(card: dict) -> dict:
+    training = _field(card.get("training"), dict, "training") or {}
+    return _field(training.get("data"), dict, "training.data") or {}
+
+
 def card_training_datasets(card: dict | None) -> list[str] | None:
-    """Training dataset names from a card; None when the card does not say (or no card)."""
+    """Training dataset names from a card; None when the card does not say (or no card).
+    Raises CardFieldError for a malformed ``training.data``."""
     if not card:
         return None
     if isinstance(card.get("training_datasets"), list):
         return [str(n) for n in card["training_datasets"]]
-    data = (card.get("training") or {}).get("data") or {}
+    data = _training_data(card)
     if not data:
         return None
     names: list[str] = []
-    for corpus in data.get("corpora") or []:
-        names += [str(n) for n in corpus.get("datasets", [])]
+    for i, corpus in enumerate(_field(data.get("corpora"), list, "training.data.corpora") or []):
+        corpus = _field(corpus, dict, f"training.data.corpora[{i}]") or {}
+        datasets = corpus.get("datasets", [])
+        names += [str(n) for n in _field(datasets, list, f"training.data.corpora[{i}].datasets")]
     if data.get("synthetic"):
+        _synthetic_range(card)  # checked here too: a malformed card fails the same way always
         names.append("synthetic")
     return sorted(set(names))
 
 
 def _synthetic_range(card: dict | None) -> tuple[int, int] | None:
-    data = ((card or {}).get("training") or {}).get("data") or {}
-    syn = data.get("synthetic") or {}
-    r = syn.get("seed_range")
-    return (int(r[0]), int(r[1])) if r else None
+    syn = _training_data(card or {}).get("synthetic") or {}
+    r = _field(syn, dict, "training.data.synthetic").get("seed_range")
+    if not r:
+        return None
+    if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)):
+        raise CardFieldError(f"training.data.synthetic.seed_range must be [low, high], got {r!r}")
+    return r[0], r[1]
 
 
 def find_overlaps(card: dict | None, sources: Sequence[dict]) -> list[str]:
@@ -81,4 +106,4 @@ def _known_overlaps(names: list[str]):
     return overlaps_among(names)
 
 
-__all__ = ["OverlapError", "card_training_datasets", "find_overlaps"]
+__all__ = ["CardFieldError", "OverlapError", "card_training_datasets", "find_overlaps"]

@@ -14,6 +14,8 @@
 
 The protocol (what is drawn, what is excluded) is in :mod:`megaseg.evaluation.protocol`, the
 intervals in :mod:`megaseg.evaluation.stats`, the outputs in :mod:`megaseg.evaluation.report`.
+Outputs replace only files an earlier evaluation wrote and nobody changed since
+(:mod:`megaseg.outputs`), checked before anything runs; never the draws file being replayed.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from megaseg.checkpoint import atomic_write
+from megaseg.checkpoint import CheckpointError, atomic_write, card_path
 from megaseg.evaluation import report
 from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
 from megaseg.evaluation.defaults import DEFAULT_METHODS
-from megaseg.evaluation.overlap import OverlapError, card_training_datasets, find_overlaps
+from megaseg.evaluation.overlap import (
+    CardFieldError,
+    OverlapError,
+    card_training_datasets,
+    find_overlaps,
+)
 from megaseg.evaluation.protocol import (
     DEFAULT_DRAWS_PER_N,
     DEFAULT_SUPPORT_SIZES,
@@ -52,8 +59,14 @@ from megaseg.evaluation.protocol import (
 from megaseg.evaluation.sources import Source
 from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from megaseg.inference import FLIPS, Segmenter, flip_tta
+from megaseg.outputs import check_replaceable
+from megaseg.outputs import record as record_outputs
 
 MODEL_METHOD = "megaseg"
+# What ``out_dir`` receives: these files, and PNGs named by these patterns.
+OUTPUT_FILES = ("draws.json", "predictions.csv", "tasks.csv", "summary.csv", "summary.md",
+                "summary.json")  # fmt: skip
+OUTPUT_PLOTS = ("dice_vs_n_*.png", "cases_*.png")
 
 
 class FlipTTA:
@@ -201,6 +214,7 @@ def evaluate(
     model_label: str = MODEL_METHOD,
     training_datasets: Sequence[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Evaluate a model and baselines on held-out sources (see the module docstring).
 
@@ -219,7 +233,9 @@ def evaluate(
         methods: names among "megaseg", "mean_label", "supervised", "random_init", or method
             objects (``.name``, ``.predict``). The model's own rows are named ``model_label``.
         out_dir: write the CSVs, summary.md / .json, draws.json and plots there (None: write
-            nothing).
+            nothing). A file of those names that an earlier evaluation did not write (or that
+            was changed since) is refused before anything runs, unless ``overwrite``; the
+            replayed draws file never.
         draws: a draws.json (or DrawSet) to replay exactly.
         allow_overlap: evaluate even on datasets the card lists as training data; a loud
             warning, and every output is flagged.
@@ -230,7 +246,11 @@ def evaluate(
     Raises:
         OverlapError: a dataset the model was trained on, without ``allow_overlap``.
         ProtocolError: a draw that breaks the protocol (e.g. a replayed, edited file).
+        FileExistsError: ``out_dir`` holds a file of an output's name megaseg did not write.
+        CheckpointError: a card whose training fields are malformed (names the card).
     """
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir), draws, overwrite)
     seg, card, model_desc = _load_model(checkpoint_or_model, resolution, device)
     R = seg.resolution
     sources = [sources] if not isinstance(sources, Sequence) else list(sources)
@@ -238,11 +258,17 @@ def evaluate(
         raise ValueError("sources: nothing to evaluate on")
     descriptions = [s.describe() for s in sources]
 
-    trained = (
-        list(training_datasets) if training_datasets is not None else card_training_datasets(card)
-    )
-    check_card = card if training_datasets is None else {"training_datasets": trained}
-    overlaps = find_overlaps(check_card, descriptions)
+    where = card_path(seg.weights_path) if seg.weights_path else "the model's card"
+    try:
+        trained = (
+            list(training_datasets)
+            if training_datasets is not None
+            else card_training_datasets(card)
+        )
+        check_card = card if training_datasets is None else {"training_datasets": trained}
+        overlaps = find_overlaps(check_card, descriptions)
+    except CardFieldError as e:
+        raise CheckpointError(f"{where}: {e}") from e
     notes: list[str] = []
     if overlaps and not allow_overlap:
         raise OverlapError(
@@ -396,6 +422,34 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress):
     return rows, cases, seconds
 
 
+def _check_out_dir(out: Path, draws, overwrite: bool) -> None:
+    """Before anything runs: ``out`` is a folder (or absent), its files of output names are
+    megaseg's (or ``overwrite``), and its draws.json is not the file being replayed."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; out_dir (--out) names the folder "
+                         "the results are written to")  # fmt: skip
+    replayed = draws.path if isinstance(draws, DrawSet) else draws
+    if replayed is not None and Path(replayed).exists():
+        target = out / "draws.json"
+        if target.exists() and os.path.samefile(replayed, target):
+            raise ValueError(
+                f"{target}: is the draws file this evaluation replays; its results would replace "
+                "it and the results of the run that made it: choose another out_dir (--out)"
+            )
+    if not out.is_dir():
+        return
+    existing = [out / n for n in OUTPUT_FILES] + [p for g in OUTPUT_PLOTS for p in out.glob(g)]
+    for path in existing:
+        check_replaceable(path, overwrite, hint="pass overwrite=True (--overwrite)")
+
+
+def _written_files(paths: dict) -> list[Path]:
+    files: list[Path] = []
+    for value in paths.values():
+        files += [Path(v) for v in value] if isinstance(value, list) else [Path(value)]
+    return files
+
+
 def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Any] = {
@@ -421,6 +475,7 @@ def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> d
     paths["plots"] = report.plot_dice_vs_n(result.summary, out)
     if cases:
         paths["cases"] = _plot_cases(result, cases, sources, primary, R, out)
+    record_outputs(_written_files(paths), by="megaseg evaluate")
     return paths
 
 

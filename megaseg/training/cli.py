@@ -15,10 +15,14 @@ Every run under ``trainer.default_root_dir`` (ROOT), and the run's last lines na
 
 On a CPU the run shares the cores between torch's intra-op threads and data workers
 (:mod:`megaseg.training.threads`) and says so in its first lines.
+
+A fit holds ROOT for itself and resumes only its own checkpoint (:mod:`megaseg.training.run_folder`);
+checkpoints are written atomically in their folder (:mod:`megaseg.training.checkpoint_io`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -27,13 +31,27 @@ import warnings
 from pathlib import Path
 
 import torch
+from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from megaseg.training.callbacks import EpisodeThroughput, ExportWeights, PredictionWriter
+from megaseg.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    IncompleteCheckpoint,
+    check_complete,
+)
 from megaseg.training.datamodule import EpisodeDataModule
 from megaseg.training.module import InContextSegModule
+from megaseg.training.run_folder import (
+    RunRefused,
+    check_resumable,
+    earlier_outputs,
+    refuse_new_run_over,
+    resolve_last,
+    run_lock,
+)
 from megaseg.training.threads import auto_workers, available_cores, plan_cpu
 
 # A run logs at least this many times, so that a short run still writes metrics.csv rows.
@@ -106,6 +124,15 @@ class MegasegCLI(LightningCLI):
             "workers; OMP_NUM_THREADS, when set, is left to torch)",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the hyperparameters of a --ckpt_path file here, before any hook: an
+        # empty or truncated file would be a bare EOFError from torch.load.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+            check_complete(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         """Share the CPU between threads and workers, and keep a short run's metrics."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -141,6 +168,11 @@ class MegasegCLI(LightningCLI):
             }
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        # Checkpoints saved atomically in their own folder, unless the config picks a CheckpointIO.
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _checkpoints_under_root(self) -> None:
@@ -150,6 +182,47 @@ class MegasegCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(root / "checkpoints")
+
+    def _run_dirs(self) -> tuple[list[Path], list[Path]]:
+        """The folders of this run's ``.ckpt`` files and of its exported weights."""
+        ckpt = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # fmt: skip
+        export = [cb._dir(self.trainer) for cb in self.trainer.callbacks
+                  if isinstance(cb, ExportWeights)]  # fmt: skip
+        return ckpt, export
+
+    def _checked_ckpt(self, ckpt_path, model):
+        """``--ckpt_path``: ``last`` resolved to the run's one last checkpoint (left to
+        Lightning when there is none), a local file checked to be complete and of this network;
+        anything else as given."""
+        if ckpt_path == "last":
+            ckpt_path = resolve_last(self._run_dirs()[0]) or "last"
+        if ckpt_path is not None and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+            check_resumable(ckpt_path, model)
+        return ckpt_path
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """``trainer.fit`` holding the run folder, from the run's own checkpoint."""
+        with contextlib.ExitStack() as held:
+            if _is_rank_zero():  # DDP ranks > 0 run inside rank 0's fit
+                held.enter_context(run_lock(self.trainer.default_root_dir))
+            ckpt_path = self._checked_ckpt(ckpt_path, model)
+            if ckpt_path in (None, "last") and _is_rank_zero():  # a new run ("last": none found)
+                root = Path(self.trainer.default_root_dir)
+                refuse_new_run_over(root, earlier_outputs(*self._run_dirs()))
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+    def validate(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        ckpt_path = self._checked_ckpt(ckpt_path, model)
+        self.trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+    def test(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        ckpt_path = self._checked_ckpt(ckpt_path, model)
+        self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        ckpt_path = self._checked_ckpt(ckpt_path, model)
+        self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
     def before_fit(self) -> None:
         self._checkpoints_under_root()
@@ -233,6 +306,7 @@ def lightning_main(argv: list[str] | None = None) -> int:
         argv = None  # the command line itself: let LightningCLI read sys.argv
     quiet_third_party_notices()
     threads = torch.get_num_threads()
+    command = next(iter(sys.argv[1:] if argv is None else argv), "fit")  # for error lines
     try:
         MegasegCLI(
             InContextSegModule,
@@ -242,6 +316,9 @@ def lightning_main(argv: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
+    except (RunRefused, IncompleteCheckpoint) as err:  # the message names the path
+        print(f"megaseg {command}: {err}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
     return 0
