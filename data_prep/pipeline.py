@@ -586,19 +586,32 @@ RUN_FILE = "run.json"  # in WORK_DIR: the running build's token; tasks of any ot
 def _cluster_cases(cluster, pending: list, init: tuple, run: tuple[Path, str]):
     """Yield ``(job, case, skip reason or None)`` per pending case, each a Dask task.
 
-    Dask reruns a case whose worker died on another worker; one that killed more workers than
-    the scheduler allows (``megaseg.cluster``) is skipped and named, as in the local pool.
+    Dask reruns a case whose worker died on another worker. A case given up by the scheduler
+    (it was on more dying workers than ``allowed-failures``, see ``megaseg.cluster``) is
+    skipped and named, as in the local pool, when its ``.started`` marker shows it was running
+    there; one that was only queued on workers that died running other cases is resubmitted.
     """
-    setup = cluster.share((init, run))
-    items = [_on_shared_filesystem(item) for item in pending]
-    done = as_finished(
-        cluster.executor, _run_case_in_cluster, items, setup, survive=(cluster.worker_died,)
-    )
-    try:
-        for item, result in done:
-            yield _worker_died(item, init[3]) if isinstance(result, BaseException) else result
-    finally:
-        done.close()
+    # Sent with each task, not scattered once: scattered data dies with the workers holding
+    # it (a case that kills two workers would take it along), a task's arguments do not.
+    setup = (init, run)
+    queue = [_on_shared_filesystem(item) for item in pending]
+    for item in queue:  # markers of an earlier, killed run would name innocent cases
+        _started(item[3]).unlink(missing_ok=True)
+    while queue:
+        done = as_finished(
+            cluster.executor, _run_case_in_cluster, queue, setup, survive=(cluster.worker_died,)
+        )
+        queue = []
+        try:
+            for item, result in done:
+                if not isinstance(result, BaseException):
+                    yield result
+                elif _started(item[3]).exists():
+                    yield _worker_died(item, init[3])
+                else:
+                    queue.append(item)
+        finally:
+            done.close()
 
 
 def _on_shared_filesystem(item):
@@ -619,12 +632,12 @@ _SETUP_LOCK = threading.Lock()
 
 
 def _run_case_in_cluster(setup, item) -> tuple[int, int, str | None]:
-    """:func:`_run_case` in a Dask worker; ``setup`` = ``(init, run)``, shared once per worker."""
+    """:func:`_run_case` in a Dask worker; ``setup`` = ``(init, run)`` of :func:`_run_cases`."""
+    init, run = setup
     with _SETUP_LOCK:
-        if _WORKER.get("setup") is not setup:  # this build's first case in this process
-            init, run = setup
+        if _WORKER.get("run") != run:  # this build's first case in this process
             _init_worker(*init)
-            _WORKER.update(setup=setup, marked=True, run=run)
+            _WORKER.update(marked=True, run=run)
     return _run_case(item)
 
 

@@ -472,21 +472,25 @@ def _predictions(predictor: _Predictor, units: list, scheduler: str | None):
         for unit in units:
             yield unit, _predict_draw(predictor, unit)
         return
+    from concurrent.futures import CancelledError
+
     from megaseg.cluster import SchedulerError, as_finished, connect
 
     with connect(scheduler) as cluster:
-        shared = cluster.share(predictor)
-        done = as_finished(
-            cluster.executor, _predict_draw, units, shared, survive=(cluster.worker_died,)
-        )
+        shared = cluster.share(predictor)  # the model: sent once to each worker
+        died = (cluster.worker_died, CancelledError)
+        done = as_finished(cluster.executor, _predict_draw, units, shared, survive=died)
         try:
             for unit, out in done:
-                if isinstance(out, BaseException):
+                if isinstance(out, BaseException) and cluster.client.status == "running":
                     _, dataset, name, _, d = unit
                     raise SchedulerError(
-                        f"--scheduler {scheduler}: the draw {dataset}/{name} N={d.N} r={d.r} "
-                        f"killed the workers that ran it ({out}); out of memory?"
+                        f"--scheduler {scheduler}: workers died running the draw {dataset}/"
+                        f"{name} N={d.N} r={d.r}, or every worker holding the model did "
+                        f"({type(out).__name__}; out of memory?); nothing was written"
                     )
+                if isinstance(out, BaseException):
+                    raise out
                 yield unit, out
         finally:
             done.close()
