@@ -437,6 +437,7 @@ def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) ->
     """Set up a worker. ``limits``: the build's limit variables; ``parent``: PID of the build
     process, watched so the worker exits when the build dies (see :func:`_exit_with`)."""
     torch.set_num_threads(1)  # parallelism is across cases; also keeps results bit-identical
+    _WORKER.clear()  # nothing of an earlier build in this process (a cluster run's token)
     _WORKER.update(specs=specs, loads=loads, resolutions=resolutions, strict=strict)
     if limits is not None:
         set_limits(limits)

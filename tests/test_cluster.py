@@ -129,6 +129,46 @@ def test_build_help_states_the_shared_filesystem_and_the_scheduler(capsys):
     )
 
 
+def test_workers_that_cannot_run_this_megaseg_are_refused_naming_the_address():
+    from megaseg.cluster import SchedulerError, _check_workers, _versions
+
+    class Client:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def run(self, function):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    _check_workers("tcp://h:1", Client({"tcp://w:2": _versions()}))  # the same: accepted
+    for answer, reason in [
+        (ModuleNotFoundError("No module named 'megaseg'"), "a worker cannot run megaseg"),
+        ({"tcp://w:2": {**_versions(), "megaseg": "0.0.1"}}, "worker tcp://w:2 runs"),
+    ]:
+        with pytest.raises(SchedulerError, match=f"--scheduler tcp://h:1: {reason}"):
+            _check_workers("tcp://h:1", Client(answer))
+
+
+def test_a_task_of_a_stopped_cluster_build_writes_nothing(tmp_path):
+    """A task still running for a killed client, after another build of the corpus started
+    (a new token in .build/run.json), writes no shard and no skip record."""
+    from data_prep.pipeline import StaleBuild, _run_case_in_cluster
+
+    run = tmp_path / ".build" / "run.json"
+    run.parent.mkdir()
+    run.write_text("newer build")
+    case = memory_case("K", "c0", "s0", {1: "a"})
+    spec = DatasetSpec(name="K", reader="folder2d", root=".", layout=_dummy_layout())
+    npz, skip = tmp_path / "c0.npz", tmp_path / "c0.skip.json"
+    setup = (([spec], [_Tiny2D("none")], (16,), False, None), (run, "stopped build"))
+    with pytest.raises(StaleBuild, match="not this build's token any more; nothing written"):
+        _run_case_in_cluster(setup, (0, 0, case, npz, skip))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build"]
+    run.write_text("stopped build")  # its own build: the case is written
+    assert _run_case_in_cluster(setup, (0, 0, case, npz, skip)) == (0, 0, None) and npz.is_file()
+
+
 # -- prep hash ----------------------------------------------------------------------------------
 
 
