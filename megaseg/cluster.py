@@ -143,9 +143,18 @@ def connect(address: str, say: Callable[[str], None] = _say) -> Iterator[Cluster
             n = address[len(LOCAL_PREFIX) :]
             if not n.isdigit() or int(n) < 1:
                 raise SchedulerError(f"--scheduler {address}: expected local:N with N >= 1")
-            with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
-                # ":0": any free port, so that several clusters on one machine do not clash
-                local = LocalCluster(n_workers=int(n), threads_per_worker=1, dashboard_address=":0")
+            try:
+                with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+                    # any free port on this machine only: several clusters do not clash, and
+                    # the dashboard is not served to the network
+                    local = LocalCluster(
+                        n_workers=int(n), threads_per_worker=1, dashboard_address="127.0.0.1:0"
+                    )
+            except Exception as err:  # e.g. a worker process that failed to start
+                raise SchedulerError(
+                    f"--scheduler {address}: could not start the local Dask cluster "
+                    f"({type(err).__name__}: {err})"
+                ) from None
             stack.callback(local.close)
         try:
             if local is not None:
@@ -176,8 +185,8 @@ def connect(address: str, say: Callable[[str], None] = _say) -> Iterator[Cluster
                 raise
             raise SchedulerError(
                 f"--scheduler {address}: lost the connection to the Dask scheduler "
-                f"({type(err).__name__}); what finished is kept: rerun the same command "
-                "to resume"
+                f"({type(err).__name__}); rerun the command (a build keeps the cases that "
+                "finished and resumes from them)"
             ) from None
 
 

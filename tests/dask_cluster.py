@@ -127,19 +127,14 @@ class DaskCluster:
         return out
 
     def __exit__(self, *exc) -> None:
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=10)
+        alive = self.processes()
+        for stop, timeout in ((psutil.Process.terminate, 15), (psutil.Process.kill, 10)):
+            for p in alive:
+                try:
+                    stop(p)
+                except psutil.NoSuchProcess:
+                    pass
+            _, alive = psutil.wait_procs(alive, timeout=timeout)
         self.left_behind = [f"{p.pid} {' '.join(p.cmdline())[-80:]}" for p in alive]
         for proc in filter(None, [self.scheduler, *self.nannies]):
             if proc.poll() is None:
