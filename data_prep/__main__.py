@@ -2,8 +2,10 @@
 
     prep build DATASET_OR_SPEC_OR_PATH... --out CORPUS [--workers N] [--resolutions 64 128 256]
                [--strict] [--seed S] [--data-dir DIR]
+    prep build ... --scheduler tcp://HOST:PORT | SCHEDULER.json | local:N   (a Dask cluster)
     prep info CORPUS
     prep verify CORPUS
+    prep hash CORPUS
 
 A dataset is named as a catalog name (``ACDC``, found under ``--data-dir``), ``NAME=FOLDER``
 (a catalog spec, files in FOLDER), a spec file (``.yaml`` / ``.json`` with DatasetSpec
@@ -74,6 +76,18 @@ MAX_RESOLUTION = 1024  # stored examples are square; larger is a typo (a 5000 px
 
 
 def cmd_build(args) -> int:
+    from megaseg.cluster import scheduler_address
+
+    args.scheduler = scheduler_address(args.scheduler)
+    if args.scheduler is not None and args.workers is not None:
+        print(
+            f"prep build: --workers sets the local process pool; with --scheduler "
+            f"{args.scheduler} (or $MEGASEG_SCHEDULER) the cluster's workers run the cases: "
+            "drop --workers (local:N starts N workers on this machine)",
+            file=sys.stderr,
+        )
+        return 2
+    args.workers = 1 if args.workers is None else args.workers
     if args.workers < 1 or not all(8 <= r <= MAX_RESOLUTION for r in args.resolutions):
         print(
             f"prep build: need --workers >= 1 and --resolutions in [8, {MAX_RESOLUTION}], got "
@@ -106,6 +120,7 @@ def _environment(values: dict[str, str]):
 def _build(args) -> int:
     from data_prep.pipeline import build_corpus, job_from_spec
     from data_prep.readers import DatasetError
+    from megaseg.cluster import SchedulerError
 
     try:
         jobs = [job_from_spec(*resolve_dataset(a, Path(args.data_dir))) for a in args.datasets]
@@ -121,8 +136,11 @@ def _build(args) -> int:
             strict=args.strict,
             seed=args.seed,
             progress=not args.no_progress,
+            scheduler=args.scheduler,
         )
-    except ValueError as err:  # a bad name; BuildRefused: a path megaseg did not write, a lock
+    # ValueError: a bad name; BuildRefused: a path megaseg did not write, a lock.
+    # SchedulerError: unreachable or lost (what finished is kept for a rerun).
+    except (ValueError, SchedulerError) as err:
         print(f"prep build: {err}", file=sys.stderr)
         return 2
     print(summary.text())
@@ -249,6 +267,21 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_hash(args) -> int:
+    from data_prep.digest import DigestError, corpus_digest
+
+    try:
+        digest, each = corpus_digest(args.corpus)
+    except DigestError as err:
+        print(f"prep hash: {err}", file=sys.stderr)
+        return 2
+    if args.datasets:
+        for name, d in each.items():
+            print(f"{d}  {name}")
+    print(f"{digest}  {args.corpus}")
+    return 0
+
+
 BUILD_HELP = """\
 Build (or finish building) the corpus --out from one or more datasets. Each DATASET is:
 
@@ -265,6 +298,17 @@ NAME must be a plain folder name (no '/', no leading '.'). A build is resumable:
 command after a kill. A bad case is skipped, named and counted (--strict: it stops the build).
 A build only replaces what megaseg wrote: it refuses an existing --out/datasets/NAME,
 --out/.build or --out/manifest.json that it did not write, and a corpus another build holds.
+
+On a Dask cluster (--scheduler, or $MEGASEG_SCHEDULER; pip install "megaseg[cluster]") each
+case is one task: the workers read the dataset files and write their shards under --out
+themselves, so --out and every dataset folder must be on a filesystem the workers share with
+this machine, at the same absolute paths, and the workers must run this megaseg. This
+process then merges the shards and writes the manifest. The corpus is the same as a local
+build's (`megaseg prep hash` prints one digest of it), and a build interrupted on one resumes
+on the other. A worker that dies mid-case has its case rerun on another worker; a case that
+kills its workers (as many times as the scheduler's allowed-failures + 1; twice with
+local:N) is skipped and named. An unreachable or lost scheduler stops the build with exit
+code 2; what finished is kept for a rerun.
 """
 
 
@@ -282,6 +326,8 @@ def _catalog_names() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from megaseg.cluster import SCHEDULER_HELP
+
     p = argparse.ArgumentParser(
         prog="megaseg prep", description="Build, inspect and verify a corpus."
     )
@@ -305,7 +351,10 @@ def parser() -> argparse.ArgumentParser:
         help="corpus folder (created; a rerun finishes or updates it; other datasets in it are "
         "kept)",
     )
-    b.add_argument("--workers", type=int, default=1, help="processes working on cases in parallel")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes on this machine working on cases in parallel (default 1; "
+                        "not with --scheduler)")  # fmt: skip
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS", help=SCHEDULER_HELP)
     b.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
     b.add_argument("--strict", action="store_true", help="a bad case is fatal (nothing is written)")
     b.add_argument("--seed", type=int, default=0, help="seed of the subject splits")
@@ -337,6 +386,17 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--show", type=int, default=20, help="near-duplicate pairs to print")
     v.add_argument("--json", help="write the full leakage report here")
     v.set_defaults(func=cmd_verify)
+    h = sub.add_parser(
+        "hash",
+        help="one digest of the corpus's data (equal wherever and however it was built)",
+        description="Print one sha256 digest of the corpus's content: each dataset's arrays "
+        "and index, and the manifest's data entries; not timestamps, host names, paths, skip "
+        "reasons or renderings (data_prep/digest.py). Corpora with equal digests hold the "
+        "same data, e.g. one built locally and one built on a Dask cluster.",
+    )
+    h.add_argument("corpus")
+    h.add_argument("--datasets", action="store_true", help="also one digest per dataset")
+    h.set_defaults(func=cmd_hash)
     for name, (_, text) in EXTERNAL.items():
         sub.add_parser(name, help=text, add_help=False)
     return p

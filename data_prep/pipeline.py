@@ -20,6 +20,8 @@ except for the small-dataset guarantee documented there.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -28,8 +30,9 @@ import select
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ import torch
 from data_prep.readers.base import Case, CaseError, LoadedCase
 from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
+from megaseg.cluster import as_finished
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
 # Bump when a change here alters what is stored for a case: finished shards of an older
@@ -433,6 +437,7 @@ def _init_worker(specs, loads, resolutions, strict, limits=None, parent=None) ->
     """Set up a worker. ``limits``: the build's limit variables; ``parent``: PID of the build
     process, watched so the worker exits when the build dies (see :func:`_exit_with`)."""
     torch.set_num_threads(1)  # parallelism is across cases; also keeps results bit-identical
+    _WORKER.clear()  # nothing of an earlier build in this process (a cluster run's token)
     _WORKER.update(specs=specs, loads=loads, resolutions=resolutions, strict=strict)
     if limits is not None:
         set_limits(limits)
@@ -481,6 +486,7 @@ def _run_case(item) -> tuple[int, int, str | None]:
 
     j, i, case, npz, skip = item
     spec, resolutions = _WORKER["specs"][j], _WORKER["resolutions"]
+    _check_current_run()
     if _WORKER.get("marked"):  # in a worker: names the case if this process dies
         npz.parent.mkdir(parents=True, exist_ok=True)
         _started(npz).write_text(str(os.getpid()))
@@ -493,23 +499,29 @@ def _run_case(item) -> tuple[int, int, str | None]:
     except (Exception, MemoryError) as err:  # a damaged file can make any library raise
         reason = f"{case.label_path}: {type(err).__name__}: {err}"
     else:
+        _check_current_run()
         write_shard(npz, case, slices, resolutions)
         _started(npz).unlink(missing_ok=True)
         return j, i, None
     if not _WORKER["strict"]:
+        _check_current_run()
         write_skip(skip, case, reason)
     _started(npz).unlink(missing_ok=True)
     return j, i, reason
 
 
-def _run_cases(pending: list, workers: int, init: tuple):
-    """Yield ``(job, case, skip reason or None)`` per pending case, here or in worker processes.
+def _run_cases(pending: list, workers: int, init: tuple, cluster=None, run=None):
+    """Yield ``(job, case, skip reason or None)`` per pending case, here, in worker processes
+    or on a Dask ``cluster`` (:func:`_cluster_cases`).
 
     A case that kills its worker process (the OS's out-of-memory killer, a crash in a file
     reader) breaks the pool: the cases then in flight (those with a ``.started`` marker) are
     rerun one at a time in a pool of their own; the one that breaks it again is skipped and
     named, and the other cases continue in a new pool.
     """
+    if cluster is not None:
+        yield from _cluster_cases(cluster, pending, init, run)
+        return
     if workers <= 1 or len(pending) <= 1:
         threads = torch.get_num_threads()
         _init_worker(*init)
@@ -518,8 +530,6 @@ def _run_cases(pending: list, workers: int, init: tuple):
         finally:
             torch.set_num_threads(threads)
         return
-    from data_prep.store_writer import write_skip
-
     # forkserver: workers fork from a server process that imported the pipeline (and MONAI)
     # once but never ran torch ops, so no thread-pool state is forked, and starting a worker
     # costs no import (spawn took ~10 s per worker on a busy 2-core machine).
@@ -538,41 +548,130 @@ def _run_cases(pending: list, workers: int, init: tuple):
         for item in suspects:
             _started(item[3]).unlink(missing_ok=True)
             if (yield from _pool_round(ctx, 1, init, [item])):
-                j, i, case, npz, skip = item
-                _started(npz).unlink(missing_ok=True)
-                reason = (
-                    f"{case.label_path}: the worker process died while processing this case "
-                    "(killed by the OS, e.g. out of memory, or a crash in a file reader)"
-                )
-                if not strict:
-                    write_skip(skip, case, reason)
-                yield j, i, reason
+                yield _worker_died(item, strict)
         queue = [item for item in broken if item not in suspects]
+
+
+def _worker_died(item, strict: bool) -> tuple[int, int, str]:
+    """Skip (and name) a case whose worker process died each time it ran."""
+    from data_prep.store_writer import write_skip
+
+    j, i, case, npz, skip = item
+    _started(npz).unlink(missing_ok=True)
+    reason = (
+        f"{case.label_path}: the worker process died while processing this case "
+        "(killed by the OS, e.g. out of memory, or a crash in a file reader)"
+    )
+    if not strict:
+        write_skip(skip, case, reason)
+    return j, i, reason
 
 
 def _pool_round(ctx, workers: int, init: tuple, items: list):
     """Run ``items`` in a new pool, yielding results; returns the items its breaking stopped."""
     broken = []
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=init) as pool:
-        futures = {}
-        try:
-            for n, item in enumerate(items):
-                try:
-                    futures[pool.submit(_run_case, item)] = item
-                except BrokenProcessPool:
-                    broken += items[n:]
-                    break
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    broken.append(futures[future])
-                    continue
+        for item, result in as_finished(pool, _run_case, items, survive=(BrokenProcessPool,)):
+            if isinstance(result, BrokenProcessPool):
+                broken.append(item)
+            else:
                 yield result
-        finally:
-            for future in futures:
-                future.cancel()
     return broken
+
+
+# -- the build on a Dask cluster ---------------------------------------------------------------
+
+RUN_FILE = "run.json"  # in WORK_DIR: the running build's token; tasks of any other write nothing
+
+
+def _cluster_cases(cluster, pending: list, init: tuple, run: tuple[Path, str]):
+    """Yield ``(job, case, skip reason or None)`` per pending case, each a Dask task.
+
+    Dask reruns a case whose worker died on another worker. A case given up by the scheduler
+    (it was on more dying workers than ``allowed-failures``, see ``megaseg.cluster``) is
+    skipped and named, as in the local pool, when its ``.started`` marker shows it was running
+    there; one that was only queued on workers that died running other cases is resubmitted.
+    """
+    # Sent with each task, not scattered once: scattered data dies with the workers holding
+    # it (a case that kills two workers would take it along), a task's arguments do not.
+    setup = (init, run)
+    queue = [_on_shared_filesystem(item) for item in pending]
+    for item in queue:  # markers of an earlier, killed run would name innocent cases
+        _started(item[3]).unlink(missing_ok=True)
+    while queue:
+        done = as_finished(
+            cluster.executor, _run_case_in_cluster, queue, setup, survive=(cluster.worker_died,)
+        )
+        queue = []
+        try:
+            for item, result in done:
+                if not isinstance(result, BaseException):
+                    yield result
+                elif _started(item[3]).exists():
+                    yield _worker_died(item, init[3])
+                else:
+                    queue.append(item)
+        finally:
+            done.close()
+
+
+def _on_shared_filesystem(item):
+    """A pending case with absolute input and output paths: workers do not share the client's
+    working directory. (In-memory cases, which have no image file, keep their label_path.)"""
+    j, i, case, npz, skip = item
+    if case.image_paths:
+        case = dataclasses.replace(
+            case,
+            image_paths=tuple(Path(p).absolute() for p in case.image_paths),
+            label_path=Path(case.label_path).absolute(),
+            mask_paths=tuple(Path(p).absolute() for p in case.mask_paths),
+        )
+    return j, i, case, npz.absolute(), skip.absolute()
+
+
+_SETUP_LOCK = threading.Lock()
+
+
+def _run_case_in_cluster(setup, item) -> tuple[int, int, str | None]:
+    """:func:`_run_case` in a Dask worker; ``setup`` = ``(init, run)`` of :func:`_run_cases`."""
+    init, run = setup
+    with _SETUP_LOCK:
+        if _WORKER.get("run") != run:  # this build's first case in this process
+            _init_worker(*init)
+            _WORKER.update(marked=True, run=run)
+    return _run_case(item)
+
+
+class StaleBuild(RuntimeError):
+    """A Dask task of a build that stopped (its client was killed) while a newer build of the
+    corpus started or finished: the task writes nothing, so the corpus stays the newer one's."""
+
+
+def _check_current_run() -> None:
+    """Raise :class:`StaleBuild` in a Dask task whose build is no longer the corpus's."""
+    run = _WORKER.get("run")
+    if run is None:  # the local pool: its workers die with their build
+        return
+    path, token = run
+    try:
+        current = path.read_text() == token
+    except OSError:
+        current = False
+    if not current:
+        raise StaleBuild(f"{path}: not this build's token any more; nothing written")
+
+
+def _start_run(out: Path, cluster) -> tuple[Path, str] | None:
+    """Make the tasks of an earlier, killed cluster build stale; a new token when on a cluster."""
+    from data_prep import store_writer as sw
+
+    path = (out / sw.WORK_DIR / RUN_FILE).absolute()
+    if cluster is None:
+        path.unlink(missing_ok=True)
+        return None
+    token = uuid.uuid4().hex
+    sw.atomic_write(path, lambda f: f.write(token.encode()))
+    return path, token
 
 
 def build_corpus(
@@ -583,12 +682,19 @@ def build_corpus(
     strict: bool = False,
     seed: int = 0,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> BuildSummary:
     """Build (or finish building) the corpus ``out`` from ``jobs``; see ``store_writer``.
 
     Resumable: rerunning the same call after a kill reuses every finished shard and dataset.
     ``strict``: the first bad case stops the build; the corpus is left as it was (the resume
     cache of other datasets and of earlier runs included).
+    ``scheduler``: a Dask scheduler address or ``local:N`` (:mod:`megaseg.cluster`): each case
+    is a task on its workers, which read the inputs and write the shards into ``out`` (a
+    shared filesystem, the same absolute paths); ``workers`` is then unused. The corpus is the
+    same as a local build's, and either resumes the other's interrupted build. Raises
+    ``megaseg.cluster.SchedulerError`` (before anything is written when the scheduler cannot be
+    reached; a lost scheduler leaves the finished shards for a rerun).
 
     Raises ValueError for a bad job (a name that is not a plain folder name, no cases) and
     ``store_writer.BuildRefused`` when the build would replace a path megaseg did not write
@@ -611,15 +717,22 @@ def build_corpus(
     if out.exists() and not out.is_dir():
         raise sw.BuildRefused(f"{out}: exists and is not a folder")
     sw.check_owned(out, names)  # before anything is created: a refused build leaves no trace
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with sw.build_lock(out):
-        sw.check_owned(out, names)  # again, now that no other build can change the corpus
-        work_existed = (out / sw.WORK_DIR).exists()
-        sw.make_work_dir(out)
-        return _build(
-            jobs, out, workers, resolutions, strict, seed, progress, created, work_existed
-        )
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if scheduler is not None:  # connected before anything is created, too
+            from megaseg.cluster import connect
+
+            cluster = stack.enter_context(connect(scheduler))
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        with sw.build_lock(out):
+            sw.check_owned(out, names)  # again, now that no other build can change the corpus
+            work_existed = (out / sw.WORK_DIR).exists()
+            sw.make_work_dir(out)
+            return _build(
+                jobs, out, workers, resolutions, strict, seed, progress, created, work_existed,
+                cluster,
+            )  # fmt: skip
 
 
 def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
@@ -641,7 +754,7 @@ def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
 
 
 def _build(
-    jobs, out: Path, workers, resolutions, strict, seed, progress, created, work_existed
+    jobs, out: Path, workers, resolutions, strict, seed, progress, created, work_existed, cluster
 ) -> BuildSummary:
     from tqdm import tqdm
 
@@ -669,7 +782,8 @@ def _build(
     limits = {name: os.environ.get(name) for name in LIMIT_VARIABLES}
     init = ([job.spec for job in jobs], [job.load for job in jobs], resolutions, strict, limits)
     bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending)
-    results = _run_cases(pending if summary.fatal is None else [], workers, init)
+    run = _start_run(out, cluster)
+    results = _run_cases(pending if summary.fatal is None else [], workers, init, cluster, run)
     try:
         for j, i, reason in results:
             bar.update()
@@ -681,6 +795,8 @@ def _build(
     finally:
         results.close()  # strict stop: cases not started are cancelled, running ones finish
     bar.close()
+    if run is not None:  # first: cluster tasks still running now write nothing
+        run[0].unlink(missing_ok=True)
     if summary.fatal is not None:
         # only what this run wrote: the shards it finished before the stop (the resume cache
         # of earlier runs and other datasets stays), then the folders it made, if now empty

@@ -5,7 +5,7 @@
         [--folder my_images/] [--synthetic-tasks 50 [--synthetic-version 2]] \\
         [--support-sizes 1 2 4 8 16 32 64] [--draws-per-n 5] [--ensemble 1] [--flips] \\
         [--methods megaseg mean_label supervised random_init] [--supervised-steps 300] \\
-        [--out megaseg_work/eval] [--seed 0] [--allow-overlap]
+        [--out megaseg_work/eval] [--seed 0] [--allow-overlap] [--scheduler ADDRESS]
 
     # the same draws for another checkpoint (sources re-opened from draws.json):
     megaseg evaluate --checkpoint other.safetensors --draws megaseg_work/eval/draws.json \\
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ PROG = "megaseg evaluate"
 
 
 def parser() -> argparse.ArgumentParser:
+    from megaseg.cluster import SCHEDULER_HELP
     from megaseg.evaluation.defaults import (
         DEFAULT_DRAWS_PER_N,
         DEFAULT_METHODS,
@@ -129,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="B",
                    help="bootstrap resamples of the 95%% intervals")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help=SCHEDULER_HELP + "; each (task, N, draw) is one Dask task, the numbers "
+                        "are the local run's")  # fmt: skip
     return p
 
 
@@ -191,11 +196,15 @@ def _protocol_datasets(path: str, corpus) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from megaseg.cluster import SchedulerError, scheduler_address
     from megaseg.data.store import CorpusError
     from megaseg.evaluation import DrawSet, OverlapError, evaluate
     from megaseg.evaluation.sources import check_synthetic_version, sources_from_record
     from megaseg.inference import Segmenter
 
+    scheduler = scheduler_address(args.scheduler)
+    if scheduler is not None and args.corpus:
+        args.corpus = os.path.abspath(args.corpus)  # read by the workers, from their own cwd
     try:
         seg = Segmenter.from_checkpoint(args.checkpoint, args.device, resolution=args.resolution)
         draws = None
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             model_label=args.label,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            scheduler=scheduler,
         )
     # ValueError covers CheckpointError, ProtocolError and malformed protocol/draws files.
     # FileExistsError: --out holds a file megaseg did not write (megaseg.outputs).
@@ -241,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         KeyError,
         CorpusError,
+        SchedulerError,
     ) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2

@@ -199,18 +199,25 @@ def test_ddp_ranks_train_on_distinct_reproducible_episodes(tmp_path):
                     "--trainer.limit_val_batches", "0", "--trainer.strategy", "ddp",
                     "--trainer.devices", "2", "--trainer.accelerator", "cpu")  # fmt: skip
     run_cli(args)
-    logs = [episode_log(tmp_path, rank) for rank in (0, 1)]
+    check_two_rank_streams(tmp_path)
+    assert (tmp_path / "export" / "final.safetensors").is_file()
+
+
+def check_two_rank_streams(root: Path) -> None:
+    """Ranks 0 and 1 of a 3-step ``fit_args`` run under ``root`` trained on distinct episodes,
+    each rank's the sampler's pure function of (seed, rank, step)."""
+    logs = [episode_log(root, rank) for rank in (0, 1)]
     assert [[r["global_step"] for r in log] for log in logs] == [[0, 1, 2]] * 2
     for rank, log in enumerate(logs):
         assert all(r["index"] == [0, 0, rank, r["global_step"]] for r in log)
     assert all(a["task"] != b["task"] for a, b in zip(*logs, strict=True))
-    # each rank's stream is the sampler's pure function of (seed, rank, step)
     from megaseg.training import EpisodeDataModule
 
     dm = EpisodeDataModule(resolution=64, support_size=[4, 8], batch_size=2, synthetic_tasks=1000)
     sampler_batch = dm.train_dataloader().dataset.sampler.batch
-    assert sampler_batch(0, 0, 1, 2)["task"] == logs[1][2]["task"]
-    assert (tmp_path / "export" / "final.safetensors").is_file()
+    assert [sampler_batch(0, 0, 1, step)["task"] for step in range(3)] == [
+        r["task"] for r in logs[1]
+    ]
 
 
 def test_fit_on_a_corpus_and_synthetic_tasks_never_trains_on_held_out(tmp_path):

@@ -25,7 +25,7 @@ import json
 import os
 import time
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +215,7 @@ def evaluate(
     training_datasets: Sequence[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    scheduler: str | None = None,
 ) -> EvaluationResult:
     """Evaluate a model and baselines on held-out sources (see the module docstring).
 
@@ -242,12 +243,18 @@ def evaluate(
         training_datasets: overrides the card's list (needed to check a bare network).
         supervised_steps: training steps of the supervised baseline per support set.
         resamples, level: the bootstrap over tasks.
+        scheduler: a Dask scheduler address or ``local:N`` (:mod:`megaseg.cluster`): each
+            (task, N, draw) is one task on its workers, which receive the methods and sources
+            once (a corpus is read by them: the same absolute path on a shared filesystem).
+            The numbers are the local run's; only the timings differ.
 
     Raises:
         OverlapError: a dataset the model was trained on, without ``allow_overlap``.
         ProtocolError: a draw that breaks the protocol (e.g. a replayed, edited file).
         FileExistsError: ``out_dir`` holds a file of an output's name megaseg did not write.
         CheckpointError: a card whose training fields are malformed (names the card).
+        megaseg.cluster.SchedulerError: the scheduler cannot be reached or was lost (nothing
+            is written).
     """
     if out_dir is not None:
         _check_out_dir(Path(out_dir), draws, overwrite)
@@ -310,7 +317,9 @@ def evaluate(
 
     method_objs = _methods(methods, seg, seed, supervised_steps, model_label, flips)
     primary = method_objs[0].name
-    rows, cases, seconds = _run(drawset, sources, method_objs, R, overlapping, primary, progress)
+    rows, cases, seconds = _run(
+        drawset, sources, method_objs, R, overlapping, primary, progress, scheduler
+    )
 
     tasks = report.task_means(rows)
     summary = report.summarize(tasks, resamples, level, drawset.settings.get("seed", seed))
@@ -364,8 +373,13 @@ def _recorded_flips(drawset: DrawSet) -> bool:
     return value
 
 
-def _run(drawset, sources, methods, R, overlapping, primary, progress):
-    """Predict every draw with every method -> (rows, best/median/worst candidates, timings)."""
+def _run(drawset, sources, methods, R, overlapping, primary, progress, scheduler=None):
+    """Predict every draw with every method -> (rows, best/median/worst candidates, timings).
+
+    Each draw is one unit (:func:`_predict_draw`), run here in order or, with ``scheduler``,
+    as a task on a Dask cluster (:mod:`megaseg.cluster`); rows come out in the same order
+    either way, from the same tensors, so the numbers are the same.
+    """
     from tqdm.auto import tqdm
 
     by_name = {s.dataset: s for s in sources}
@@ -376,49 +390,50 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress):
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for d in drawset.draws:
         groups[(d.dataset, d.task)].append(d)
-    max_n = max(d.N for d in drawset.draws)
-    rows: list[dict] = []
-    cases: list[dict] = []  # primary method at the largest N: packed predictions
-    seconds: dict[str, list[float]] = {m.name: [] for m in methods}
-    bar = tqdm(total=len(drawset.draws) * len(methods), desc="evaluate", unit="draw",
-               disable=not progress, leave=False)  # fmt: skip
+    units = []  # (position, dataset, task, the task's example ids, draw)
     for (dataset, name), draws in groups.items():
         task = task_of.get((dataset, name))
         if task is None:
             raise ValueError(f"draws: task {dataset}/{name} is not in the source {dataset!r}")
-        ids = list(
+        ids = tuple(
             dict.fromkeys(
                 i for d in draws for i in (*d.queries, *(x for s in d.support for x in s))
             )
         )
-        images, labels = by_name[dataset].load(name, ids, R)
-        index = {i: k for k, i in enumerate(ids)}
         for d in draws:
             check_draw(d, task)
-            q_rows = torch.tensor([index[q] for q in d.queries])
-            queries, truth = images[q_rows], binarize(labels[q_rows])
-            for m in methods:
-                start = time.perf_counter()
-                probs = ensemble_predict(m, queries, images, labels, d, index)
-                elapsed = time.perf_counter() - start
-                seconds[m.name].append(elapsed / d.ensemble)
-                scores = dice(probs, truth).tolist()
-                pred = probs > 0.5
-                for b, q in enumerate(d.queries):
-                    rows.append({
-                        "method": m.name, "dataset": dataset, "task": name, "query": q,
-                        "subject": task.subjects[q], "N": d.N, "support_size": d.support_size,
-                        "r": d.r, "ensemble": d.ensemble, "seed": d.seed, "dice": scores[b],
-                        "truth_pixels": int(truth[b].sum()), "pred_pixels": int(pred[b].sum()),
-                        "within_subject": d.within_subject, "overlap": dataset in overlapping,
-                        "call_seconds": elapsed,
-                    })  # fmt: skip
-                    if m.name == primary and d.N == max_n:
-                        cases.append(
-                            {"row": len(rows) - 1, "pred": np.packbits(pred[b, 0].numpy())}
-                        )
-                bar.update(1)
+            units.append((len(units), dataset, name, ids, d))
+    max_n = max(d.N for d in drawset.draws)
+    predictor = _Predictor(by_name, methods, R, primary, max_n)
+    bar = tqdm(total=len(drawset.draws) * len(methods), desc="evaluate", unit="draw",
+               disable=not progress, leave=False)  # fmt: skip
+    outputs: list = [None] * len(units)
+    for unit, out in _predictions(predictor, units, scheduler):
+        outputs[unit[0]] = out
+        bar.update(len(methods))
     bar.close()
+    _LOADED.clear()
+
+    rows: list[dict] = []
+    cases: list[dict] = []  # primary method at the largest N: packed predictions
+    seconds: dict[str, list[float]] = {m.name: [] for m in methods}
+    for (_, dataset, name, _, d), out in zip(units, outputs, strict=True):
+        task = task_of[(dataset, name)]
+        for m, (elapsed, scores, truth_pixels, pred_pixels, packed) in zip(
+            methods, out, strict=True
+        ):
+            seconds[m.name].append(elapsed / d.ensemble)
+            for b, q in enumerate(d.queries):
+                rows.append({
+                    "method": m.name, "dataset": dataset, "task": name, "query": q,
+                    "subject": task.subjects[q], "N": d.N, "support_size": d.support_size,
+                    "r": d.r, "ensemble": d.ensemble, "seed": d.seed, "dice": scores[b],
+                    "truth_pixels": truth_pixels[b], "pred_pixels": pred_pixels[b],
+                    "within_subject": d.within_subject, "overlap": dataset in overlapping,
+                    "call_seconds": elapsed,
+                })  # fmt: skip
+                if packed is not None:
+                    cases.append({"row": len(rows) - 1, "pred": packed[b]})
     return rows, cases, seconds
 
 
@@ -448,6 +463,91 @@ def _written_files(paths: dict) -> list[Path]:
     for value in paths.values():
         files += [Path(v) for v in value] if isinstance(value, list) else [Path(value)]
     return files
+
+
+@dataclass
+class _Predictor:
+    """What predicting a draw needs: sources by dataset name, the methods, the resolution;
+    copied once to each Dask worker. ``token`` keys the per-process cache of loaded tasks."""
+
+    sources: dict[str, Source]
+    methods: list[Method]
+    R: int
+    primary: str
+    max_n: int
+    token: str = field(default_factory=lambda: os.urandom(8).hex())
+
+
+# (token, dataset, task) -> (images, labels) of the tasks loaded last in this process: draws
+# of one task come one after another, so each task is loaded once locally (and about once per
+# worker on a cluster).
+_LOADED: OrderedDict = OrderedDict()
+_LOADED_TASKS = 2
+
+
+def _task_examples(predictor: _Predictor, dataset: str, name: str, ids: tuple[str, ...]):
+    """``(images, labels)`` ``(len(ids), 1, R, R)`` of a task's examples ``ids``, cached."""
+    key = (predictor.token, dataset, name)
+    if key not in _LOADED:
+        _LOADED[key] = predictor.sources[dataset].load(name, list(ids), predictor.R)
+        while len(_LOADED) > _LOADED_TASKS:
+            _LOADED.popitem(last=False)
+    return _LOADED[key]
+
+
+def _predict_draw(predictor: _Predictor, unit) -> list[tuple]:
+    """One draw, every method -> per method ``(seconds, dice per query, truth pixels per
+    query, predicted pixels per query, packed predicted masks or None)``; the masks only for
+    the primary method at the largest N (the best / median / worst plot)."""
+    _, dataset, name, ids, d = unit
+    images, labels = _task_examples(predictor, dataset, name, ids)
+    index = {i: k for k, i in enumerate(ids)}
+    q_rows = torch.tensor([index[q] for q in d.queries])
+    queries, truth = images[q_rows], binarize(labels[q_rows])
+    out = []
+    for m in predictor.methods:
+        start = time.perf_counter()
+        probs = ensemble_predict(m, queries, images, labels, d, index)
+        elapsed = time.perf_counter() - start
+        pred = probs > 0.5
+        packed = None
+        if m.name == predictor.primary and d.N == predictor.max_n:
+            packed = [np.packbits(p[0].numpy()) for p in pred]
+        out.append((
+            elapsed, dice(probs, truth).tolist(), truth.flatten(1).sum(1).tolist(),
+            pred.flatten(1).sum(1).tolist(), packed,
+        ))  # fmt: skip
+    return out
+
+
+def _predictions(predictor: _Predictor, units: list, scheduler: str | None):
+    """Yield ``(unit, output of _predict_draw)``: in order here, as they finish on a cluster."""
+    if scheduler is None:
+        for unit in units:
+            yield unit, _predict_draw(predictor, unit)
+        return
+    from concurrent.futures import CancelledError
+
+    from megaseg.cluster import SchedulerError, as_finished, connect
+
+    with connect(scheduler) as cluster:
+        shared = cluster.share(predictor)  # the model: sent once to each worker
+        died = (cluster.worker_died, CancelledError)
+        done = as_finished(cluster.executor, _predict_draw, units, shared, survive=died)
+        try:
+            for unit, out in done:
+                if isinstance(out, BaseException) and cluster.client.status == "running":
+                    _, dataset, name, _, d = unit
+                    raise SchedulerError(
+                        f"--scheduler {scheduler}: workers died running the draw {dataset}/"
+                        f"{name} N={d.N} r={d.r}, or every worker holding the model did "
+                        f"({type(out).__name__}; out of memory?); nothing was written"
+                    )
+                if isinstance(out, BaseException):
+                    raise out
+                yield unit, out
+        finally:
+            done.close()
 
 
 def _write(result: EvaluationResult, out: Path, sources, cases, primary, R) -> dict:

@@ -88,7 +88,9 @@ def quiet_third_party_notices() -> None:
 
 
 def _is_rank_zero() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    # Lightning's launcher / torchrun set LOCAL_RANK, NODE_RANK, RANK; srun sets SLURM_PROCID
+    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)
 
 
 def _say(line: str) -> None:
