@@ -303,6 +303,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(images) == 3
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == [
+        ".megaseg-outputs.json",  # the record of what megaseg wrote (megaseg.outputs)
         "annotate_dice.png",
         "mni152_annotated.nii.gz",
         "mni152_annotated_uncertainty.nii.gz",
