@@ -37,6 +37,8 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
 
     ``suffix`` ends the temporary name (a writer that picks the format from the extension,
     e.g. nibabel, needs ``.nii.gz``). A failed write leaves ``path`` untouched and no temporary.
+    The file gets the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's
+    0600, so that collaborators on a shared server can read what megaseg wrote.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,10 +47,24 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     os.close(fd)
     try:
         write(tmp)
+        # after write(): a writer may have replaced the temporary with a new file of its own
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc where there is one: ``os.umask`` can only read it by
+    setting it, which for a moment would change the mode of files other threads create."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_all(items: Sequence[tuple[Path, Callable[[str], None], str]]) -> None:
