@@ -318,7 +318,9 @@ class VolumeSession:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc="segment", unit="slice", leave=False)
+            from megaseg.progress import progress_options
+
+            bar = tqdm(total=total, desc="segment", unit="slice", leave=False, **progress_options())
         done = 0
         try:
             for support, indices in todo.items():
