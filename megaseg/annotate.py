@@ -1,6 +1,6 @@
 """Annotate a whole volume from a few labelled slices, guided by the model's uncertainty.
 
-    seg = Segmenter.from_checkpoint("universeg_v1_small")
+    seg = Segmenter.from_checkpoint("megaseg_generalist")
     session = VolumeSession(seg, "t1.nii.gz", axis=2)
     session.add(90, labels_of_slice_90)             # (H, W) integer map: 0 bg, 1, 2, ...
     result = session.segment()                      # result.labels, .uncertainty, .slice_scores

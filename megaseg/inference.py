@@ -165,8 +165,10 @@ class Segmenter:
         """Load weights safely (see :mod:`megaseg.checkpoint`) and wrap them.
 
         ``path_or_name``: a ``.safetensors`` file (its ``.json`` card beside it), a raw state
-        dict saved with ``torch.save`` (tensors only), or the name of a registered model to
-        load the weights megaseg ships for it. ``resolution`` defaults to the card's
+        dict saved with ``torch.save`` (tensors only), the name of weights megaseg ships
+        (``"megaseg_generalist"``, the default, and the others in ``checkpoints/README.md``),
+        or the name of a registered model to load the default weights megaseg ships for it
+        (``"universeg_v1_small"``: the same as ``"megaseg_generalist"``). ``resolution`` defaults to the card's
         (``resolution``, or ``preprocessing.resolution`` / ``preprocessing.size``), else 128.
         ``kwargs`` go to :class:`Segmenter`. Weights holding NaN or inf are refused unless
         ``allow_nonfinite=True``.
@@ -179,22 +181,24 @@ class Segmenter:
         """
         from megaseg.checkpoint import card_preprocessing, load_checkpoint
         from megaseg.models import create_model, list_models
-        from megaseg.models.registry import pretrained_path
+        from megaseg.models.registry import pretrained_path, shipped_weights
 
         path = Path(path_or_name)
+        shipped = shipped_weights()
         if path.is_file():
             model, card = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
-        elif isinstance(path_or_name, str) and path_or_name in list_models():
-            path = pretrained_path(path_or_name)
+        elif isinstance(path_or_name, str) and (
+            path_or_name in list_models() or path_or_name in shipped
+        ):
+            name, tag = shipped.get(path_or_name, (path_or_name, True))
+            path = pretrained_path(name, tag)
             model, card = load_checkpoint(
-                path,
-                model=create_model(path_or_name),
-                allow_nonfinite=allow_nonfinite,
+                path, model=create_model(name), allow_nonfinite=allow_nonfinite
             )
         else:
             raise FileNotFoundError(
-                f"{path_or_name}: no such checkpoint file, and not a model name "
-                f"({', '.join(list_models())})"
+                f"{path_or_name}: no such checkpoint file, and not the name of shipped weights "
+                f"({', '.join(shipped)}) or of a model ({', '.join(list_models())})"
             )
         if resolution is None:
             resolution = card_resolution(card, path) or DEFAULT_RESOLUTION

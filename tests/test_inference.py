@@ -403,9 +403,22 @@ def test_from_checkpoint_refuses_a_pickled_object(tmp_path):
         Segmenter.from_checkpoint(tmp_path / "evil.pt", "cpu")
 
 
-def test_from_checkpoint_by_name_reports_no_shipped_weights():
-    with pytest.raises(ValueError, match=r"ships no pretrained weights for 'universeg_v1'"):
+def test_from_checkpoint_by_name_reports_no_shipped_weights_and_points_to_the_official():
+    with pytest.raises(ValueError, match=r"ships no pretrained weights for 'universeg_v1'") as e:
         Segmenter.from_checkpoint("universeg_v1", "cpu")
+    assert "from_pretrained('universeg-v1-official', accept_license=True)" in str(e.value)
+    assert "from_checkpoint('megaseg_generalist')" in str(e.value)
+
+
+def test_the_shipped_default_loads_by_its_name_and_by_its_architecture_name():
+    by_name = Segmenter.from_checkpoint("megaseg_generalist", "cpu")
+    by_model = Segmenter.from_checkpoint("universeg_v1_small", "cpu")
+    assert by_name.weights_path == by_model.weights_path
+    assert by_name.weights_path.name == "megaseg_generalist.safetensors"
+    older = Segmenter.from_checkpoint("megaseg_small_synth64", "cpu")
+    assert older.weights_path.name == "megaseg_small_synth64.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"not the name of shipped weights \(megaseg_gen"):
+        Segmenter.from_checkpoint("megaseg_generalis", "cpu")
 
 
 def test_from_checkpoint_unknown_path(tmp_path):
