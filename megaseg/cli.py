@@ -138,6 +138,13 @@ def lightning_help(command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; one whose reader closes the pipe early stops quietly (megaseg.pipes)."""
+    from megaseg.pipes import run_command
+
+    return run_command(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
