@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ from torch import Tensor, nn
 from megaseg.checkpoint import MAX_RESOLUTION, atomic_write, card_resolution
 from megaseg.outputs import check_replaceable, record
 from megaseg.preprocess import (
+    HU_LIKE_MIN,
+    guess_modality,
     normalize_intensity,
     prepare_image,
     prepare_label,
@@ -261,7 +264,9 @@ class Segmenter:
                 soft masks in [0, 1], or integer maps (one task per nonzero value).
             modality, window: intensity windowing (see
                 :func:`~megaseg.preprocess.normalize_intensity`), applied to each support
-                image and later to every query. Default: the card's, else min-max.
+                image and later to every query. Default: the card's; else CT when the
+                images hold values below -500 (Hounsfield units, with a warning), else
+                min-max.
             max_labels: the most distinct nonzero label values (tasks) the integer maps may
                 hold together (:data:`MAX_LABELS`); more is refused as a likely mistake.
 
@@ -280,6 +285,7 @@ class Segmenter:
         ]
         if not imgs:
             raise ValueError("support_images: the support set is empty")
+        modality = guess_modality(imgs, modality, window, "support_images")
         if len(labs) != len(imgs):
             raise ValueError(
                 f"support_labels: {len(labs)} label maps for {len(imgs)} support_images; "
@@ -491,6 +497,13 @@ class Segmenter:
         data, image = _load_volume(volume)
         if axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"axis: must be 0, 1 or 2 for a 3D volume, got {axis}")
+        if sup.modality is None and sup.window is None and np.nanmin(data) < HU_LIKE_MIN:
+            warnings.warn(
+                f"volume: intensities down to {float(np.nanmin(data)):.0f} look like CT Hounsfield "
+                "units, but the support set was windowed min-max (its images did not); if both "
+                "are CT, pass modality='CT' to set_support",
+                stacklevel=2,
+            )
         try:
             data = normalize_intensity(data, sup.modality, sup.window)
         except ValueError as e:
