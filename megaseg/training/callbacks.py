@@ -29,6 +29,33 @@ def resolved_config(trainer: pl.Trainer) -> dict:
     return {}
 
 
+class SaveOnSigterm(pl.Callback):
+    """On SIGTERM (a job scheduler's time limit), save a resumable ``last.ckpt`` before the
+    run stops. Lightning notices the signal after the current batch and stops the loop with
+    ``SIGTERMException``; this saves the state at that step, in the first ``ModelCheckpoint``'s
+    folder (else ``ROOT/checkpoints``), where ``--ckpt_path last`` finds it. ``saved``: the
+    path written, None until then."""
+
+    def __init__(self):
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+            path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        else:
+            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank: a collective call under DDP
+        if isinstance(ckpt, ModelCheckpoint):
+            ckpt.last_model_path = str(path)
+        self.saved = path
+
+
 class ExportWeights(pl.Callback):
     """Export the network as safetensors + JSON card whenever a ``.ckpt`` is saved
     (``last.safetensors``) and when fitting ends (``final.safetensors``).

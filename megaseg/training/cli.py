@@ -35,8 +35,14 @@ from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from megaseg.training.callbacks import EpisodeThroughput, ExportWeights, PredictionWriter
+from megaseg.training.callbacks import (
+    EpisodeThroughput,
+    ExportWeights,
+    PredictionWriter,
+    SaveOnSigterm,
+)
 from megaseg.training.checkpoint_io import (
     AtomicCheckpointIO,
     IncompleteCheckpoint,
@@ -53,6 +59,10 @@ from megaseg.training.run_folder import (
     run_lock,
 )
 from megaseg.training.threads import auto_workers, available_cores, plan_cpu
+
+# Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a terminated process): the
+# run is not complete, so a `megaseg fit ... && next step` chain stops there.
+EXIT_SIGTERM = 143
 
 # A run logs at least this many times, so that a short run still writes metrics.csv rows.
 MIN_LOGGED_STEPS = 4
@@ -194,11 +204,22 @@ class MegasegCLI(LightningCLI):
         return ckpt, export
 
     def _checked_ckpt(self, ckpt_path, model):
-        """``--ckpt_path``: ``last`` resolved to the run's one last checkpoint (left to
-        Lightning when there is none), a local file checked to be complete and of this network;
-        anything else as given."""
+        """``--ckpt_path``: ``last`` resolved to the run's one last checkpoint (none: fit starts
+        a new run and says so, as a job resubmitted with the same command expects; the other
+        subcommands refuse), a local file checked to be complete and of this network; anything
+        else as given."""
         if ckpt_path == "last":
-            ckpt_path = resolve_last(self._run_dirs()[0]) or "last"
+            found = resolve_last(self._run_dirs()[0])
+            if found is None:
+                where = ", ".join(str(d) for d in self._run_dirs()[0]) or "the run folder"
+                if self.subcommand != "fit":
+                    raise RunRefused(
+                        f"--ckpt_path last: no checkpoint in {where}; pass the weights to run "
+                        "with --ckpt_path PATH"
+                    )
+                _say(f"megaseg fit: --ckpt_path last: no checkpoint in {where} yet; starting a "
+                     "new run from step 0")  # fmt: skip
+            ckpt_path = found
         if ckpt_path is not None and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
             check_resumable(ckpt_path, model)
         return ckpt_path
@@ -209,7 +230,7 @@ class MegasegCLI(LightningCLI):
             if _is_rank_zero():  # DDP ranks > 0 run inside rank 0's fit
                 held.enter_context(run_lock(self.trainer.default_root_dir))
             ckpt_path = self._checked_ckpt(ckpt_path, model)
-            if ckpt_path in (None, "last") and _is_rank_zero():  # a new run ("last": none found)
+            if ckpt_path is None and _is_rank_zero():  # a new run (also "last" with none found)
                 root = Path(self.trainer.default_root_dir)
                 refuse_new_run_over(root, earlier_outputs(*self._run_dirs()))
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
@@ -314,13 +335,24 @@ def lightning_main(argv: list[str] | None = None) -> int:
             InContextSegModule,
             EpisodeDataModule,
             args=argv,
-            trainer_defaults={"callbacks": [ExportWeights(), EpisodeThroughput()]},
+            trainer_defaults={
+                "callbacks": [ExportWeights(), EpisodeThroughput(), sigterm := SaveOnSigterm()]
+            },
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
     except (RunRefused, IncompleteCheckpoint) as err:  # the message names the path
         print(f"megaseg {command}: {err}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        if _is_rank_zero():
+            saved = (
+                f"saved {sigterm.saved}; resume with the same command and --ckpt_path last"
+                if sigterm.saved is not None
+                else "no checkpoint saved"
+            )
+            print(f"megaseg {command}: stopped by SIGTERM; {saved}", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM
     finally:
         torch.set_num_threads(threads)
     return 0
