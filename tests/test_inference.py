@@ -399,8 +399,11 @@ class _Payload:
 
 def test_from_checkpoint_refuses_a_pickled_object(tmp_path):
     torch.save({"weights": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"refused, the file holds pickled objects"):
+    with pytest.raises(ValueError, match=r"refused, the file holds pickled objects") as e:
         Segmenter.from_checkpoint(tmp_path / "evil.pt", "cpu")
+    # one plain line naming the refused class: no terminal colour codes from torch's message
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+    assert "Unsupported global" in str(e.value) and "_Payload" in str(e.value)
 
 
 def test_from_checkpoint_by_name_reports_no_shipped_weights_and_points_to_the_official():
