@@ -136,3 +136,14 @@ def test_data_loader_workers_die_with_a_killed_fit(tmp_path):
         proc.stderr.close()
         for w in _children(proc.pid) if proc.poll() is None else []:
             os.kill(w, signal.SIGKILL)
+
+
+def test_the_progress_bar_counts_steps_and_is_throttled_in_a_log(tmp_path, capsys):
+    args = fit_args(tmp_path / "root", 40, "--trainer.enable_progress_bar", "true")
+    assert megaseg_main(args) == 0
+    out = capsys.readouterr()  # captured: not a terminal, as a job's log file
+    err = out.out + out.err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("steps:")]
+    assert "Epoch" not in err and "/-2" not in err
+    assert any("40/40" in line for line in lines)
+    assert len(lines) <= 30, len(lines)  # one redraw every 5% of the run, not one per step

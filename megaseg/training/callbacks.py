@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import SaveConfigCallback
 
 from megaseg.checkpoint import atomic_write
+from megaseg.progress import is_terminal
 from megaseg.training.export import export_weights
 
 
@@ -27,6 +30,39 @@ def resolved_config(trainer: pl.Trainer) -> dict:
         if isinstance(cb, SaveConfigCallback):
             return yaml.safe_load(cb.parser.dump(cb.config, skip_none=False)) or {}
     return {}
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts steps toward ``trainer.max_steps`` (megaseg's runs are measured
+    in steps; with Lightning's bars they read "Epoch 0/-2" or count batches of an endless
+    epoch). Off a terminal (a job's log file) it is redrawn every :data:`LOG_EVERY` of the run
+    at most, not at every step: each redraw is a new line there."""
+
+    LOG_EVERY = 0.05  # of max_steps, off a terminal
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not is_terminal(sys.stdout) and trainer.max_steps > 0:  # Lightning's bars: stdout
+            self._refresh_rate = max(self._refresh_rate, int(trainer.max_steps * self.LOG_EVERY))
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("steps", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total) and not bar.disable:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.n = n
+            bar.refresh()
 
 
 class SaveOnSigterm(pl.Callback):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from lightning_fabric.plugins import CheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -42,6 +42,7 @@ from megaseg.training.callbacks import (
     ExportWeights,
     PredictionWriter,
     SaveOnSigterm,
+    StepProgressBar,
 )
 from megaseg.training.checkpoint_io import (
     AtomicCheckpointIO,
@@ -178,6 +179,13 @@ class MegasegCLI(LightningCLI):
                 **self.trainer_defaults,
                 "callbacks": [cb for cb in defaults if not isinstance(cb, ExportWeights)],
             }
+        # megaseg's step-counting bar, unless the config names a bar or turns it off
+        given = config.get("callbacks") or []
+        given = list(given) if isinstance(given, list | tuple) else [given]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(cb, ProgressBar) for cb in [*callbacks, *given]
+        ):
+            config["callbacks"] = [*given, StepProgressBar()]
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         # Checkpoints saved atomically in their own folder, unless the config picks a CheckpointIO.
