@@ -417,11 +417,14 @@ def _cpu_threads():
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megaseg.helpformat import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(
         prog="megaseg demo",
         description="Segment grey and white matter in the MNI152 brain template (shipped inside "
         "nilearn; no download) from a few labelled slices of the same volume, print the Dice "
         "and write an overlay PNG.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", help="weights to run (.safetensors with its card, or a "
                    "registered model name); default: the shipped weights, else a small model "
@@ -433,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seconds", type=float, default=DEFAULT_TRAIN_SECONDS,
                    help="training budget of the synthetic fallback, when no checkpoint is "
                    f"given or shipped (default {DEFAULT_TRAIN_SECONDS:.0f})")  # fmt: skip
-    p.add_argument("--axis", choices=list(AXES), default="axial", help="slicing plane")
+    p.add_argument("--axis", choices=list(AXES), default="axial",
+                   help="slicing plane of the support and query slices (default axial)")  # fmt: skip
     p.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="query slices (default 3)")
     return p
 

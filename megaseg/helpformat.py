@@ -9,7 +9,8 @@ import argparse
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, unless it is required, its default is None
-    or SUPPRESS, or it is a flag (store_true / store_false)."""
+    or SUPPRESS, it is a flag (store_true / store_false), or its help already names its
+    default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -18,7 +19,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             or action.default is None
             or action.default is argparse.SUPPRESS
             or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
-            or "%(default)" in help_text
+            or "default" in help_text.lower()  # the help already says it
         ):
             return help_text
         return super()._get_help_string(action)

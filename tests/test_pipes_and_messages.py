@@ -79,3 +79,43 @@ def test_show_episodes_on_a_small_corpus_names_support_in_one_line(small_corpus,
     assert f"pass --support {largest - 1} or less" in err
     assert main(["show-episodes", "--corpus", str(small_corpus), "--support", str(largest - 1),
                  "--episodes", "1", "--size", "32", "--out", str(tmp_path / "e.png")]) == 0  # fmt: skip
+
+
+def _help_of(argv: list[str], capsys) -> str:
+    from megaseg.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["prep", "build"], ["square sizes every slice is stored at", "(default: [64, 128, 256])",
+                             "seed of the subject splits (default: 0)", "(default 1; not with"]),
+        (["prep", "synth"], ["synthetic tasks to write (default: 1000)", "(default: [128])",
+                             "processes writing tasks in parallel (default: 1)"]),
+        (["prep", "verify"], ["reported as a possible leak (default: 0.98)"]),
+        (["demo"], ["slicing plane of the support and query slices (default axial)"]),
+        (["evaluate"], ["--checkpoint CHECKPOINT"]),
+    ],
+)  # fmt: skip
+def test_help_describes_every_option_with_its_default(argv, expected, capsys):
+    text = " ".join(_help_of(argv, capsys).split())
+    for words in expected:
+        assert words in text, words
+    assert "(default: None)" not in text  # e.g. a required option, or one whose help says it
+
+
+def test_every_prep_and_demo_option_has_a_description():
+    import argparse
+
+    from data_prep.__main__ import parser
+    from megaseg.demo import _parser
+
+    subs = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = [_parser(), *(p for name, p in subs.choices.items() if name != "synth")]
+    missing = [(p.prog, a.dest) for p in parsers for a in p._actions if not a.help]
+    assert missing == []
