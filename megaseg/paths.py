@@ -32,6 +32,21 @@ def work_dir(*parts: str) -> Path:
     return Path(os.environ.get("MEGASEG_WORK", "megaseg_work")).joinpath(*parts)
 
 
+def checkout_work_dir(*parts: str) -> Path:
+    """Like :func:`work_dir`, but a relative default is taken in the source checkout megaseg
+    runs from (the folder holding ``pyproject.toml`` beside ``megaseg/``), not in the working
+    folder: a notebook's kernel runs in ``notebooks/``, and its outputs belong in the
+    checkout's ``megaseg_work/`` as the README says. Outside a checkout (an installed
+    megaseg), the working folder's."""
+    env = os.environ.get("MEGASEG_WORK")
+    if env:
+        return Path(env).joinpath(*parts)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "megaseg" / "__init__.py").is_file():
+        return (root / "megaseg_work").joinpath(*parts)
+    return work_dir(*parts)
+
+
 def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
 

@@ -84,9 +84,10 @@ class _DropLitLoggerTip(logging.Filter):
 
 
 def quiet_third_party_notices() -> None:
-    """Hide two notices megaseg can do nothing about: Lightning's advertisement for its cloud
-    logger (printed on every run) and torch's deprecation of ``LeafSpec``, which Lightning's
-    own pytree code still uses (pytorch_lightning/utilities/_pytree.py)."""
+    """Hide notices megaseg can do nothing about: Lightning's advertisement for its cloud
+    logger (printed on every run), torch's deprecation of ``LeafSpec``, which Lightning's own
+    pytree code still uses (pytorch_lightning/utilities/_pytree.py), and jsonargparse's
+    deprecations of what Lightning's CLI calls."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
@@ -96,6 +97,14 @@ def quiet_third_party_notices() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
     )
+    # jsonargparse deprecates calls that Lightning's own CLI code makes (instantiate_classes,
+    # add_instantiator, skip_none): a notice for Lightning's developers, not for megaseg users.
+    with contextlib.suppress(ImportError):  # where its name moves, the notices come back
+        from jsonargparse._deprecated import JsonargparseDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=JsonargparseDeprecationWarning)
+    # megaseg passes its own argv on purpose (lightning_main from Python: tests, notebooks)
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
 
 
 def _is_rank_zero() -> bool:
