@@ -1002,7 +1002,7 @@ def test_compare_runs_pairs_folders_on_the_same_draws_and_refuses_others(seg, di
         compare_runs(tmp_path / "a", tmp_path / "d")
 
 
-class _Counting:
+class _CountingMethod:
     """The mean-label baseline, counting its calls and the support sizes it was given."""
 
     name = "counted"
@@ -1018,7 +1018,7 @@ class _Counting:
 
 
 def test_capped_n_is_not_predicted_again_and_the_outputs_say_so(disks, tmp_path):
-    counted = _Counting()
+    counted = _CountingMethod()
     ds = _quiet(make_draws, [disks], R, support_sizes=(2, 32, 64), draws_per_n=2)
     res = _quiet(
         evaluate, torch.nn.Identity(), [disks], draws=ds, methods=[counted],
@@ -1051,7 +1051,7 @@ def test_cases_plot_title_names_the_support_sizes_used(disks, tmp_path, monkeypa
     monkeypatch.setattr(report, "plot_cases", plot_cases)
     _quiet(
         evaluate, torch.nn.Identity(), [disks], support_sizes=(1, 64), draws_per_n=1,
-        methods=[_Counting()], training_datasets=[], out_dir=tmp_path, progress=False,
+        methods=[_CountingMethod()], training_datasets=[], out_dir=tmp_path, progress=False,
         resolution=R,
     )  # fmt: skip
     assert titles == ["counted: best, median and worst predictions at N=64 (support sizes 6-12)"]
