@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from megaseg.helpformat import DefaultsHelpFormatter, RawDefaultsHelpFormatter
+
 # name -> ("module:function(argv) -> int", one-line help); imported only when used.
 EXTERNAL: dict[str, tuple[str, str]] = {
     "synth": (
@@ -336,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
         "build",
         help="build (or finish building) a corpus from datasets",
         description=BUILD_HELP.format(catalog=_catalog_names()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsHelpFormatter,
     )
     b.add_argument(
         "datasets",
@@ -355,7 +357,9 @@ def parser() -> argparse.ArgumentParser:
                    help="processes on this machine working on cases in parallel (default 1; "
                         "not with --scheduler)")  # fmt: skip
     b.add_argument("--scheduler", default=None, metavar="ADDRESS", help=SCHEDULER_HELP)
-    b.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
+    b.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256], metavar="PX",
+                   help="square sizes every slice is stored at (one array per size; training "
+                        "and evaluation read the size they run at)")  # fmt: skip
     b.add_argument("--strict", action="store_true", help="a bad case is fatal (nothing is written)")
     b.add_argument("--seed", type=int, default=0, help="seed of the subject splits")
     b.add_argument("--data-dir", default=os.environ.get("MEGASEG_DATA", "."),
@@ -376,13 +380,17 @@ def parser() -> argparse.ArgumentParser:
         "(default: $MEGASEG_MAX_LABELS or 100)",
     )
     b.set_defaults(func=cmd_build)
-    i = sub.add_parser("info", help="datasets, tasks, counts, splits and provenance")
-    i.add_argument("corpus")
+    i = sub.add_parser("info", help="datasets, tasks, counts, splits and provenance",
+                       formatter_class=DefaultsHelpFormatter)  # fmt: skip
+    i.add_argument("corpus", help="a corpus folder built by `megaseg prep build`")
     i.add_argument("--tasks", action="store_true", help="also list every task")
     i.set_defaults(func=cmd_info)
-    v = sub.add_parser("verify", help="checksums, format version, leakage report")
-    v.add_argument("corpus")
-    v.add_argument("--threshold", type=float, default=0.98, help="near-duplicate correlation")
+    v = sub.add_parser("verify", help="checksums, format version, leakage report",
+                       formatter_class=DefaultsHelpFormatter)  # fmt: skip
+    v.add_argument("corpus", help="a corpus folder built by `megaseg prep build`")
+    v.add_argument("--threshold", type=float, default=0.98,
+                   help="near-duplicate correlation: two images of different subjects whose "
+                        "pixel correlation is at least this are reported as a possible leak")  # fmt: skip
     v.add_argument("--show", type=int, default=20, help="near-duplicate pairs to print")
     v.add_argument("--json", help="write the full leakage report here")
     v.set_defaults(func=cmd_verify)
@@ -394,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
         "reasons or renderings (data_prep/digest.py). Corpora with equal digests hold the "
         "same data, e.g. one built locally and one built on a Dask cluster.",
     )
-    h.add_argument("corpus")
+    h.add_argument("corpus", help="a corpus folder built by `megaseg prep build`")
     h.add_argument("--datasets", action="store_true", help="also one digest per dataset")
     h.set_defaults(func=cmd_hash)
     for name, (_, text) in EXTERNAL.items():
@@ -412,4 +420,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megaseg.pipes import run_command
+
+    sys.exit(run_command(main))

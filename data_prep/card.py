@@ -28,7 +28,10 @@ def write_card(path: Path, index: dict) -> None:
     lines += ["", "Check the licence before redistributing anything built from this dataset.", ""]
     lines += ["## Pipeline", "", "| | |", "|---|---|"]
     for key in ("reader", "modality", "planes", "window", "spacing_mm", "subject_regex", "group"):
-        lines.append(f"| {key} | {spec.get(key)} |")
+        value = spec.get(key)
+        if key == "modality" and value is None:  # e.g. an ad-hoc spec: the files name it
+            value = f"{', '.join(info['modalities'])} (from the dataset's files)"
+        lines.append(f"| {key} | {value} |")
     lines.append(f"| resolutions | {', '.join(map(str, index['resolutions']))} |")
     lines.append(f"| seed | {info['seed']} |")
     lines.append(

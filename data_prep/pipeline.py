@@ -759,6 +759,7 @@ def _build(
     from tqdm import tqdm
 
     from data_prep import store_writer as sw
+    from megaseg.progress import progress_options
 
     names = [job.spec.name for job in jobs]
     summary = BuildSummary()
@@ -781,7 +782,8 @@ def _build(
 
     limits = {name: os.environ.get(name) for name in LIMIT_VARIABLES}
     init = ([job.spec for job in jobs], [job.load for job in jobs], resolutions, strict, limits)
-    bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending)
+    bar = tqdm(total=len(pending), desc="cases", unit="case", disable=not progress or not pending,
+               **progress_options())  # fmt: skip
     run = _start_run(out, cluster)
     results = _run_cases(pending if summary.fatal is None else [], workers, init, cluster, run)
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep.readers.base import Case, LoadedCase
+from megaseg.helpformat import DefaultsHelpFormatter
 
 if TYPE_CHECKING:
     from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
@@ -203,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="megaseg prep synth",
         description="Write synthetic tasks (random smooth label maps) into a corpus.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="corpus folder (other datasets in it are kept)")
-    p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--tasks", type=int, default=1000, help="synthetic tasks to write")
     p.add_argument("--subjects", type=int, default=100, help="subjects per task")
     p.add_argument(
         "--seed-offset",
@@ -214,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         help="0: training tasks; 'heldout' (megaseg.data.synthetic.HELDOUT_SEED_OFFSET): "
         "held-out tasks (dataset synthetic-heldout); another number: dataset synthetic-N",
     )
-    p.add_argument("--resolutions", type=int, nargs="+", default=[128])
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[128], metavar="PX",
+                   help="square sizes every example is stored at")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="processes writing tasks in parallel")
     p.add_argument("--seed", type=int, default=0, help="seed of the subject splits")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--generator-version",
         type=int,

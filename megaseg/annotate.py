@@ -1,6 +1,6 @@
 """Annotate a whole volume from a few labelled slices, guided by the model's uncertainty.
 
-    seg = Segmenter.from_checkpoint("universeg_v1_small")
+    seg = Segmenter.from_checkpoint("megaseg_generalist")
     session = VolumeSession(seg, "t1.nii.gz", axis=2)
     session.add(90, labels_of_slice_90)             # (H, W) integer map: 0 bg, 1, 2, ...
     result = session.segment()                      # result.labels, .uncertainty, .slice_scores
@@ -47,7 +47,7 @@ import torch
 from megaseg.inference import _input_path, _load_volume, _same_file, merge_labels
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write_all
-from megaseg.preprocess import normalize_intensity, prepare_image, restore
+from megaseg.preprocess import guess_modality, normalize_intensity, prepare_image, restore
 
 ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
@@ -88,7 +88,9 @@ class VolumeSession:
         axis: the slicing axis, 0, 1 or 2 (negative allowed); slice ``i`` is
             ``np.take(volume, i, axis)``, shape ``(H, W)``.
         modality, window: intensity windowing of the whole volume (see
-            :func:`megaseg.preprocess.normalize_intensity`); default: the segmenter's.
+            :func:`megaseg.preprocess.normalize_intensity`); default: the segmenter's, else
+            CT when the volume holds values below -500 (Hounsfield units; a warning says
+            so), else min-max.
         affine: ``(4, 4)`` voxel-to-world matrix for :meth:`save` when ``volume`` is an array
             (default identity); a NIfTI input keeps its own.
         max_support: each slice's support is its ``max_support`` nearest labelled slices
@@ -133,6 +135,8 @@ class VolumeSession:
         self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
         self.modality = segmenter.default_modality if modality is None else modality
         self.window = segmenter.default_window if window is None else window
+        # no modality or window, and HU-like values: windowed as CT, with a warning
+        self.modality = guess_modality(data, self.modality, self.window, "volume")
         self.max_support = max_support
         self.ensemble = int(ensemble)
         self.min_ensemble_support = int(min_ensemble_support)
@@ -318,7 +322,9 @@ class VolumeSession:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc="segment", unit="slice", leave=False)
+            from megaseg.progress import progress_options
+
+            bar = tqdm(total=total, desc="segment", unit="slice", leave=False, **progress_options())
         done = 0
         try:
             for support, indices in todo.items():

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, A
     return path
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain_detail(err: BaseException) -> str:
+    """A library's error text for a one-line message: terminal colour codes (torch bolds parts
+    of its unpickling errors) removed, lines and runs of spaces joined."""
+    return " ".join(_ANSI.sub("", str(err)).split())
+
+
+def _unpickler_detail(err: BaseException) -> str:
+    """Of torch's long weights-only refusal, the line that names what was refused."""
+    lines = [" ".join(_ANSI.sub("", line).split()) for line in str(err).splitlines()]
+    named = [line for line in lines if "WeightsUnpickler error" in line]
+    return (named[0] if named else plain_detail(err)).split(". ")[0]
+
+
 def read_card(weights: str | os.PathLike) -> dict | None:
     """The card beside ``weights`` (a JSON object), or None when there is none.
 
@@ -76,7 +93,9 @@ def read_card(weights: str | os.PathLike) -> dict | None:
     try:
         card = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the checkpoint card is not valid JSON ({e})") from e
+        raise CheckpointError(
+            f"{path}: the checkpoint card is not valid JSON ({plain_detail(e)})"
+        ) from e
     if not isinstance(card, dict):
         raise CheckpointError(
             f"{path}: the checkpoint card must be a JSON object, got {type(card).__name__}"
@@ -90,7 +109,7 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({plain_detail(e)})") from e
 
 
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
@@ -115,7 +134,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({plain_detail(e)})") from e
 
 
 def load_torch_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Tensor]:
@@ -139,10 +158,12 @@ def load_torch_state_dict(path: str | os.PathLike, map_location: str = "cpu") ->
         raise CheckpointError(
             f"{path}: refused, the file holds pickled objects other than tensors "
             "(loading it could run arbitrary code). Re-save it as a plain state dict or "
-            f"as safetensors. Detail: {str(e).splitlines()[0]}"
+            f"as safetensors. Detail: {_unpickler_detail(e)}"
         ) from e
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch weights file ({e})") from e
+        raise CheckpointError(
+            f"{path}: not a readable torch weights file ({plain_detail(e)})"
+        ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -194,7 +215,7 @@ def build_model(
             return create_model(name, **kwargs)
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as e:
         raise CheckpointError(
-            f"{card_path(path)}: cannot build model {name!r} with kwargs {json.dumps(kwargs)}: {e}"
+            f"{card_path(path)}: cannot build model {name!r} with kwargs {json.dumps(kwargs)}: {plain_detail(e)}"
         ) from e
 
 
@@ -367,5 +388,5 @@ def load_checkpoint(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a dtype the parameter cannot take
-        raise CheckpointError(f"{path}: weights do not fit the model: {e}") from e
+        raise CheckpointError(f"{path}: weights do not fit the model: {plain_detail(e)}") from e
     return model, card or {"model": {"name": DEFAULT_MODEL, "kwargs": {}}}

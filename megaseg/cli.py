@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+HELP_WIDTH = 100  # columns of the hand-written help
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
@@ -98,8 +99,10 @@ LIGHTNING_SHORT = {
 
 
 def config_summaries(folder: Path, width: int = 72) -> list[tuple[str, str]]:
-    """``(file name, first sentence of its opening comment)`` of each ``*.yaml`` in ``folder``
-    (each config opens with ``# name: what it is.``), cut to ``width`` characters."""
+    """``(file name, summary)`` of each ``*.yaml`` in ``folder``: the first sentence of its
+    opening comment (each config opens with ``# name: what it is.``); one longer than
+    ``width`` is ended at its first clause (before " -- ", ": ", "; " or " ("), never cut
+    mid-phrase (``--help`` wraps what is still long)."""
     rows = []
     for path in sorted(folder.glob("*.yaml")):
         words: list[str] = []
@@ -111,7 +114,11 @@ def config_summaries(folder: Path, width: int = 72) -> list[tuple[str, str]]:
         text = " ".join(words).split(": ", 1)[-1]
         text = text.split(". ")[0].rstrip(".")
         if len(text) > width:
-            text = text[: width - 3].rsplit(" ", 1)[0] + "..."
+            import re
+
+            # the first clause boundary that leaves a phrase of some length
+            cuts = [m.start() for m in re.finditer(r" -- |: |; | \(", text) if m.start() >= 20]
+            text = text[: min(cuts, default=len(text))]
         rows.append((path.name, text))
     return rows
 
@@ -129,15 +136,29 @@ def lightning_help(command: str) -> str:
     if folder is None:
         configs = "  (none in ./configs; the source checkout has them)"
     else:
+        import textwrap
+
         rows = config_summaries(folder)
         width = max(len(name) for name, _ in rows) + 2
-        configs = "\n".join(f"  {name:<{width}}{text}" for name, text in rows)
+        lines = []
+        for name, text in rows:  # whole sentences, wrapped under their column
+            wrapped = textwrap.wrap(text, max(40, HELP_WIDTH - 2 - width))
+            lines.append(f"  {name:<{width}}{wrapped[0]}")
+            lines += [" " * (2 + width) + more for more in wrapped[1:]]
+        configs = "\n".join(lines)
     return LIGHTNING_HELP.format(
         command=command, what=LIGHTNING_WHAT[command], configs=configs, folder=folder or "configs"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; one whose reader closes the pipe early stops quietly (megaseg.pipes)."""
+    from megaseg.pipes import run_command
+
+    return run_command(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -87,7 +87,9 @@ class DemoModel:
 
 
 def shipped_checkpoint() -> tuple[str, Path] | None:
-    """``(model name, weights path)`` of the weights megaseg ships, None when there are none.
+    """``(name, weights path)`` of the weights megaseg ships, None when there are none; the
+    name is the weights' own (``"megaseg_generalist"``, their file's stem), which
+    ``Segmenter.from_checkpoint`` takes.
 
     Looked up through the registry (``pretrained_path``), ``universeg_v1`` first, then every
     other registered model; an entry whose file is missing (e.g. an unfetched Git LFS file) is
@@ -103,7 +105,7 @@ def shipped_checkpoint() -> tuple[str, Path] | None:
         except ValueError:  # nothing shipped for this model
             continue
         if path.is_file():
-            return name, path
+            return path.stem, path
         warnings.warn(
             f"{name}: shipped weights listed at {path}, but the file is missing", stacklevel=2
         )
@@ -248,7 +250,7 @@ def load_demo_model(
     log: Callable[[str], None] | None = print,
     device: str | torch.device | None = None,
 ) -> DemoModel:
-    """The model the demo runs: ``checkpoint`` (a file or a registered model name), else the
+    """The model the demo runs: ``checkpoint`` (a file, shipped weights' or a model's name), else the
     shipped weights, else the synthetic fallback (trained on the CPU for ``train_seconds`` and
     exported to ``out_dir/synthetic_fallback.safetensors`` when ``out_dir`` is given).
     ``device``: where the Segmenter runs (None: CUDA when available, else the CPU)."""
@@ -415,11 +417,14 @@ def _cpu_threads():
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megaseg.helpformat import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(
         prog="megaseg demo",
         description="Segment grey and white matter in the MNI152 brain template (shipped inside "
         "nilearn; no download) from a few labelled slices of the same volume, print the Dice "
         "and write an overlay PNG.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", help="weights to run (.safetensors with its card, or a "
                    "registered model name); default: the shipped weights, else a small model "
@@ -431,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seconds", type=float, default=DEFAULT_TRAIN_SECONDS,
                    help="training budget of the synthetic fallback, when no checkpoint is "
                    f"given or shipped (default {DEFAULT_TRAIN_SECONDS:.0f})")  # fmt: skip
-    p.add_argument("--axis", choices=list(AXES), default="axial", help="slicing plane")
+    p.add_argument("--axis", choices=list(AXES), default="axial",
+                   help="slicing plane of the support and query slices (default axial)")  # fmt: skip
     p.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="query slices (default 3)")
     return p
 

@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
         DEFAULT_SUPERVISED_STEPS,
         DEFAULT_SUPPORT_SIZES,
     )
+    from megaseg.helpformat import DefaultsHelpFormatter
     from megaseg.paths import work_dir
 
     p = argparse.ArgumentParser(
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
         description="Held-out evaluation: Dice vs support size N for a checkpoint and baselines, "
         "on the same support draws, with bootstrap 95% intervals over tasks. Exit code 2 "
         "with a message when an input is refused.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -111,9 +112,12 @@ def parser() -> argparse.ArgumentParser:
                         "draws.json and summary.json settings; with --draws, when not given, the "
                         "recorded value (off for files without it), and --flips / --no-flips "
                         "override it")  # fmt: skip
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=DEFAULT_METHODS,
+    p.add_argument("--methods", nargs="+", default=None, choices=DEFAULT_METHODS,
                    help="methods evaluated on the same draws; the first one's best, median and "
-                        "worst predictions are plotted")  # fmt: skip
+                        "worst predictions are plotted. When not given: all of them on a GPU; on "
+                        "a CPU all but supervised, which trains a U-Net from scratch for every "
+                        "support set (--supervised-steps steps: tens of seconds each on a CPU, "
+                        "hours for the default sweep); name it to run it anyway")  # fmt: skip
     p.add_argument("--supervised-steps", type=int, default=DEFAULT_SUPERVISED_STEPS,
                    help="training steps of the supervised U-Net baseline per support set")  # fmt: skip
     p.add_argument("--label", default="megaseg", help="name of the checkpoint's rows")
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from megaseg.cluster import SchedulerError, scheduler_address
     from megaseg.data.store import CorpusError
     from megaseg.evaluation import DrawSet, OverlapError, evaluate
+    from megaseg.evaluation.defaults import DEFAULT_METHODS, default_methods
     from megaseg.evaluation.sources import check_synthetic_version, sources_from_record
     from megaseg.inference import Segmenter
 
@@ -222,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 "nothing to evaluate on: give --corpus with --datasets, --folder, "
                 "--synthetic-tasks, or --draws"
             )
+        methods = args.methods or list(default_methods(seg.device.type))
+        if args.methods is None and len(methods) < len(DEFAULT_METHODS):
+            left_out = ", ".join(m for m in DEFAULT_METHODS if m not in methods)
+            print(f"{PROG}: on a CPU, {left_out} is left out (one U-Net training per support "
+                  "set); add it to --methods to run it", file=sys.stderr)  # fmt: skip
         result = evaluate(
             seg,
             sources,
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             draws_per_n=args.draws_per_n,
             ensemble=args.ensemble,
             flips=args.flips,
-            methods=args.methods,
+            methods=methods,
             out_dir=args.out,
             draws=draws,
             seed=args.seed,
@@ -261,4 +271,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megaseg.pipes import run_command
+
+    sys.exit(run_command(main))

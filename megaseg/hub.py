@@ -143,6 +143,8 @@ def download(url: str, target: Path, timeout: float = 60.0, deadline: float | No
     """
     from tqdm.auto import tqdm
 
+    from megaseg.progress import progress_options
+
     deadline = DOWNLOAD_DEADLINE_S if deadline is None else float(deadline)
     log.warning("downloading %s to %s", url, target)
     start = time.monotonic()
@@ -153,7 +155,7 @@ def download(url: str, target: Path, timeout: float = 60.0, deadline: float | No
             with (
                 urllib.request.urlopen(request, timeout=min(timeout, deadline)) as response,
                 tqdm(desc=f"downloading {target.name}", unit="B", unit_scale=True,
-                     total=_length(response), leave=False) as bar,
+                     total=_length(response), leave=False, **progress_options()) as bar,
             ):  # fmt: skip
                 expected = response.headers.get("Content-Length")
                 total = 0

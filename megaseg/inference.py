@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ from torch import Tensor, nn
 from megaseg.checkpoint import MAX_RESOLUTION, atomic_write, card_resolution
 from megaseg.outputs import check_replaceable, record
 from megaseg.preprocess import (
+    HU_LIKE_MIN,
+    guess_modality,
     normalize_intensity,
     prepare_image,
     prepare_label,
@@ -165,8 +168,10 @@ class Segmenter:
         """Load weights safely (see :mod:`megaseg.checkpoint`) and wrap them.
 
         ``path_or_name``: a ``.safetensors`` file (its ``.json`` card beside it), a raw state
-        dict saved with ``torch.save`` (tensors only), or the name of a registered model to
-        load the weights megaseg ships for it. ``resolution`` defaults to the card's
+        dict saved with ``torch.save`` (tensors only), the name of weights megaseg ships
+        (``"megaseg_generalist"``, the default, and the others in ``checkpoints/README.md``),
+        or the name of a registered model to load the default weights megaseg ships for it
+        (``"universeg_v1_small"``: the same as ``"megaseg_generalist"``). ``resolution`` defaults to the card's
         (``resolution``, or ``preprocessing.resolution`` / ``preprocessing.size``), else 128.
         ``kwargs`` go to :class:`Segmenter`. Weights holding NaN or inf are refused unless
         ``allow_nonfinite=True``.
@@ -179,22 +184,24 @@ class Segmenter:
         """
         from megaseg.checkpoint import card_preprocessing, load_checkpoint
         from megaseg.models import create_model, list_models
-        from megaseg.models.registry import pretrained_path
+        from megaseg.models.registry import pretrained_path, shipped_weights
 
         path = Path(path_or_name)
+        shipped = shipped_weights()
         if path.is_file():
             model, card = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
-        elif isinstance(path_or_name, str) and path_or_name in list_models():
-            path = pretrained_path(path_or_name)
+        elif isinstance(path_or_name, str) and (
+            path_or_name in list_models() or path_or_name in shipped
+        ):
+            name, tag = shipped.get(path_or_name, (path_or_name, True))
+            path = pretrained_path(name, tag)
             model, card = load_checkpoint(
-                path,
-                model=create_model(path_or_name),
-                allow_nonfinite=allow_nonfinite,
+                path, model=create_model(name), allow_nonfinite=allow_nonfinite
             )
         else:
             raise FileNotFoundError(
-                f"{path_or_name}: no such checkpoint file, and not a model name "
-                f"({', '.join(list_models())})"
+                f"{path_or_name}: no such checkpoint file, and not the name of shipped weights "
+                f"({', '.join(shipped)}) or of a model ({', '.join(list_models())})"
             )
         if resolution is None:
             resolution = card_resolution(card, path) or DEFAULT_RESOLUTION
@@ -257,7 +264,9 @@ class Segmenter:
                 soft masks in [0, 1], or integer maps (one task per nonzero value).
             modality, window: intensity windowing (see
                 :func:`~megaseg.preprocess.normalize_intensity`), applied to each support
-                image and later to every query. Default: the card's, else min-max.
+                image and later to every query. Default: the card's; else CT when the
+                images hold values below -500 (Hounsfield units, with a warning), else
+                min-max.
             max_labels: the most distinct nonzero label values (tasks) the integer maps may
                 hold together (:data:`MAX_LABELS`); more is refused as a likely mistake.
 
@@ -276,6 +285,7 @@ class Segmenter:
         ]
         if not imgs:
             raise ValueError("support_images: the support set is empty")
+        modality = guess_modality(imgs, modality, window, "support_images")
         if len(labs) != len(imgs):
             raise ValueError(
                 f"support_labels: {len(labs)} label maps for {len(imgs)} support_images; "
@@ -487,6 +497,13 @@ class Segmenter:
         data, image = _load_volume(volume)
         if axis not in (0, 1, 2, -1, -2, -3):
             raise ValueError(f"axis: must be 0, 1 or 2 for a 3D volume, got {axis}")
+        if sup.modality is None and sup.window is None and np.nanmin(data) < HU_LIKE_MIN:
+            warnings.warn(
+                f"volume: intensities down to {float(np.nanmin(data)):.0f} look like CT Hounsfield "
+                "units, but the support set was windowed min-max (its images did not); if both "
+                "are CT, pass modality='CT' to set_support",
+                stacklevel=2,
+            )
         try:
             data = normalize_intensity(data, sup.modality, sup.window)
         except ValueError as e:

@@ -32,11 +32,28 @@ def work_dir(*parts: str) -> Path:
     return Path(os.environ.get("MEGASEG_WORK", "megaseg_work")).joinpath(*parts)
 
 
+def checkout_work_dir(*parts: str) -> Path:
+    """Like :func:`work_dir`, but a relative default is taken in the source checkout megaseg
+    runs from (the folder holding ``pyproject.toml`` beside ``megaseg/``), not in the working
+    folder: a notebook's kernel runs in ``notebooks/``, and its outputs belong in the
+    checkout's ``megaseg_work/`` as the README says. Outside a checkout (an installed
+    megaseg), the working folder's."""
+    env = os.environ.get("MEGASEG_WORK")
+    if env:
+        return Path(env).joinpath(*parts)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "megaseg" / "__init__.py").is_file():
+        return (root / "megaseg_work").joinpath(*parts)
+    return work_dir(*parts)
+
+
 def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
 
     ``suffix`` ends the temporary name (a writer that picks the format from the extension,
     e.g. nibabel, needs ``.nii.gz``). A failed write leaves ``path`` untouched and no temporary.
+    The file gets the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's
+    0600, so that collaborators on a shared server can read what megaseg wrote.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,10 +62,24 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     os.close(fd)
     try:
         write(tmp)
+        # after write(): a writer may have replaced the temporary with a new file of its own
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc where there is one: ``os.umask`` can only read it by
+    setting it, which for a moment would change the mode of files other threads create."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_all(items: Sequence[tuple[Path, Callable[[str], None], str]]) -> None:

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CT_WINDOW = (-500.0, 1000.0)  # Hounsfield units
+# Below this, intensities are taken for CT Hounsfield units (air is -1000 HU; MR, photographs
+# and microscopy have no such negative values) when no modality or window is given.
+HU_LIKE_MIN = -500.0
 MR_PERCENTILES = (0.5, 99.5)  # of the nonzero voxels
 _MR_NAMES = ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "swi", "bold", "cine", "lge")
 
@@ -38,6 +41,31 @@ def modality_kind(modality: str | None) -> ModalityKind:
     if any(name.startswith(m) for m in _MR_NAMES) or "mri" in name:
         return "mr"
     return "other"
+
+
+def guess_modality(
+    data, modality: str | None, window: tuple[float, float] | None, what: str
+) -> str | None:
+    """``modality``, or "CT" when neither it nor ``window`` is given and ``data`` holds values
+    below :data:`HU_LIKE_MIN` (Hounsfield units: min-max windowing would squeeze the soft
+    tissue into a few grey levels). The guess is announced by a warning naming ``what`` and
+    how to choose otherwise."""
+    if modality is not None or window is not None:
+        return modality
+    x = _as_numpy(data) if not isinstance(data, list) else None
+    lo = float(x.min()) if x is not None else min(float(_as_numpy(d).min()) for d in data)
+    if not lo < HU_LIKE_MIN:
+        return None
+    hi = float(x.max()) if x is not None else max(float(_as_numpy(d).max()) for d in data)
+    import warnings
+
+    warnings.warn(
+        f"{what}: intensities {lo:.0f} to {hi:.0f} look like CT Hounsfield units, windowed as "
+        f"CT ({CT_WINDOW[0]:.0f} to {CT_WINDOW[1]:.0f} HU); pass modality='CT' to say so, or "
+        "modality='other' (min-max) or window=(low, high) to choose",
+        stacklevel=3,
+    )
+    return "CT"
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -9,6 +9,7 @@ goes to ``--out`` (default ``megaseg_work/episodes.png``, see :func:`megaseg.pat
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,10 @@ def synthetic_episodes(
 
     tasks = SyntheticTasks(num_tasks=1000, config=SyntheticConfig(size=size))
     if num_examples > tasks.config.num_subjects:
-        raise ValueError(f"at most {tasks.config.num_subjects - 1} support examples per task")
+        raise ValueError(
+            f"--support {num_examples - 1}: a synthetic task has {tasks.config.num_subjects} "
+            f"subjects, so at most {tasks.config.num_subjects - 1} support examples"
+        )
     images, labels, names = [], [], []
     for _ in range(num_episodes):
         task = int(torch.randint(len(tasks), (), generator=generator))
@@ -79,9 +83,19 @@ def corpus_episodes(
     from megaseg.data.store import Corpus
 
     corpus = Corpus(root)
-    keys = [k for k in corpus.tasks(split) if corpus.num_examples(k, split) >= num_examples]
+    sizes = {k: corpus.num_examples(k, split) for k in corpus.tasks(split)}
+    keys = [k for k, n in sizes.items() if n >= num_examples]
     if not keys:
-        raise ValueError(f"{root}: no task with >= {num_examples} examples in split {split!r}")
+        largest = max(sizes.values(), default=0)
+        hint = (
+            f"the largest has {largest}: pass --support {largest - 1} or less"
+            if largest >= 2
+            else "none has 2 (a query and one support example)"
+        )
+        raise ValueError(
+            f"{root}: no task has {num_examples} examples in split {split!r} (a query and "
+            f"--support {num_examples - 1}); {hint}"
+        )
     images, labels, names = [], [], []
     for _ in range(num_episodes):
         key = keys[int(torch.randint(len(keys), (), generator=generator))]
@@ -138,17 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megaseg.data.augment import EpisodeAugment
+    from megaseg.data.store import CorpusError
 
     generator = torch.Generator().manual_seed(args.seed)
     num_examples = 1 + args.support
-    if args.corpus is not None:
-        images, labels, names = corpus_episodes(
-            args.corpus, args.split, args.episodes, num_examples, args.size, generator
-        )
-    else:
-        images, labels, names = synthetic_episodes(
-            args.episodes, num_examples, args.size, generator
-        )
+    try:
+        if args.corpus is not None:
+            images, labels, names = corpus_episodes(
+                args.corpus, args.split, args.episodes, num_examples, args.size, generator
+            )
+        else:
+            images, labels, names = synthetic_episodes(
+                args.episodes, num_examples, args.size, generator
+            )
+    except (ValueError, CorpusError, FileNotFoundError) as e:
+        print(f"megaseg show-episodes: {e}", file=sys.stderr)
+        return 2
     params = None
     if not args.no_augment:
         augment = EpisodeAugment()

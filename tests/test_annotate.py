@@ -10,7 +10,7 @@ from megaseg.annotate import VolumeSession
 
 pytest.importorskip("nilearn")
 
-CHECKPOINT = "universeg_v1_small"  # the weights megaseg ships (checkpoints/)
+CHECKPOINT = "megaseg_generalist"  # the weights megaseg ships (checkpoints/)
 
 
 @pytest.fixture(scope="module")

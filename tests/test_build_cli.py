@@ -138,6 +138,9 @@ def test_bad_cases_are_skipped_named_and_counted(tmp_path, capsys):
     assert reasons["case_005"].endswith("case_005.nii.gz: empty label")
     card = (out / "datasets" / root.name / "card.md").read_text()
     assert all(f"`{case}`" in card for case in reasons)
+    # the ad-hoc spec names no modality; the card gives the dataset.json's, not "None"
+    assert "| modality | None |" not in card
+    assert "| modality | CT (from the dataset's files) |" in card, card
 
 
 def test_strict_makes_a_bad_case_fatal_and_writes_nothing(tmp_path, capsys):

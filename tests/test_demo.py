@@ -107,7 +107,7 @@ def test_demo_uses_the_shipped_weights_from_the_registry(tmp_path, capsys, monke
     # found through the registry, so nothing is trained (a zero training budget is fine)
     assert cli_main(["demo", "--out", str(tmp_path / "o"), "--train-seconds", "0"]) == 0
     out = capsys.readouterr().out
-    assert f"model: shipped demo_tiny ({folder / 'tiny.safetensors'})" in out
+    assert f"model: shipped tiny ({folder / 'tiny.safetensors'})" in out  # the weights' name
     assert len(_dice(out)) == 2
 
 

@@ -800,6 +800,7 @@ def test_cli_every_option_is_explained_and_out_defaults_to_the_work_dir(monkeypa
     assert isinstance(p.formatter_class, type) and issubclass(
         p.formatter_class, __import__("argparse").ArgumentDefaultsHelpFormatter
     )
+    assert "(default: None)" not in p.format_help()  # e.g. the required --checkpoint
     assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
     assert str(p.parse_args(["--checkpoint", "x"]).out) == "/some/work/eval"
 
@@ -999,3 +1000,84 @@ def test_compare_runs_pairs_folders_on_the_same_draws_and_refuses_others(seg, di
     (tmp_path / "d" / "draws.json").unlink()
     with pytest.raises(ValueError, match=r"d/draws.json: cannot read the draws file"):
         compare_runs(tmp_path / "a", tmp_path / "d")
+
+
+class _CountingMethod:
+    """The mean-label baseline, counting its calls and the support sizes it was given."""
+
+    name = "counted"
+
+    def __init__(self):
+        from megaseg.evaluation.baselines import MeanLabel
+
+        self.inner, self.sizes = MeanLabel(), []
+
+    def predict(self, query, support_images, support_labels, *, seed=0):
+        self.sizes.append(support_images.shape[0])
+        return self.inner.predict(query, support_images, support_labels, seed=seed)
+
+
+def test_capped_n_is_not_predicted_again_and_the_outputs_say_so(disks, tmp_path):
+    counted = _CountingMethod()
+    ds = _quiet(make_draws, [disks], R, support_sizes=(2, 32, 64), draws_per_n=2)
+    res = _quiet(
+        evaluate, torch.nn.Identity(), [disks], draws=ds, methods=[counted],
+        training_datasets=[], out_dir=tmp_path, progress=False, resolution=R,
+    )  # fmt: skip
+    # pools of 6-12 examples: N=32 and N=64 draw the same (whole) pools; predicted once, at 32
+    assert len(counted.sizes) == 3 * 2 * 2  # tasks x r x {N=2, N=32}, not x 3 Ns
+    assert all(n <= 12 for n in counted.sizes)
+    by = {(r["task"], r["r"], r["query"], r["N"]): r for r in res.rows}
+    assert len(by) == len(res.rows) and {r["N"] for r in res.rows} == {2, 32, 64}
+    for (task, r, q, N), row in by.items():
+        if N == 64:
+            assert row["dice"] == by[(task, r, q, 32)]["dice"]
+            assert row["support_size"] == by[(task, r, q, 32)]["support_size"] < 32
+    assert res.meta["timings"]["counted"]["calls"] == 3 * 2 * 2
+    assert "not predicted again" in (tmp_path / "summary.md").read_text()
+
+
+def test_cases_plot_title_names_the_support_sizes_used(disks, tmp_path, monkeypatch):
+    from megaseg.evaluation import report
+
+    titles = []
+
+    real = report.plot_cases
+
+    def plot_cases(panels, path, title=""):
+        titles.append(title)
+        return real(panels, path, title)
+
+    monkeypatch.setattr(report, "plot_cases", plot_cases)
+    _quiet(
+        evaluate, torch.nn.Identity(), [disks], support_sizes=(1, 64), draws_per_n=1,
+        methods=[_CountingMethod()], training_datasets=[], out_dir=tmp_path, progress=False,
+        resolution=R,
+    )  # fmt: skip
+    assert titles == ["counted: best, median and worst predictions at N=64 (support sizes 6-12)"]
+
+
+@pytest.mark.parametrize(
+    ("methods", "expected", "said"),
+    [
+        ([], ["megaseg", "mean_label", "random_init"], True),
+        (["--methods", "megaseg", "supervised"], ["megaseg", "supervised"], False),
+    ],
+)
+def test_cli_leaves_supervised_out_on_a_cpu_unless_named(
+    first_run, monkeypatch, capsys, methods, expected, said
+):
+    import megaseg.evaluation
+
+    seen = []
+
+    def stop(*args, methods, **kwargs):
+        seen.append(list(methods))
+        raise ValueError("stopped before running")
+
+    monkeypatch.setattr(megaseg.evaluation, "evaluate", stop)
+    ckpt = first_run[0][1]
+    code, err = _run_cli(["--checkpoint", ckpt, "--synthetic-tasks", "1", "--device", "cpu",
+                          *methods], capsys)  # fmt: skip
+    assert code == 2 and seen == [expected]
+    assert ("supervised is left out (one U-Net training per support set)" in err) == said

@@ -399,13 +399,29 @@ class _Payload:
 
 def test_from_checkpoint_refuses_a_pickled_object(tmp_path):
     torch.save({"weights": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"refused, the file holds pickled objects"):
+    with pytest.raises(ValueError, match=r"refused, the file holds pickled objects") as e:
         Segmenter.from_checkpoint(tmp_path / "evil.pt", "cpu")
+    # one plain line naming the refused class: no terminal colour codes from torch's message
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+    assert "Unsupported global" in str(e.value) and "_Payload" in str(e.value)
 
 
-def test_from_checkpoint_by_name_reports_no_shipped_weights():
-    with pytest.raises(ValueError, match=r"ships no pretrained weights for 'universeg_v1'"):
+def test_from_checkpoint_by_name_reports_no_shipped_weights_and_points_to_the_official():
+    with pytest.raises(ValueError, match=r"ships no pretrained weights for 'universeg_v1'") as e:
         Segmenter.from_checkpoint("universeg_v1", "cpu")
+    assert "from_pretrained('universeg-v1-official', accept_license=True)" in str(e.value)
+    assert "from_checkpoint('megaseg_generalist')" in str(e.value)
+
+
+def test_the_shipped_default_loads_by_its_name_and_by_its_architecture_name():
+    by_name = Segmenter.from_checkpoint("megaseg_generalist", "cpu")
+    by_model = Segmenter.from_checkpoint("universeg_v1_small", "cpu")
+    assert by_name.weights_path == by_model.weights_path
+    assert by_name.weights_path.name == "megaseg_generalist.safetensors"
+    older = Segmenter.from_checkpoint("megaseg_small_synth64", "cpu")
+    assert older.weights_path.name == "megaseg_small_synth64.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"not the name of shipped weights \(megaseg_gen"):
+        Segmenter.from_checkpoint("megaseg_generalis", "cpu")
 
 
 def test_from_checkpoint_unknown_path(tmp_path):
@@ -616,3 +632,52 @@ def test_flips_combine_with_an_ensemble(model, support, query):
     np.testing.assert_allclose(ens, np.mean(members, axis=0), atol=1e-6)
     got = segment(query, *support, model=seg, ensemble=2, support_size=3, seed=5, flips=True)
     np.testing.assert_allclose(got.probs, ens, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- CT without a modality
+
+
+def _hu_support():
+    """Two CT-like slices in Hounsfield units: air -1000 around a body at 40 HU, a 300 HU disk."""
+    labels = [_disk(40, 40, 20, 20, 6), _disk(40, 40, 18, 22, 5)]
+    images = []
+    for lab in labels:
+        img = np.full((40, 40), -1000.0)
+        img[5:35, 5:35] = 40.0
+        images.append(img + lab * 260.0)
+    return images, labels
+
+
+def test_hu_like_support_is_windowed_as_ct_with_a_warning(seg):
+    images, labels = _hu_support()
+    with pytest.warns(UserWarning, match=r"support_images: intensities -1000 to 300 look like CT"):
+        seg.set_support(images, labels)
+    assert seg._support.modality == "CT"
+    guessed = seg.predict(images[0]).probs
+    seg.set_support(images, labels, modality="CT")  # said: no warning, the same windowing
+    np.testing.assert_allclose(seg.predict(images[0]).probs, guessed, atol=1e-6)
+    seg.set_support(images, labels, modality="other")  # min-max, when asked for
+    assert seg._support.modality == "other"
+
+
+def test_hu_like_volume_of_a_min_max_support_is_warned_about(seg, support):
+    seg.set_support(*support)  # not HU: min-max
+    volume = np.full((24, 24, 3), -1000.0)
+    with pytest.warns(UserWarning, match=r"volume: intensities down to -1000 look like CT"):
+        seg.predict_volume(volume)
+
+
+def test_volume_session_windows_a_hu_like_volume_as_ct_with_a_warning(seg):
+    import warnings
+
+    from megaseg.annotate import VolumeSession
+
+    volume = np.stack(_hu_support()[0], axis=2)  # (40, 40, 2)
+    with pytest.warns(UserWarning, match=r"volume: intensities -1000 to 300 look like CT"):
+        session = VolumeSession(seg, volume, axis=2, progress=False)
+    assert session.modality == "CT"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert VolumeSession(seg, volume, modality="CT", progress=False).modality == "CT"
+        assert VolumeSession(seg, volume, window=(-100, 200), progress=False).modality is None
+        assert VolumeSession(seg, volume * 0 + 5, progress=False).modality is None

@@ -354,3 +354,23 @@ def test_cross_subject_leaves_single_subject_tasks_and_the_default_stream_alone(
         assert _same(a.batch(2, TRAIN_STREAM, 0, 5), b.batch(2, TRAIN_STREAM, 0, 5))
     with pytest.raises(ValueError, match="cross_subject"):
         EpisodeSampler([plain], cross_subject=1.5)
+
+
+def test_tasks_too_small_are_warned_about_once_by_short_name(tiny_corpus, monkeypatch):
+    import warnings
+
+    import megaseg.data.tasks
+
+    monkeypatch.setattr(megaseg.data.tasks, "_SMALL_TASKS_SAID", set())  # as a new process
+    corpus = Corpus(tiny_corpus)
+    small = [k for k in corpus.tasks("val") if corpus.num_examples(k, "val") < 2]
+    assert small  # 16 cases: a few subjects per val task
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # a fit sets its data up more than once
+            CorpusSource(corpus, "val", 64)
+    texts = [str(w.message) for w in caught if "fewer than 2 examples" in str(w.message)]
+    assert len(texts) == 1, texts
+    k = small[0]
+    assert f"left out: {k.dataset}/{k.group}/{k.modality}/{k.axis}/{k.label}" in texts[0]
+    assert "TaskKey(" not in texts[0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -105,6 +105,10 @@ class TaskSource(Protocol):
         ...
 
 
+# (corpus, split, tasks) whose "fewer than 2 examples" warning this process already gave
+_SMALL_TASKS_SAID: set[tuple] = set()
+
+
 class CorpusSource:
     """The tasks of one split of a :class:`~megaseg.data.store.Corpus`.
 
@@ -129,10 +133,13 @@ class CorpusSource:
             keys = [k for k in keys if k.dataset.casefold() in wanted]
         counts = {k: corpus.num_examples(k, split) for k in keys}
         small = [k for k, n in counts.items() if n < 2]
-        if small:
+        said = (str(corpus.root), split, tuple(small))
+        if small and said not in _SMALL_TASKS_SAID:  # once per process, not at every setup
+            _SMALL_TASKS_SAID.add(said)
+            names = ", ".join("/".join(astuple(k)) for k in small[:3])
             warnings.warn(
                 f"{corpus.root} {split}: {len(small)} task(s) with fewer than 2 examples left "
-                f"out: {[str(k) for k in small[:5]]}{' ...' if len(small) > 5 else ''}",
+                f"out: {names}{' ...' if len(small) > 3 else ''}",
                 stacklevel=2,
             )
         self._counts = {k: n for k, n in counts.items() if n >= 2}

@@ -13,7 +13,9 @@ drawn without replacement from the task's support pool, and the queries they ser
   binarized truth is empty are excluded before drawing, and counted.
 - N larger than the pool is capped to the pool's size (the row keeps the requested N as its
   column and the used size as ``support_size``), with one logged line per dataset naming the
-  capped Ns and the pool sizes (the per-task detail is in ``draws.json``).
+  capped Ns and the pool sizes (the per-task detail is in ``draws.json``). The draws of a
+  capped N hold the same support sets as those of the smallest N that reached the pool, so
+  the runner predicts them once and repeats the outputs under each capped N.
 
 A draw's randomness is a pure function of ``(seed, dataset, task, N, r)`` (plus the query for
 within-subject draws), so adding a dataset or an N leaves every other draw unchanged. All draws

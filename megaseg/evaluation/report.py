@@ -554,7 +554,8 @@ def markdown_report(summary: Sequence[dict], meta: dict) -> str:
     if capped:
         notes.append(
             f"N capped to the support pool in {len(capped)} task(s) (those rows use every "
-            "candidate): "
+            "candidate, and repeat the predictions of the smallest N that reached the pool: "
+            "the same support sets are not predicted again): "
             + "; ".join(f"{k} N={v}" for k, v in sorted(capped.items())[:20])
             + (" ..." if len(capped) > 20 else "")
         )

@@ -382,6 +382,8 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress, scheduler
     """
     from tqdm.auto import tqdm
 
+    from megaseg.progress import progress_options
+
     by_name = {s.dataset: s for s in sources}
     task_of = {}
     for s in sources:
@@ -390,7 +392,12 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress, scheduler
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for d in drawset.draws:
         groups[(d.dataset, d.task)].append(d)
-    units = []  # (position, dataset, task, the task's example ids, draw)
+    max_n = max(d.N for d in drawset.draws)
+    # Draws of a capped N (N above the task's pool) hold the same support sets as the draw of
+    # the smallest N that reached the pool size: such a draw is predicted once, and its
+    # outputs serve the other Ns (the same input; only the N column differs).
+    units = []  # (position, dataset, task, the task's example ids, draw, pack the masks)
+    entries: list[tuple] = []  # per draw: (draw, position of the unit that predicts it, first)
     for (dataset, name), draws in groups.items():
         task = task_of.get((dataset, name))
         if task is None:
@@ -400,13 +407,21 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress, scheduler
                 i for d in draws for i in (*d.queries, *(x for s in d.support for x in s))
             )
         )
+        first: dict[tuple, int] = {}
         for d in draws:
             check_draw(d, task)
-            units.append((len(units), dataset, name, ids, d))
-    max_n = max(d.N for d in drawset.draws)
-    predictor = _Predictor(by_name, methods, R, primary, max_n)
-    bar = tqdm(total=len(drawset.draws) * len(methods), desc="evaluate", unit="draw",
-               disable=not progress, leave=False)  # fmt: skip
+            key = (d.r, d.queries, tuple(sorted(tuple(sorted(s)) for s in d.support)))
+            if key in first:
+                entries.append((d, first[key], False))
+                if d.N == max_n:  # the best/median/worst plot needs the masks
+                    units[first[key]] = (*units[first[key]][:5], True)
+                continue
+            first[key] = len(units)
+            entries.append((d, len(units), True))
+            units.append((len(units), dataset, name, ids, d, d.N == max_n))
+    predictor = _Predictor(by_name, methods, R, primary)
+    bar = tqdm(total=len(units) * len(methods), desc="evaluate", unit="draw",
+               disable=not progress, leave=False, **progress_options())  # fmt: skip
     outputs: list = [None] * len(units)
     for unit, out in _predictions(predictor, units, scheduler):
         outputs[unit[0]] = out
@@ -417,12 +432,16 @@ def _run(drawset, sources, methods, R, overlapping, primary, progress, scheduler
     rows: list[dict] = []
     cases: list[dict] = []  # primary method at the largest N: packed predictions
     seconds: dict[str, list[float]] = {m.name: [] for m in methods}
-    for (_, dataset, name, _, d), out in zip(units, outputs, strict=True):
+    for d, pos, computed in entries:
+        dataset, name = d.dataset, d.task
         task = task_of[(dataset, name)]
         for m, (elapsed, scores, truth_pixels, pred_pixels, packed) in zip(
-            methods, out, strict=True
+            methods, outputs[pos], strict=True
         ):
-            seconds[m.name].append(elapsed / d.ensemble)
+            if computed:
+                seconds[m.name].append(elapsed / d.ensemble)
+            if d.N != max_n:
+                packed = None
             for b, q in enumerate(d.queries):
                 rows.append({
                     "method": m.name, "dataset": dataset, "task": name, "query": q,
@@ -474,7 +493,6 @@ class _Predictor:
     methods: list[Method]
     R: int
     primary: str
-    max_n: int
     token: str = field(default_factory=lambda: os.urandom(8).hex())
 
 
@@ -498,8 +516,9 @@ def _task_examples(predictor: _Predictor, dataset: str, name: str, ids: tuple[st
 def _predict_draw(predictor: _Predictor, unit) -> list[tuple]:
     """One draw, every method -> per method ``(seconds, dice per query, truth pixels per
     query, predicted pixels per query, packed predicted masks or None)``; the masks only for
-    the primary method at the largest N (the best / median / worst plot)."""
-    _, dataset, name, ids, d = unit
+    the primary method when the unit's ``pack`` is set (it serves the largest N: the best /
+    median / worst plot)."""
+    _, dataset, name, ids, d, pack = unit
     images, labels = _task_examples(predictor, dataset, name, ids)
     index = {i: k for k, i in enumerate(ids)}
     q_rows = torch.tensor([index[q] for q in d.queries])
@@ -511,7 +530,7 @@ def _predict_draw(predictor: _Predictor, unit) -> list[tuple]:
         elapsed = time.perf_counter() - start
         pred = probs > 0.5
         packed = None
-        if m.name == predictor.primary and d.N == predictor.max_n:
+        if m.name == predictor.primary and pack:
             packed = [np.packbits(p[0].numpy()) for p in pred]
         out.append((
             elapsed, dice(probs, truth).tolist(), truth.flatten(1).sum(1).tolist(),
@@ -537,7 +556,7 @@ def _predictions(predictor: _Predictor, units: list, scheduler: str | None):
         try:
             for unit, out in done:
                 if isinstance(out, BaseException) and cluster.client.status == "running":
-                    _, dataset, name, _, d = unit
+                    _, dataset, name, _, d, _ = unit
                     raise SchedulerError(
                         f"--scheduler {scheduler}: workers died running the draw {dataset}/"
                         f"{name} N={d.N} r={d.r}, or every worker holding the model did "
@@ -594,11 +613,13 @@ def _plot_cases(result, cases, sources, primary, R, out: Path) -> Path:
             "label": f"{what}: Dice {row['dice']:.3f}\n{row['dataset']}\n{row['task']}\n"
                      f"query {row['query']}, N={row['support_size']}, r={row['r']}",
         })  # fmt: skip
-    return report.plot_cases(
-        panels,
-        out / f"cases_{report._slug(primary)}.png",
-        title=f"{primary}: best, median and worst predictions at N={result.rows[picks[0][1]['row']]['N']}",
-    )
+    N = result.rows[picks[0][1]["row"]]["N"]
+    used = sorted({result.rows[c["row"]]["support_size"] for c in cases})
+    sizes = f"{used[0]}" if len(used) == 1 else f"{used[0]}-{used[-1]}"
+    title = f"{primary}: best, median and worst predictions at N={N}"
+    if used != [N]:  # capped to small pools: name the support sizes the rows really used
+        title = f"{primary}: best, median and worst predictions at N={N} (support sizes {sizes})"
+    return report.plot_cases(panels, out / f"cases_{report._slug(primary)}.png", title=title)
 
 
 __all__ = ["DEFAULT_METHODS", "EvaluationResult", "FlipTTA", "OverlapError", "evaluate"]

@@ -30,6 +30,21 @@ _PRETRAINED: dict[str, dict[str, str]] = {
 }
 
 
+def shipped_weights() -> dict[str, tuple[str, str]]:
+    """The shipped weights by name (the file's stem, e.g. ``"megaseg_generalist"``, as the
+    README and the model cards call them) -> ``(model name, tag)`` for :func:`pretrained_path`."""
+    return {
+        Path(file).stem: (model, tag)
+        for model, tags in _PRETRAINED.items()
+        for tag, file in tags.items()
+    }
+
+
+# The name of the default weights, as the README and checkpoints/README.md call them; the model
+# name "universeg_v1_small" (their architecture) loads them too.
+DEFAULT_SHIPPED = "megaseg_generalist"
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a builder under its function name."""
     if fn.__name__ in _MODELS:
@@ -60,9 +75,18 @@ def pretrained_path(name: str, tag: str | bool = True) -> Path:
     """Path of the weights megaseg ships for ``name`` (``tag=True``: the default tag)."""
     tags = _PRETRAINED.get(name, {})
     if not tags:
+        official = (
+            "; the UniverSeg authors' weights for it load with Segmenter.from_pretrained("
+            "'universeg-v1-official', accept_license=True) or create_model('universeg_v1', "
+            "pretrained='official', accept_license=True) (research-only licence)"
+            if name == "universeg_v1"
+            else ""
+        )
         raise ValueError(
-            f"megaseg ships no pretrained weights for {name!r} yet; use pretrained=False, "
-            "or load your own file with megaseg.load_checkpoint / Segmenter.from_checkpoint"
+            f"megaseg ships no pretrained weights for {name!r} yet{official}; megaseg's own "
+            f"load with Segmenter.from_checkpoint({DEFAULT_SHIPPED!r}); or use "
+            "pretrained=False, or load your own file with megaseg.load_checkpoint / "
+            "Segmenter.from_checkpoint"
         )
     key = next(iter(tags)) if tag is True else tag
     if key not in tags:

@@ -33,7 +33,7 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QObject, Signal
 
-DEFAULT_CHECKPOINT = "universeg_v1_small"  # the weights megaseg ships (checkpoints/)
+DEFAULT_CHECKPOINT = "megaseg_generalist"  # the weights megaseg ships (checkpoints/)
 LABELS_LAYER = "megaseg labels"
 UNCERTAINTY_LAYER = "megaseg uncertainty"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import SaveConfigCallback
 
 from megaseg.checkpoint import atomic_write
+from megaseg.progress import is_terminal
 from megaseg.training.export import export_weights
 
 
@@ -27,6 +30,66 @@ def resolved_config(trainer: pl.Trainer) -> dict:
         if isinstance(cb, SaveConfigCallback):
             return yaml.safe_load(cb.parser.dump(cb.config, skip_none=False)) or {}
     return {}
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts steps toward ``trainer.max_steps`` (megaseg's runs are measured
+    in steps; with Lightning's bars they read "Epoch 0/-2" or count batches of an endless
+    epoch). Off a terminal (a job's log file) it is redrawn every :data:`LOG_EVERY` of the run
+    at most, not at every step: each redraw is a new line there."""
+
+    LOG_EVERY = 0.05  # of max_steps, off a terminal
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not is_terminal(sys.stdout) and trainer.max_steps > 0:  # Lightning's bars: stdout
+            self._refresh_rate = max(self._refresh_rate, int(trainer.max_steps * self.LOG_EVERY))
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("steps", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total) and not bar.disable:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.n = n
+            bar.refresh()
+
+
+class SaveOnSigterm(pl.Callback):
+    """On SIGTERM (a job scheduler's time limit), save a resumable ``last.ckpt`` before the
+    run stops. Lightning notices the signal after the current batch and stops the loop with
+    ``SIGTERMException``; this saves the state at that step, in the first ``ModelCheckpoint``'s
+    folder (else ``ROOT/checkpoints``), where ``--ckpt_path last`` finds it. ``saved``: the
+    path written, None until then."""
+
+    def __init__(self):
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+            path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        else:
+            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank: a collective call under DDP
+        if isinstance(ckpt, ModelCheckpoint):
+            ckpt.last_model_path = str(path)
+        self.saved = path
 
 
 class ExportWeights(pl.Callback):

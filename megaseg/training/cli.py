@@ -32,11 +32,18 @@ from pathlib import Path
 
 import torch
 from lightning_fabric.plugins import CheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from megaseg.training.callbacks import EpisodeThroughput, ExportWeights, PredictionWriter
+from megaseg.training.callbacks import (
+    EpisodeThroughput,
+    ExportWeights,
+    PredictionWriter,
+    SaveOnSigterm,
+    StepProgressBar,
+)
 from megaseg.training.checkpoint_io import (
     AtomicCheckpointIO,
     IncompleteCheckpoint,
@@ -53,6 +60,10 @@ from megaseg.training.run_folder import (
     run_lock,
 )
 from megaseg.training.threads import auto_workers, available_cores, plan_cpu
+
+# Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a terminated process): the
+# run is not complete, so a `megaseg fit ... && next step` chain stops there.
+EXIT_SIGTERM = 143
 
 # A run logs at least this many times, so that a short run still writes metrics.csv rows.
 MIN_LOGGED_STEPS = 4
@@ -73,9 +84,10 @@ class _DropLitLoggerTip(logging.Filter):
 
 
 def quiet_third_party_notices() -> None:
-    """Hide two notices megaseg can do nothing about: Lightning's advertisement for its cloud
-    logger (printed on every run) and torch's deprecation of ``LeafSpec``, which Lightning's
-    own pytree code still uses (pytorch_lightning/utilities/_pytree.py)."""
+    """Hide notices megaseg can do nothing about: Lightning's advertisement for its cloud
+    logger (printed on every run), torch's deprecation of ``LeafSpec``, which Lightning's own
+    pytree code still uses (pytorch_lightning/utilities/_pytree.py), and jsonargparse's
+    deprecations of what Lightning's CLI calls."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
@@ -85,6 +97,14 @@ def quiet_third_party_notices() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
     )
+    # jsonargparse deprecates calls that Lightning's own CLI code makes (instantiate_classes,
+    # add_instantiator, skip_none): a notice for Lightning's developers, not for megaseg users.
+    with contextlib.suppress(ImportError):  # where its name moves, the notices come back
+        from jsonargparse._deprecated import JsonargparseDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=JsonargparseDeprecationWarning)
+    # megaseg passes its own argv on purpose (lightning_main from Python: tests, notebooks)
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
 
 
 def _is_rank_zero() -> bool:
@@ -168,6 +188,13 @@ class MegasegCLI(LightningCLI):
                 **self.trainer_defaults,
                 "callbacks": [cb for cb in defaults if not isinstance(cb, ExportWeights)],
             }
+        # megaseg's step-counting bar, unless the config names a bar or turns it off
+        given = config.get("callbacks") or []
+        given = list(given) if isinstance(given, list | tuple) else [given]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(cb, ProgressBar) for cb in [*callbacks, *given]
+        ):
+            config["callbacks"] = [*given, StepProgressBar()]
         if config.get("logger") in (None, True):
             config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         # Checkpoints saved atomically in their own folder, unless the config picks a CheckpointIO.
@@ -194,11 +221,22 @@ class MegasegCLI(LightningCLI):
         return ckpt, export
 
     def _checked_ckpt(self, ckpt_path, model):
-        """``--ckpt_path``: ``last`` resolved to the run's one last checkpoint (left to
-        Lightning when there is none), a local file checked to be complete and of this network;
-        anything else as given."""
+        """``--ckpt_path``: ``last`` resolved to the run's one last checkpoint (none: fit starts
+        a new run and says so, as a job resubmitted with the same command expects; the other
+        subcommands refuse), a local file checked to be complete and of this network; anything
+        else as given."""
         if ckpt_path == "last":
-            ckpt_path = resolve_last(self._run_dirs()[0]) or "last"
+            found = resolve_last(self._run_dirs()[0])
+            if found is None:
+                where = ", ".join(str(d) for d in self._run_dirs()[0]) or "the run folder"
+                if self.subcommand != "fit":
+                    raise RunRefused(
+                        f"--ckpt_path last: no checkpoint in {where}; pass the weights to run "
+                        "with --ckpt_path PATH"
+                    )
+                _say(f"megaseg fit: --ckpt_path last: no checkpoint in {where} yet; starting a "
+                     "new run from step 0")  # fmt: skip
+            ckpt_path = found
         if ckpt_path is not None and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
             check_resumable(ckpt_path, model)
         return ckpt_path
@@ -209,7 +247,7 @@ class MegasegCLI(LightningCLI):
             if _is_rank_zero():  # DDP ranks > 0 run inside rank 0's fit
                 held.enter_context(run_lock(self.trainer.default_root_dir))
             ckpt_path = self._checked_ckpt(ckpt_path, model)
-            if ckpt_path in (None, "last") and _is_rank_zero():  # a new run ("last": none found)
+            if ckpt_path is None and _is_rank_zero():  # a new run (also "last" with none found)
                 root = Path(self.trainer.default_root_dir)
                 refuse_new_run_over(root, earlier_outputs(*self._run_dirs()))
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
@@ -314,13 +352,24 @@ def lightning_main(argv: list[str] | None = None) -> int:
             InContextSegModule,
             EpisodeDataModule,
             args=argv,
-            trainer_defaults={"callbacks": [ExportWeights(), EpisodeThroughput()]},
+            trainer_defaults={
+                "callbacks": [ExportWeights(), EpisodeThroughput(), sigterm := SaveOnSigterm()]
+            },
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
     except (RunRefused, IncompleteCheckpoint) as err:  # the message names the path
         print(f"megaseg {command}: {err}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        if _is_rank_zero():
+            saved = (
+                f"saved {sigterm.saved}; resume with the same command and --ckpt_path last"
+                if sigterm.saved is not None
+                else "no checkpoint saved"
+            )
+            print(f"megaseg {command}: stopped by SIGTERM; {saved}", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -338,9 +338,13 @@ class EpisodeDataModule(pl.LightningDataModule):
         return [self._loader(EpisodeSet(s, self.seed, num_batches, stream)) for _, s in sets]
 
     def _loader(self, dataset) -> DataLoader:
+        from megaseg.training.workers import worker_init_fn
+
+        # the workers ignore SIGTERM and die with this process (megaseg.training.workers)
+        init = worker_init_fn() if self.num_workers else None
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers,
-            persistent_workers=False, pin_memory=False,
+            persistent_workers=False, pin_memory=False, worker_init_fn=init,
         )  # fmt: skip
 
     # -- provenance (for the checkpoint card) -------------------------------------------------

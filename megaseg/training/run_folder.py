@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megaseg.checkpoint import shape_mismatches
+from megaseg.checkpoint import plain_detail, shape_mismatches
 from megaseg.paths import pid_lock
 from megaseg.training.checkpoint_io import IncompleteCheckpoint, check_complete
 
@@ -101,7 +101,9 @@ def check_resumable(path: str | os.PathLike, module: nn.Module) -> None:
         hint = f"; other checkpoints there: {', '.join(others)}" if others else ""
         raise RunRefused(f"{err}{hint}. Pass a complete one with --ckpt_path PATH") from None
     except Exception as err:  # torch raises several types for an unreadable archive
-        raise RunRefused(f"{path}: not a readable Lightning checkpoint ({err})") from None
+        raise RunRefused(
+            f"{path}: not a readable Lightning checkpoint ({plain_detail(err)})"
+        ) from None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise RunRefused(f"{path}: not a Lightning checkpoint (no state_dict)")
