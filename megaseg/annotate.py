@@ -45,6 +45,14 @@ import numpy as np
 import torch
 
 from megaseg.inference import _input_path, _load_volume, _same_file, merge_labels
+from megaseg.interpolate import (
+    distance_prior,
+    follow,
+    guided_plan,
+    holding,
+    shape_between,
+    taper,
+)
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write_all
 from megaseg.preprocess import guess_modality, normalize_intensity, prepare_image, restore
@@ -53,6 +61,7 @@ ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
 
 _CHUNK = 16  # queries per forward call: small enough for a progress bar that moves
+METHODS = ("guided", "model", "interpolate")
 _SAVED_BY = b"megaseg annotate"  # the header's descrip: informative, not proof of ownership
 
 
@@ -98,6 +107,19 @@ class VolumeSession:
         ensemble: support subsets averaged per prediction once the support is large enough
             (at most as many as there are distinct subsets).
         min_ensemble_support: the smallest support that is split into an ensemble.
+        method: how unlabelled slices are labelled (see the module doc): ``"guided"`` (the
+            default: interpolation between labelled slices corrected by the model, and beyond
+            them only what the model follows with confidence), ``"model"`` (every slice of the
+            volume from the model alone), ``"interpolate"`` (shape-based interpolation between
+            labelled slices, no model: instant).
+        reach: ``"guided"``: how far beyond the outermost labelled slice of a structure the
+            model may follow it, in mean spacings of that structure's labelled slices (with
+            one labelled slice: up to the volume's end); it stops earlier where its mask
+            collapses or its confidence drops.
+        prior_weight: ``"guided"``: weight of the interpolated shape against the model's
+            probability between labelled slices (0: the model alone, 1: interpolation alone);
+            None (default): chosen per structure from how well each predicts the labelled
+            slices when they are left out in turn.
         progress: show a tqdm bar during :meth:`segment`.
 
     Raises:
@@ -116,6 +138,9 @@ class VolumeSession:
         max_support: int | None = 2,
         ensemble: int = 3,
         min_ensemble_support: int = 4,
+        method: str = "guided",
+        reach: float = 1.0,
+        prior_weight: float | None = None,
         progress: bool = True,
     ):
         data, image = _load_volume(volume)
@@ -130,6 +155,12 @@ class VolumeSession:
             raise ValueError(f"ensemble: must be >= 1, got {ensemble}")
         if min_ensemble_support < 2:
             raise ValueError(f"min_ensemble_support: must be >= 2, got {min_ensemble_support}")
+        if method not in METHODS:
+            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+        if not reach > 0:
+            raise ValueError(f"reach: must be > 0 (in labelled-slice spacings), got {reach!r}")
+        if prior_weight is not None and not 0 <= prior_weight <= 1:
+            raise ValueError(f"prior_weight: must be in [0, 1], got {prior_weight!r}")
         self.segmenter = segmenter
         self.axis = int(axis) % 3
         self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
@@ -140,6 +171,9 @@ class VolumeSession:
         self.max_support = max_support
         self.ensemble = int(ensemble)
         self.min_ensemble_support = int(min_ensemble_support)
+        self.method = method
+        self.reach = float(reach)
+        self.prior_weight = None if prior_weight is None else float(prior_weight)
         self.progress = progress
         self._image = image  # nibabel image or None
         self._source = _input_path(volume)  # the file read, never written over
@@ -269,21 +303,23 @@ class VolumeSession:
 
     def support_for(self, index: int) -> tuple[int, ...]:
         """The labelled slices (with foreground) that serve as support for slice ``index``:
-        the ``max_support`` nearest along the axis (ties: the lower index), sorted."""
-        usable = [i for i in self.labelled if self._labels[i].any()]
+        the ``max_support`` nearest along the axis (ties: the lower index), sorted; never
+        ``index`` itself (a labelled slice is predicted from the others to score the model)."""
+        usable = [i for i in self.labelled if i != index and self._labels[i].any()]
         usable.sort(key=lambda i: (abs(i - index), i))
         if self.max_support is not None:
             usable = usable[: self.max_support]
         return tuple(sorted(usable))
 
     def segment(self, callback: ProgressCallback | None = None) -> SessionResult:
-        """Predict every unlabelled slice; see :class:`SessionResult`.
+        """Label every unlabelled slice (``method``); see :class:`SessionResult`.
 
         ``callback(done, total)`` is called after each chunk of slices (for a GUI); it may
         raise to cancel. Raises ValueError when no labelled slice has any foreground.
         """
         start = time.perf_counter()
-        key = (self._edits, self.max_support, self.ensemble, self.min_ensemble_support)
+        settings = (self.max_support, self.ensemble, self.min_ensemble_support)
+        key = (self._edits, *settings, self.method, self.reach, self.prior_weight)
         if self._result is not None and self._result_key == key:
             return replace(self._result, predicted=0, seconds=time.perf_counter() - start)
         if not any(lab.any() for lab in self._labels.values()):
@@ -291,19 +327,34 @@ class VolumeSession:
                 "no labelled slice with foreground: add(index, labels) at least one slice that "
                 "shows the structure(s) to segment"
             )
+        plan = None
+        if self.method == "model":
+            targets = [i for i in range(self.depth) if i not in self._labels]
+        elif self.method == "guided":
+            plan = guided_plan(self._labels, self.depth, self.reach)
+            # The labelled slices too, each from the others: how well the model does on
+            # this structure, against interpolation (see _model_weight).
+            targets = sorted(
+                {i for p in plan.values() for i in p.slices}
+                | {i for i in self._labels if self._labels[i].any() and self.support_for(i)}
+            )
+        else:
+            targets = []
         todo: dict[tuple[int, ...], list[int]] = {}
-        for i in range(self.depth):
-            if i in self._labels:
-                continue
+        for i in targets:
             support = self.support_for(i)
-            sig = tuple((j, self._versions[j]) for j in support) + key[1:]
+            sig = tuple((j, self._versions[j]) for j in support) + settings
             cached = self._cache.get(i)
             if cached is None or cached[0] != sig:
                 todo.setdefault(support, []).append(i)
         total = sum(len(v) for v in todo.values())
         if total:
-            self._predict(todo, total, key[1:], callback)
-        result = self._assemble(total, time.perf_counter() - start)
+            self._predict(todo, total, settings, callback)
+        seconds = time.perf_counter() - start
+        if self.method == "model":
+            result = self._assemble(total, seconds)
+        else:
+            result = self._assemble_guided(plan, targets, total, start)
         self._result, self._result_key = result, key
         return result
 
@@ -359,30 +410,113 @@ class VolumeSession:
             if bar is not None:
                 bar.close()
 
-    def _assemble(self, predicted: int, seconds: float) -> SessionResult:
-        values = sorted(
+    def _values(self, slices) -> list[int]:
+        """The label values of the labelled slices and of the predictions of ``slices``."""
+        return sorted(
             {int(v) for lab in self._labels.values() for v in np.unique(lab) if v != 0}
-            | {v for i, (_, vals, _) in self._cache.items() if i not in self._labels for v in vals}
+            | {v for i in slices for v in self._cache[i][1]}
         )
+
+    def _restored(self, chunk: list[int], values: list[int]) -> np.ndarray:
+        """``(K, len(chunk), H, W)`` float32: the cached model probabilities of ``chunk`` at
+        the slices' own size, one row per value (0 where a support lacked the value)."""
+        R = self.segmenter.resolution
+        small = torch.zeros(len(values), len(chunk), R, R)
+        for b, i in enumerate(chunk):
+            _, vals, probs = self._cache[i]
+            for k, v in enumerate(vals):
+                small[values.index(v), b] = probs[k]
+        return restore(small, self._pad).numpy()
+
+    def _assemble(self, predicted: int, seconds: float) -> SessionResult:
+        """``method="model"``: every unlabelled slice from its cached model probabilities."""
+        todo = [i for i in range(self.depth) if i not in self._labels]
+        values = self._values(todo)
         D, (H, W) = self.depth, self.slice_shape
-        dtype = _label_dtype(values)
-        labels = np.zeros((D, H, W), dtype)
+        labels = np.zeros((D, H, W), _label_dtype(values))
         unc = np.zeros((D, H, W), np.float32)
-        todo = [i for i in range(D) if i not in self._labels]
         for lo in range(0, len(todo), 64):  # restore in chunks: (K, b, H, W) float32 each
             chunk = todo[lo : lo + 64]
-            R = self.segmenter.resolution
-            small = torch.zeros(len(values), len(chunk), R, R)
-            for b, i in enumerate(chunk):
-                _, vals, probs = self._cache[i]
-                for k, v in enumerate(vals):
-                    small[values.index(v), b] = probs[k]
-            full = restore(small, self._pad).numpy()  # (K, b, H, W)
+            full = self._restored(chunk, values)
             labels[chunk] = merge_labels(full, values)
             unc[chunk] = _entropy(full)
+        return self._result_of(labels, unc, predicted, seconds)
+
+    def _assemble_guided(self, plan, targets: list[int], predicted: int, start: float):
+        """``method="guided"`` / ``"interpolate"``: per label value, the interpolated shape
+        between its labelled slices (mixed with the model's probability when guided), and
+        beyond them the model's masks followed slice by slice (:func:`follow`)."""
+        values = self._values(targets)
+        D, (H, W) = self.depth, self.slice_shape
+        probs: dict[int, np.ndarray] = {}  # slice -> (K, H, W)
+        if targets:
+            for lo in range(0, len(targets), 64):
+                chunk = targets[lo : lo + 64]
+                for b, p in zip(chunk, self._restored(chunk, values).swapaxes(0, 1), strict=True):
+                    probs[b] = p
+        out: dict[int, np.ndarray] = {}
+        stopped: set[tuple[int, int]] = set()  # (slice, k): the model's guess kept out
+        for k, v in enumerate(values):
+            prior, between = distance_prior(self._labels, D, v)
+            w = self._model_weight(probs, k, v) if plan is not None else 0.0
+            for p, i in zip(prior, between, strict=True):
+                mixed = p if i not in probs else (1 - w) * p + w * probs[i][k]
+                out.setdefault(i, np.zeros((len(values), H, W), np.float32))[k] = mixed
+            if plan is None:
+                continue
+            for first, walk in plan[v].walks:
+                seen = [probs[j][k] for j in walk]
+                if plan[v].limit is not None:  # the structure ends within about one spacing
+                    shrink = taper(self._labels[first] == v, len(walk), plan[v].limit)
+                    seen = [(1 - w) * t + w * q for t, q in zip(shrink, seen, strict=True)]
+                kept = follow(self._labels[first] == v, seen)
+                for j, q, keep in zip(walk, *kept, strict=True):
+                    out.setdefault(j, np.zeros((len(values), H, W), np.float32))[k] = q
+                    if not keep:
+                        stopped.add((j, k))
+        labels = np.zeros((D, H, W), _label_dtype(values))
+        unc = np.zeros((D, H, W), np.float32)
+        for i, p in out.items():
+            if i in self._labels:
+                continue
+            shown = p.copy()
+            for j, k in stopped:
+                if j == i:
+                    shown[k] = 0
+            labels[i] = merge_labels(shown, values)
+            unc[i] = _entropy(p)
+        return self._result_of(labels, unc, predicted, time.perf_counter() - start)
+
+    def _model_weight(self, probs: dict[int, np.ndarray], k: int, value: int) -> float:
+        """The model's weight against the interpolated shape between labelled slices.
+
+        ``1 - prior_weight`` when given; else measured on the labelled slices, each left out
+        in turn: the mean Dice of the model's mask (predicted from the other labelled slices)
+        against that of interpolation from its two labelled neighbours, the model's weight
+        ``0.5 + 2.5 * (model - interpolation)`` within [0.1, 0.9] (0.5 while fewer than
+        three slices hold the structure, or the model could not be scored).
+        """
+        if self.prior_weight is not None:
+            return 1 - self.prior_weight
+        where = holding(self._labels, value)
+        model = [_dice(probs[i][k] > 0.5, self._labels[i] == value) for i in where if i in probs]
+        order = self.labelled
+        interp = []
+        for a, i, b in zip(order, order[1:], order[2:], strict=False):
+            if a in where and i in where and b in where:
+                t = (i - a) / (b - a)
+                guess = shape_between(self._labels[a] == value, self._labels[b] == value, t)
+                interp.append(_dice(guess > 0.5, self._labels[i] == value))
+        if not model or not interp:
+            return 0.5
+        return float(np.clip(0.5 + 2.5 * (np.mean(model) - np.mean(interp)), 0.1, 0.9))
+
+    def _result_of(self, labels, unc, predicted: int, seconds: float) -> SessionResult:
+        """The result from ``(D, H, W)`` predictions: labelled slices as given, axis restored."""
         for i, lab in self._labels.items():
             labels[i] = lab
-        scores = unc.reshape(D, -1).mean(axis=1)
+            unc[i] = 0
+        scores = unc.reshape(self.depth, -1).mean(axis=1)
         return SessionResult(
             labels=np.ascontiguousarray(np.moveaxis(labels, 0, self.axis)),
             uncertainty=np.ascontiguousarray(np.moveaxis(unc, 0, self.axis)),
@@ -538,6 +672,12 @@ def _label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.int64)
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks; 1 when both are empty."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
 def _nifti_suffix(path: Path) -> str:
     """The temporary's suffix: nibabel picks the format (and compression) from the name."""
     return ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
@@ -552,4 +692,4 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
     return h.max(axis=0).astype(np.float32)
 
 
-__all__ = ["ProgressCallback", "SessionResult", "VolumeSession"]
+__all__ = ["METHODS", "ProgressCallback", "SessionResult", "VolumeSession"]

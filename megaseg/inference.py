@@ -464,6 +464,7 @@ class Segmenter:
         return_probs: bool = False,
         overwrite_input: bool = False,
         overwrite: bool = False,
+        slices: tuple[int, int] | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Segment a 3D volume slice by slice along ``axis``.
 
@@ -482,6 +483,10 @@ class Segmenter:
             ensemble, support_size, seed, flips: as in :meth:`predict`; every slice sees the
                 same support subsets (and, with ``flips``, each slice is flipped in-plane).
             return_probs: also return the ``(K, X, Y, Z)`` float32 per-label probabilities.
+            slices: ``(lo, hi)``: label only the slices ``lo <= i < hi`` along ``axis``
+                (where the structure is; the others stay background, probability 0, and are
+                not computed). Default: every slice, also where the structure is absent and
+                the model may still see it.
 
         Returns:
             The merged label map, the volume's shape, with the support's label values.
@@ -508,24 +513,25 @@ class Segmenter:
             data = normalize_intensity(data, sup.modality, sup.window)
         except ValueError as e:
             raise ValueError(f"volume: {e}") from e
-        slices = np.moveaxis(data, axis, 0)  # (D, h, w)
-        K, D = len(sup.values), slices.shape[0]
-        label_map = np.zeros(slices.shape, _label_dtype(sup.values))
-        probs = np.zeros((K, *slices.shape), np.float32) if return_probs else None
+        stack = np.moveaxis(data, axis, 0)  # (D, h, w)
+        K, D = len(sup.values), stack.shape[0]
+        lo, hi = _slice_range(slices, D, axis)
+        label_map = np.zeros(stack.shape, _label_dtype(sup.values))
+        probs = np.zeros((K, *stack.shape), np.float32) if return_probs else None
         chunk = self.batch_size(support_size or self.support_size)
-        for start in range(0, D, chunk):
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
             prepared = [
-                prepare_image(s, self.resolution, normalize=False)
-                for s in slices[start : start + chunk]
+                prepare_image(s, self.resolution, normalize=False) for s in stack[start:stop]
             ]
             info = prepared[0][1]  # every slice has the same size
             p = self.predict_prepared(
                 torch.stack([t for t, _ in prepared]), ensemble, support_size, seed, flips
             )
             p = restore(p[:, :, 0], info).numpy()  # (K, b, h, w)
-            label_map[start : start + chunk] = merge_labels(p, sup.values)
+            label_map[start:stop] = merge_labels(p, sup.values)
             if probs is not None:
-                probs[:, start : start + chunk] = p
+                probs[:, start:stop] = p
         label_map = np.ascontiguousarray(np.moveaxis(label_map, 0, axis))
         if out_path is not None:
             _save_nifti(label_map, image, out_path)
@@ -626,6 +632,23 @@ def flip_tta(
         probs = _flip(probs.float(), dims)
         total = probs if total is None else total + probs
     return total / len(FLIPS)
+
+
+def _slice_range(slices, depth: int, axis: int) -> tuple[int, int]:
+    """``predict_volume``'s ``slices=(lo, hi)`` checked against the ``depth`` slices."""
+    if slices is None:
+        return 0, depth
+    try:
+        lo, hi = (int(v) for v in slices)
+        ok = all(not isinstance(v, bool) and float(v) == int(v) for v in slices)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not 0 <= lo < hi <= depth:
+        raise ValueError(
+            f"slices: {slices!r} is not a range (lo, hi) with 0 <= lo < hi <= {depth}, the "
+            f"slices along axis {axis}"
+        )
+    return lo, hi
 
 
 def merge_labels(label_probs: np.ndarray, values: Sequence[int]) -> np.ndarray:

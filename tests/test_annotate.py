@@ -96,8 +96,9 @@ def test_multi_structure_segmentation(segmenter, mni):
 
 
 def test_predictions_change_after_add_and_cache(segmenter, mni):
+    """The cache, counted on ``method="model"`` (every unlabelled slice predicted)."""
     _, labels, _ = mni
-    session = _session(segmenter, mni, max_support=2)
+    session = _session(segmenter, mni, max_support=2, method="model")
     for i in (8, 16, 24):
         session.add(i, labels[:, :, i])
     first = session.segment()
@@ -115,7 +116,7 @@ def test_predictions_change_after_add_and_cache(segmenter, mni):
     assert not np.array_equal(after.labels[:, :, 10:15], first.labels[:, :, 10:15])
 
     # The incremental result equals a fresh session's with the same labelled slices.
-    fresh = _session(segmenter, mni, max_support=2)
+    fresh = _session(segmenter, mni, max_support=2, method="model")
     fresh.add_volume(np.where(np.isin(np.arange(32), [8, 12, 16, 24]), labels, 0))
     np.testing.assert_array_equal(fresh.segment().labels, after.labels)
 
@@ -309,3 +310,98 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         "mni152_annotated_uncertainty.nii.gz",
     ]
     assert sorted(notebooks.rglob("*")) == before, "the notebook wrote into notebooks/"
+
+
+# ---------------------------------------------------------------------- guided (issue #20)
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """``(volume, truth)`` (48, 48, 40): a bright blob on slices 8..22 (the structure) and a
+    look-alike on slices 30..37 elsewhere in the plane, on noise."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0.2, 0.05, (48, 48, 40)).astype(np.float32)
+    xx, yy = np.mgrid[:48, :48]
+    truth = np.zeros(vol.shape, np.uint8)
+    for z in range(40):
+        for lo, hi, cx, value in ((8, 22, 16, 1), (30, 37, 34, 0)):
+            if lo <= z <= hi:
+                r = 3 + 6 * np.sin(np.pi * (z - lo + 0.5) / (hi - lo + 1))
+                disc = (xx - cx) ** 2 + (yy - 24) ** 2 <= r * r
+                vol[..., z][disc] = 0.8
+                if value:
+                    truth[..., z][disc] = value
+    return vol, truth
+
+
+def test_guided_labels_nothing_far_beyond_the_last_labelled_slice(segmenter, blobs):
+    vol, truth = blobs
+    session = VolumeSession(segmenter, vol, axis=2, progress=False)
+    assert session.method == "guided"
+    for i in (11, 15, 19):
+        session.add(i, truth[..., i])
+    result = session.segment()
+    assert session.segment().predicted == 0  # cached
+    # spacing 4, reach 1: the model may follow the structure to slice 23 at most
+    assert not result.labels[..., 24:].any()
+    assert not result.labels[..., :7].any()
+    assert result.uncertainty[..., 24:].max() == 0  # nothing far away for suggest() to chase
+    # between the labelled slices the structure is there
+    assert all(result.labels[..., z].any() for z in range(11, 20))
+    # only the slices around the structure (and the labelled ones, each from the others)
+    # were predicted, not the whole volume
+    assert result.predicted < 40 - 3
+    assert all(11 - 4 <= i <= 19 + 4 for i in session.suggest(3))
+
+
+def test_guided_is_deterministic(segmenter, blobs):
+    vol, truth = blobs
+    results = []
+    for _ in range(2):
+        session = VolumeSession(segmenter, vol, axis=2, progress=False)
+        session.add(15, truth[..., 15])  # one slice: the walks decide where it ends
+        results.append(session.segment())
+    np.testing.assert_array_equal(results[0].labels, results[1].labels)
+    np.testing.assert_array_equal(results[0].uncertainty, results[1].uncertainty)
+
+
+def test_a_background_slice_says_where_the_structure_is_absent(segmenter, blobs):
+    vol, truth = blobs
+    session = VolumeSession(segmenter, vol, axis=2, progress=False)
+    session.add(15, truth[..., 15])
+    session.add(18, np.zeros_like(truth[..., 18]))
+    result = session.segment()
+    assert not result.labels[..., 18:].any()
+    # and between two slices holding it, a background slice splits it
+    session.add(11, truth[..., 11]).add(13, np.zeros_like(truth[..., 13]))
+    result = session.segment()
+    assert not result.labels[..., 13].any()
+
+
+def test_interpolate_method_needs_no_model_and_methods_are_checked(segmenter, blobs):
+    vol, truth = blobs
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, method="interpolate")
+    session.add(11, truth[..., 11]).add(19, truth[..., 19])
+    result = session.segment()
+    assert result.predicted == 0
+    assert all(result.labels[..., z].any() for z in range(11, 20))
+    assert not result.labels[..., :11].any() and not result.labels[..., 20:].any()
+    for bad, match in (
+        ({"method": "magic"}, "method: 'magic' is not one of guided, model, interpolate"),
+        ({"reach": 0}, "reach: must be > 0"),
+        ({"prior_weight": 1.5}, r"prior_weight: must be in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            VolumeSession(segmenter, vol, **bad)
+
+
+def test_predict_volume_labels_only_the_slices_asked_for(segmenter, blobs):
+    vol, truth = blobs
+    segmenter.set_support([vol[..., 15]], [truth[..., 15]], modality="MR")
+    labels, probs = segmenter.predict_volume(vol, axis=2, slices=(10, 21), return_probs=True)
+    assert labels.shape == vol.shape
+    assert not labels[..., :10].any() and not labels[..., 21:].any()
+    assert probs[..., :10].max() == 0 and probs[..., 10:21].max() > 0
+    for bad in ((5, 5), (-1, 3), (0, 41), (1.5, 3), "ab"):
+        with pytest.raises(ValueError, match="slices: .* is not a range"):
+            segmenter.predict_volume(vol, axis=2, slices=bad)

@@ -81,6 +81,13 @@ class AnnotateWidget(Container):
         self._image = create_widget(annotation=napari.layers.Image, label="image")
         self._labels = create_widget(annotation=napari.layers.Labels, label="labelled slices")
         self._axis = ComboBox(label="slicing axis", choices=[0, 1, 2], value=0)
+        self._method = ComboBox(
+            label="method", choices=["guided", "model", "interpolate"], value="guided"
+        )
+        self._method.tooltip = (
+            "guided: interpolation between your slices, corrected by the model; model: every "
+            "slice from the model alone; interpolate: no model (instant)"
+        )
         self._checkpoint = LineEdit(label="checkpoint", value=DEFAULT_CHECKPOINT)
         self._checkpoint.tooltip = "a .safetensors file, or the name of a model megaseg ships"
         self._run = PushButton(text="Segment")
@@ -95,6 +102,7 @@ class AnnotateWidget(Container):
                 self._image,
                 self._labels,
                 self._axis,
+                self._method,
                 self._checkpoint,
                 self._run,
                 self._copy,
@@ -164,6 +172,7 @@ class AnnotateWidget(Container):
             self.session = VolumeSession(self._segmenters[checkpoint], data, axis, progress=False)
             self._session_key = key
         session = self.session
+        session.method = self._method.value  # part of the result's cache key
         stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
         painted_now = set(np.flatnonzero(stack.any(axis=1)).tolist())
         for i in set(session.labelled) - painted_now:  # erased by the user: un-label

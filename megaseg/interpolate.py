@@ -1,0 +1,285 @@
+"""What a volume's labelled slices say about the slices between them, with no model at all.
+
+Three fills of a ``(D, H, W)`` stack from the labelled slices ``{index: (H, W) integer map}``,
+each label value on its own, filling only between the outermost slices that hold it (beyond
+them the structure's end is unknown, and none of these guesses it):
+
+- :func:`nearest_fill`: each slice copies the value's mask from its nearest labelled slice (a
+  slice labelled all background counts: nothing is copied from it);
+- :func:`distance_prior`: the signed distance maps of the two labelled slices around a slice,
+  mixed by its position between them (shape-based interpolation), as a probability; the
+  session's shape prior (:mod:`megaseg.annotate`, ``method="guided"``);
+- :func:`itk_fill`: ITK's morphological contour interpolation, what 3D Slicer's *Fill between
+  slices* runs (``pip install megaseg[interpolation]``; optional).
+
+Slices are along axis 0 here; :class:`megaseg.annotate.VolumeSession` moves its axis there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+Labelled = Mapping[int, np.ndarray]
+"""``{slice index: (H, W) integer label map}``; 0 is background."""
+
+
+def label_values(labelled: Labelled) -> list[int]:
+    """The nonzero values of the labelled slices, sorted."""
+    return sorted({int(v) for lab in labelled.values() for v in np.unique(lab) if v != 0})
+
+
+def holding(labelled: Labelled, value: int) -> list[int]:
+    """The labelled slices that hold ``value``, sorted."""
+    return sorted(i for i, lab in labelled.items() if (lab == value).any())
+
+
+def nearest_fill(labelled: Labelled, depth: int) -> np.ndarray:
+    """``(D, H, W)`` labels: every slice between the outermost slices holding a value copies
+    that value from the nearest labelled slice (ties: the lower index); labelled slices as
+    given. Raises ValueError for an index outside ``0..depth-1``."""
+    shape = _check(labelled, depth)
+    out = np.zeros((depth, *shape), np.int64)
+    order = np.array(sorted(labelled))
+    for value in label_values(labelled):
+        where = holding(labelled, value)
+        for i in range(where[0], where[-1] + 1):
+            nearest = int(order[np.argmin(np.abs(order - i))])
+            out[i][labelled[nearest] == value] = value
+    for i, lab in labelled.items():
+        out[i] = lab
+    return out
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool -> float32 distance to the boundary in pixels, negative inside."""
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    return (outside - inside).astype(np.float32)
+
+
+def distance_prior(
+    labelled: Labelled, depth: int, value: int, softness: float = 1.0
+) -> tuple[np.ndarray, list[int]]:
+    """Shape-based interpolation of one value: ``(probabilities (n, H, W) float32, slices)``.
+
+    For each slice strictly between two consecutive slices that hold ``value`` with no
+    labelled slice without it in between (there the structure is known to be absent),
+    ``sigmoid(-d / softness)`` with ``d`` the signed distances of the two masks mixed linearly
+    by position. ``slices`` lists those slices, sorted; ``softness`` is in pixels.
+    """
+    _check(labelled, depth)
+    where = holding(labelled, value)
+    absent = sorted(i for i in labelled if i not in where)
+    probs, slices = [], []
+    for a, b in zip(where, where[1:], strict=False):
+        if b - a < 2 or any(a < i < b for i in absent):
+            continue
+        da = signed_distance(labelled[a] == value)
+        db = signed_distance(labelled[b] == value)
+        for i in range(a + 1, b):
+            probs.append(_mix(da, db, (i - a) / (b - a), softness))
+            slices.append(i)
+    if not probs:
+        return np.zeros((0, *_check(labelled, depth)), np.float32), []
+    return np.stack(probs).astype(np.float32), slices
+
+
+@dataclass(frozen=True)
+class ValuePlan:
+    """Where one label value is looked for (:func:`guided_plan`).
+
+    between: slices between two labelled slices that hold it (the structure is there);
+    walks: ``(first, [j1, j2, ...])``: from a labelled slice holding it, outward, the slices
+        where it may go on (none is labelled), nearest first.
+    """
+
+    between: list[int]
+    walks: list[tuple[int, list[int]]]
+    limit: int | None = None  # the longest walk allowed; None: one labelled slice, no limit
+
+    @property
+    def slices(self) -> list[int]:
+        return sorted({*self.between, *(j for _, walk in self.walks for j in walk)})
+
+
+def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int, ValuePlan]:
+    """Per label value: the slices between its labelled slices and the walks beyond them.
+
+    A walk starts at a labelled slice holding the value whose next labelled slice in that
+    direction does not hold it (or that has none), and stops before that slice, at the
+    volume's end, or after ``ceil(reach * spacing)`` slices, ``spacing`` being the mean
+    distance between the labelled slices holding the value (one such slice: no limit).
+    A labelled slice without the value says it is absent there.
+    """
+    _check(labelled, depth)
+    order = sorted(labelled)
+    plans = {}
+    for value in label_values(labelled):
+        where = holding(labelled, value)
+        limit = (
+            depth
+            if len(where) < 2
+            else math.ceil(reach * (where[-1] - where[0]) / (len(where) - 1))
+        )
+        between, walks = [], []
+        for first in where:
+            pos = order.index(first)
+            for step in (-1, 1):
+                nxt = pos + step
+                other = order[nxt] if 0 <= nxt < len(order) else None
+                if other is not None and other in where:
+                    if step == 1:
+                        between += range(first + 1, other)
+                    continue
+                end = (-1 if step < 0 else depth) if other is None else other
+                walk = list(range(first + step, end, step))[:limit]
+                if walk:
+                    walks.append((first, walk))
+        plans[value] = ValuePlan(between, walks, None if len(where) < 2 else limit)
+    return plans
+
+
+def taper(first: np.ndarray, steps: int, limit: int, softness: float = 1.0) -> list[np.ndarray]:
+    """``steps`` probabilities ``(H, W)`` of a shape that shrinks from mask ``first`` to
+    nothing over ``limit + 1`` slices (eroded evenly: the distance map shifted by the
+    largest inscribed radius times ``j / (limit + 1)`` at step ``j``): what is known beyond
+    the outermost labelled slice of a structure labelled at spacing ``limit``."""
+    d = signed_distance(np.asarray(first, bool))
+    radius = float(max(1.0, -d.min()))
+    return [_mix(d + radius * j / (limit + 1), d, 0.0, softness) for j in range(1, steps + 1)]
+
+
+def follow(
+    first: np.ndarray,
+    probs: Sequence[np.ndarray],
+    *,
+    grow: float = 0.25,
+    collapse: float = 0.3,
+    confidence: float = 0.7,
+) -> tuple[list[np.ndarray], list[bool]]:
+    """Follow a structure from a labelled mask through the model's probabilities, outward.
+
+    Args:
+        first: ``(H, W)`` bool, the structure on the labelled slice the walk starts from.
+        probs: ``(H, W)`` model probabilities of the walk's slices, nearest first.
+        grow: each slice's mask stays within ``max(2, grow * r)`` pixels of the previous
+            one, ``r`` the radius of a disc of the previous mask's area (a structure moves
+            and changes little from one slice to the next; a far-away blob is not it).
+        collapse, confidence: the walk stops at the first slice whose mask is empty, smaller
+            than ``collapse`` times the previous one, or of mean probability below
+            ``confidence``.
+
+    Returns:
+        ``(probabilities, kept)``: per slice, the probabilities within reach of the previous
+        mask (for the uncertainty) and whether the mask is kept (False from the stop on).
+    """
+    prev = np.asarray(first, bool)
+    out, kept, alive = [], [], bool(prev.any())
+    for p in probs:
+        if not alive:
+            out.append(np.zeros_like(p))
+            kept.append(False)
+            continue
+        radius = max(2.0, grow * math.sqrt(prev.sum() / math.pi))
+        near = ndimage.distance_transform_edt(~prev) <= radius
+        q = np.where(near, p, 0).astype(np.float32)
+        mask = q > 0.5
+        area = int(mask.sum())
+        alive = area > 0 and area >= collapse * prev.sum() and q[mask].mean() >= confidence
+        out.append(q)
+        kept.append(alive)
+        if alive:
+            prev = mask
+    return out, kept
+
+
+def shape_between(a: np.ndarray, b: np.ndarray, t: float, softness: float = 1.0) -> np.ndarray:
+    """``(H, W)`` probability of the shape a fraction ``t`` of the way from mask ``a`` to
+    mask ``b`` (shape-based interpolation, as :func:`distance_prior`)."""
+    return _mix(signed_distance(a), signed_distance(b), t, softness)
+
+
+def _mix(da: np.ndarray, db: np.ndarray, t: float, softness: float) -> np.ndarray:
+    d = (1 - t) * da + t * db
+    return (1 / (1 + np.exp(np.clip(d / softness, -50, 50)))).astype(np.float32)
+
+
+def itk_available() -> bool:
+    """Whether ``itk-morphologicalcontourinterpolation`` is installed (without loading ITK,
+    whose first use takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("itk.MorphologicalContourInterpolationPython") is not None
+    except ImportError:  # no itk package at all
+        return False
+
+
+def itk_fill(labelled: Labelled, depth: int) -> np.ndarray:
+    """``(D, H, W)`` labels by ITK's morphological contour interpolation along axis 0 (3D
+    Slicer's *Fill between slices*); labelled slices as given. A slice labelled all
+    background is invisible to ITK (it sees only slices holding a label).
+
+    Raises ImportError naming the extra when the package is missing.
+    """
+    shape = _check(labelled, depth)
+    try:
+        import itk
+
+        interpolator = itk.MorphologicalContourInterpolator
+    except (ImportError, AttributeError):
+        raise ImportError(
+            "itk_fill needs ITK's morphological contour interpolation: "
+            "pip install 'megaseg[interpolation]' (itk-morphologicalcontourinterpolation)"
+        ) from None
+    values = label_values(labelled)
+    # ITK's filter is wrapped for unsigned char / short label images: map values to 1..K.
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    stack = np.zeros((depth, *shape), dtype)
+    for i, lab in labelled.items():
+        stack[i] = np.searchsorted(values, lab) + 1
+        stack[i][lab == 0] = 0
+    filt = interpolator.New(itk.image_from_array(np.ascontiguousarray(stack)))
+    filt.SetAxis(2)  # ITK's axes are numpy's reversed: numpy axis 0 is ITK axis 2
+    filt.Update()
+    filled = np.asarray(itk.array_from_image(filt.GetOutput()))
+    out = np.zeros((depth, *shape), np.int64)
+    for k, v in enumerate(values, start=1):
+        out[filled == k] = v
+    for i, lab in labelled.items():
+        out[i] = lab
+    return out
+
+
+def _check(labelled: Labelled, depth: int) -> tuple[int, int]:
+    """The common ``(H, W)`` of the labelled slices; refuses indices outside the stack."""
+    if not labelled:
+        raise ValueError("no labelled slice: label at least one slice")
+    shapes = {np.shape(lab) for lab in labelled.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"labelled slices must be (H, W) maps of one shape, got {sorted(shapes)}")
+    bad = [i for i in labelled if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"slices {bad} are outside the stack of {depth} slices")
+    return next(iter(shapes))
+
+
+__all__ = [
+    "ValuePlan",
+    "distance_prior",
+    "follow",
+    "guided_plan",
+    "itk_available",
+    "itk_fill",
+    "label_values",
+    "shape_between",
+    "taper",
+    "nearest_fill",
+]
