@@ -465,6 +465,12 @@ class EpisodeDataModule(pl.LightningDataModule):
                     label_maps=self.synthetic_real_maps,
                     fingerprint=tasks.fingerprint(),
                 )
+            if self.synthetic_store is not None:  # training read the stored copy
+                manifest = Path(self.synthetic_store) / "manifest.json"
+                synthetic["store"] = {
+                    "root": self.synthetic_store,
+                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+                }
         return {
             "corpora": corpora,
             "synthetic_ratio": self.synthetic_ratio,
