@@ -252,16 +252,23 @@ def test_gpu_configs_fit_on_a_cpu_and_layer_the_wide_network(tmp_path, monkeypat
 
     from megaseg.cli import main
 
+    from data_prep.synth import write_synthetic
+
     _fake_packaged_maps(monkeypatch, R)
     corpus = _one_split_corpus(tmp_path / "corpus", "train")
+    store = tmp_path / "synth"  # the config reads its synthetic tasks from a store
+    write_synthetic(store, 2, 6, resolutions=(R,), generator_version=2,
+                    label_maps="mni152+spm12", progress=False)  # fmt: skip
     for overlay in ((), ("generalist_gpu_w64.yaml",)):
         root = tmp_path / f"run{len(overlay)}"
         small = ["--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
                  "--data.resolution", "32", "--data.corpora", f"[{corpus}]",
                  "--model.init_weights", "null", "--data.batch_size", "2",
-                 "--data.support_size", "[2, 3]", "--data.val_support_size", "3",
+                 "--data.support_size", "[2, 4]", "--data.val_support_size", "3",
                  "--data.val_batch_size", "1", "--data.val_batches", "1",
-                 "--data.num_workers", "0", "--data.synthetic_tasks", "20",
+                 "--data.num_workers", "0", "--data.synthetic_tasks", "2",
+                 "--data.synthetic_store", str(store),
+                 "--data.synthetic_config", '{"num_subjects": 6}',
                  "--model.model_kwargs", '{"encoder_widths": [8, 8, 8, 8]}',
                  "--trainer.max_steps", "2"]  # fmt: skip
         configs = [f"--config={REPO / 'configs' / c}" for c in ("generalist_gpu.yaml", *overlay)]
@@ -271,7 +278,9 @@ def test_gpu_configs_fit_on_a_cpu_and_layer_the_wide_network(tmp_path, monkeypat
         assert config["trainer"]["precision"] == "bf16-mixed"
         assert config["trainer"]["max_time"] == "00:00:05:30"
         assert data["cross_subject"] == 1.0 and data["augment_preset"] == "light"
-        assert data["support_size_log"] and data["synthetic"]["generator_version"] == 2
+        assert data["synthetic"]["generator_version"] == 2
+        assert data["support_size_buckets"] and data["augment_on_device"]
+        assert data["synthetic"]["store"]["root"] == str(store)
         lr = config["model"]["optimizer"]["init_args"]["lr"]
         assert lr == (4e-4 if overlay else 2e-4)
 

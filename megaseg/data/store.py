@@ -286,13 +286,21 @@ class Corpus:
         return images[0], labels[0]
 
     def load_many(
-        self, key: TaskKey, indices: Sequence[int] | np.ndarray, resolution: int, split: str
+        self,
+        key: TaskKey,
+        indices: Sequence[int] | np.ndarray,
+        resolution: int,
+        split: str,
+        raw: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Images ``(n, 1, R, R)`` and soft labels ``(n, 1, R, R)``, float32 in [0, 1]."""
+        """Images ``(n, 1, R, R)`` and soft labels ``(n, 1, R, R)``, float32 in [0, 1]; with
+        ``raw``, the stored uint8 (value * 255), for a conversion on the training device."""
         rows = self._rows(key, indices, split)
         d = self._data[key.dataset]
-        images = _to_unit(d.array("images", resolution)[rows[:, _IMAGE_ROW]])
-        labels = _to_unit(d.array("labels", resolution)[rows[:, _LABEL_ROW]])
+        images = d.array("images", resolution)[rows[:, _IMAGE_ROW]]
+        labels = d.array("labels", resolution)[rows[:, _LABEL_ROW]]
+        if not raw:
+            images, labels = _to_unit(images), _to_unit(labels)
         return images[:, None], labels[:, None]
 
 
@@ -302,9 +310,12 @@ def _matches(dataset: str, patterns: set[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+UNIT = np.float32(1 / 255)  # a stored uint8 value times UNIT is the float32 in [0, 1]
+
+
 def _to_unit(x: np.ndarray) -> np.ndarray:
     """uint8 ``(n, R, R)`` -> float32 in [0, 1]."""
-    return np.multiply(x, np.float32(1 / 255), dtype=np.float32)
+    return np.multiply(x, UNIT, dtype=np.float32)
 
 
 def _check_split(split: str) -> None:

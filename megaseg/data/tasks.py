@@ -17,9 +17,11 @@ from a start step on; :class:`EpisodeSet` is a fixed, finite set of batches for 
 from __future__ import annotations
 
 import bisect
+import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from megaseg.data.store import Corpus, TaskKey
+from megaseg.data.store import UNIT, Corpus, TaskKey
 from megaseg.data.synthetic import SyntheticTasks
 
 # Independent random streams of one seed: a training batch and a validation batch of the same
@@ -160,8 +162,11 @@ class CorpusSource:
     def num_examples(self, key: TaskKey) -> int:
         return self._counts[key]
 
-    def load(self, key: TaskKey, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        images, labels = self.corpus.load_many(key, indices, self.resolution, self.split)
+    def load(
+        self, key: TaskKey, indices: Sequence[int], raw: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`TaskSource.load`; ``raw``: the stored uint8 (value * 255) instead."""
+        images, labels = self.corpus.load_many(key, indices, self.resolution, self.split, raw)
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def subjects(self, key: TaskKey) -> np.ndarray:
@@ -196,6 +201,12 @@ class SyntheticSource:
         return self.synthetic.batch(int(key.group), int(key.label), list(indices))
 
 
+def stage_name(source: TaskSource) -> str:
+    """The loader stage of reading from ``source``: "corpus read" for stored examples,
+    "synthetic generation" for tasks generated on the fly."""
+    return "corpus read" if isinstance(source, CorpusSource) else "synthetic generation"
+
+
 def draw_indices(rng: np.random.Generator, n: int, support_size: int) -> tuple[int, np.ndarray]:
     """A query index in ``[0, n)`` and ``support_size`` others: distinct while ``n - 1`` allows,
     drawn with replacement otherwise; never the query."""
@@ -227,10 +238,15 @@ class EmptySplitError(ValueError):
     """A corpus has no task with >= 2 examples in the split asked for."""
 
 
-def _load_unique(source: TaskSource, key: TaskKey, indices: np.ndarray) -> tuple[Tensor, Tensor]:
-    """``source.load`` once per distinct index, gathered back to ``indices``' order."""
+def _load_unique(
+    source: TaskSource, key: TaskKey, indices: np.ndarray, raw: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``source.load`` once per distinct index, gathered back to ``indices``' order; ``raw``:
+    stored uint8 (corpus sources only)."""
     unique, inverse = np.unique(indices, return_inverse=True)
-    images, labels = source.load(key, unique.tolist())
+    images, labels = (
+        source.load(key, unique.tolist(), raw=True) if raw else source.load(key, unique.tolist())
+    )
     inverse = torch.from_numpy(inverse.reshape(-1))
     return images[inverse], labels[inverse]
 
@@ -254,6 +270,15 @@ class EpisodeSampler:
             with ``subjects(key)``: corpora) takes its support only from subjects other than
             the query's, as when a user segments a new patient from others' examples. 0 keeps
             the stream of the usual draw, where most support sets hold the query's subject.
+        support_size_buckets: draw S uniformly among the powers of two in ``[lo, hi]`` (2, 4,
+            ..., 64 for ``(2, 64)``: each with probability 1/6, a log-uniform draw on a grid of
+            powers of two), so a compiled network sees a handful of shapes; overrides
+            ``support_size_log``.
+        defer_augment: leave ``augment`` to the training device (:func:`finish_batch` after the
+            transfer): the batch carries ``augment_seed``, the seed the loader would have
+            augmented with, so both paths give the same episodes. When every source is stored
+            (corpora), images and labels then also stay uint8 (value * 255): a quarter of the
+            bytes to pin and copy, converted on the device.
     """
 
     sources: Sequence[TaskSource]
@@ -264,6 +289,11 @@ class EpisodeSampler:
     foreign_support: bool = False
     support_size_log: bool = False
     cross_subject: float = 0.0
+    # Process CPU seconds per loader stage, accumulated by :meth:`batch` when a dict is set
+    # (benchmarks/input_speed.py); None: not measured.
+    stage_times: dict[str, float] | None = field(default=None, repr=False)
+    support_size_buckets: bool = False
+    defer_augment: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.cross_subject <= 1.0:
@@ -278,6 +308,20 @@ class EpisodeSampler:
         if lo < 1:
             raise ValueError(f"support size must be >= 1, got {self.support_size}")
         self._support_range = (lo, hi)
+        self._buckets = support_buckets(lo, hi) if self.support_size_buckets else None
+        self._raw = self.defer_augment and all(isinstance(s, CorpusSource) for s in self.sources)
+
+    @contextmanager
+    def _stage(self, name: str):
+        """Add the process CPU time of the block to ``stage_times[name]`` (when measuring)."""
+        if self.stage_times is None:
+            yield
+            return
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.stage_times[name] = self.stage_times.get(name, 0.0) + time.process_time() - start
 
     def _pick_source(self, rng: np.random.Generator) -> TaskSource:
         i = bisect.bisect_right(self._cum, float(rng.random()))
@@ -289,7 +333,8 @@ class EpisodeSampler:
             if rng.random() < self.cross_subject:
                 drawn = draw_cross_subject(rng, source.subjects(key), support_size)
         query, support = drawn or draw_indices(rng, source.num_examples(key), support_size)
-        return _load_unique(source, key, np.concatenate([[query], support]))
+        with self._stage(stage_name(source)):
+            return _load_unique(source, key, np.concatenate([[query], support]), self._raw)
 
     def _foreign(self, rng, key, support_size) -> tuple[Tensor, Tensor]:
         for _ in range(100):
@@ -297,7 +342,7 @@ class EpisodeSampler:
             other = source.sample_task(rng)
             if other != key:
                 _, support = draw_indices(rng, source.num_examples(other), support_size)
-                return _load_unique(source, other, support)
+                return _load_unique(source, other, support, self._raw)
         raise ValueError("foreign_support needs at least two distinct tasks")
 
     def batch(self, seed: int, stream: int, rank: int, step: int) -> dict:
@@ -306,29 +351,39 @@ class EpisodeSampler:
         Returns a dict: ``query``, ``query_label`` ``(B,1,H,W)``; ``support_images``,
         ``support_labels`` ``(B,S,1,H,W)``; ``task``: B strings ``source/dataset/.../label``;
         ``index``: ``(4,)`` int64 ``(seed, stream, rank, step)``; with ``foreign_support``,
-        ``other_support_images`` and ``other_support_labels`` ``(B,S,1,H,W)``.
+        ``other_support_images`` and ``other_support_labels`` ``(B,S,1,H,W)``. With
+        ``defer_augment``, not yet augmented, ``augment_seed`` ``(1,)`` int64 for
+        :func:`finish_batch`, and uint8 images and labels when every source is stored.
         """
         rng = episode_rng(seed, stream, rank, step)
         lo, hi = self._support_range
-        if self.support_size_log:
+        if self._buckets is not None:
+            support_size = self._buckets[int(rng.integers(len(self._buckets)))]
+        elif self.support_size_log:
             u = rng.uniform(np.log(lo), np.log(hi + 1))
             support_size = min(hi, max(lo, int(np.exp(u))))  # exp(log(lo)) may round below lo
         else:
             support_size = int(rng.integers(lo, hi + 1))
         images, labels, names, others = [], [], [], []
         for _ in range(self.batch_size):
-            source = self._pick_source(rng)
-            key = source.sample_task(rng)
+            with self._stage("task choice"):
+                source = self._pick_source(rng)
+                key = source.sample_task(rng)
             x, y = self._episode(rng, source, key, support_size)
             images.append(x)
             labels.append(y)
             names.append("/".join((source.name, *(getattr(key, f) for f in HIERARCHY))))
             if self.foreign_support:
                 others.append(self._foreign(rng, key, support_size))
-        images, labels = torch.stack(images), torch.stack(labels)  # (B, S+1, 1, H, W)
+        with self._stage("collation"):
+            images, labels = torch.stack(images), torch.stack(labels)  # (B, S+1, 1, H, W)
+        augment_seed = None
         if self.augment is not None:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-            images, labels = self.augment(images, labels, gen)
+            augment_seed = int(rng.integers(2**63 - 1))
+            if not self.defer_augment:
+                with self._stage("augmentation"):
+                    gen = torch.Generator().manual_seed(augment_seed)
+                    images, labels = self.augment(images, labels, gen)
         out = {
             "query": images[:, 0],
             "query_label": labels[:, 0],
@@ -340,7 +395,43 @@ class EpisodeSampler:
         if self.foreign_support:
             out["other_support_images"] = torch.stack([o[0] for o in others])
             out["other_support_labels"] = torch.stack([o[1] for o in others])
+        if self.defer_augment and augment_seed is not None:
+            out["augment_seed"] = torch.tensor([augment_seed], dtype=torch.int64)
         return out
+
+
+def support_buckets(lo: int, hi: int) -> list[int]:
+    """The powers of two in ``[lo, hi]``: the support sizes of ``support_size_buckets``."""
+    buckets = [2**k for k in range(hi.bit_length()) if lo <= 2**k <= hi]
+    if not buckets:
+        raise ValueError(f"support_size_buckets: no power of two in [{lo}, {hi}]")
+    return buckets
+
+
+EPISODE_KEYS = ("query", "query_label", "support_images", "support_labels")
+
+
+def finish_batch(batch: dict, augment: Augment | None) -> dict:
+    """What the loader left to the training device, on the batch's device: uint8 images and
+    labels to float32 in [0, 1] (the store's conversion), then ``augment`` with the generator
+    seeded by ``augment_seed``; the same episodes as augmenting in the loader. A batch without
+    uint8 tensors or ``augment_seed`` is returned as is. Shapes as :meth:`EpisodeSampler.batch`.
+    """
+    out = dict(batch)
+    for key in (*EPISODE_KEYS, "other_support_images", "other_support_labels"):
+        x = out.get(key)
+        if x is not None and x.dtype == torch.uint8:
+            out[key] = x.to(torch.float32).mul_(torch.tensor(UNIT, device=x.device))
+    seed = out.pop("augment_seed", None)
+    if seed is None or augment is None:
+        return out
+    images = torch.cat([out["query"][:, None], out["support_images"]], dim=1)
+    labels = torch.cat([out["query_label"][:, None], out["support_labels"]], dim=1)
+    gen = torch.Generator().manual_seed(int(seed.reshape(-1)[0]))  # CPU: parameters drawn there
+    images, labels = augment(images, labels, gen)
+    out["query"], out["support_images"] = images[:, 0], images[:, 1:]
+    out["query_label"], out["support_labels"] = labels[:, 0], labels[:, 1:]
+    return out
 
 
 def _support_range(support_size: int | Sequence[int]) -> tuple[int, int]:

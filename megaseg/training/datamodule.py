@@ -9,18 +9,24 @@ evaluation), each batch with a foreign support set for the support-swap metric.
 
 Synthetic tasks come from generator v1 (:mod:`megaseg.data.synthetic`, the default) or v2
 (:mod:`megaseg.data.synthetic_v2`, ``synthetic_version: 2``: objects on backgrounds, per-subject
-geometry, label-to-image on the MNI152 label maps); the same seed ranges either way.
+geometry, label-to-image on the MNI152 label maps); the same seed ranges either way. Training
+can read them from a store written once by ``megaseg prep synth`` (``synthetic_store``) instead
+of generating them per episode: then the loader's work per episode is a few array reads, and
+with ``augment_on_device`` the augmentation runs batched on the training device after the
+transfer (:meth:`EpisodeDataModule.on_after_batch_transfer`), uint8 over the bus (issue #21).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from megaseg.data import generators
@@ -37,6 +43,7 @@ from megaseg.data.tasks import (
     EpisodeSet,
     EpisodeStream,
     SyntheticSource,
+    finish_batch,
 )
 
 # Synthetic validation tasks: a seed range between the training range [0, num_tasks) and the
@@ -119,6 +126,18 @@ class EpisodeDataModule(pl.LightningDataModule):
         cross_subject: probability that a training episode of a corpus task with several
             subjects takes its support only from subjects other than the query's
             (:class:`~megaseg.data.tasks.EpisodeSampler`); validation keeps the usual draw.
+        synthetic_store: a corpus written by ``megaseg prep synth --version V --tasks
+            synthetic_tasks`` (dataset ``synthetic`` or ``synthetic-v2``): training reads its
+            synthetic episodes there (its train split: 70% of each task's subjects) instead of
+            generating them; validation and test still generate theirs (other seed ranges).
+        support_size_buckets: S uniform over the powers of two in ``support_size``'s range
+            (2, 4, ..., 64 for [2, 64], 1/6 each), so ``model.compile: true`` compiles a
+            handful of graphs; overrides ``support_size_log``.
+        augment_on_device: run ``augment`` after the batch reaches the training device
+            (``on_after_batch_transfer``), batched there, with the seeds the loader would have
+            used (the same episodes); images and labels travel as uint8 when every training
+            source is stored.
+        pin_memory: page-lock batches for the copy to the GPU; None: when training on CUDA.
     """
 
     def __init__(
@@ -145,6 +164,10 @@ class EpisodeDataModule(pl.LightningDataModule):
         synthetic_real_maps: bool | str = True,
         support_size_log: bool = False,
         cross_subject: float = 0.0,
+        synthetic_store: str | None = None,
+        support_size_buckets: bool = False,
+        augment_on_device: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -182,6 +205,10 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.augment = make_augment(augment) if isinstance(augment, str) else augment
         self.num_workers = 0 if num_workers is None else num_workers
         self.seed = seed
+        self.synthetic_store = None if synthetic_store is None else str(synthetic_store)
+        self.support_size_buckets = support_size_buckets
+        self.augment_on_device = augment_on_device
+        self.pin_memory = pin_memory
         self._corpora: list[Corpus] | None = None
         self.eval_names: dict[str, list[str]] = {}
 
@@ -243,9 +270,54 @@ class EpisodeDataModule(pl.LightningDataModule):
             sources.append(source)
         return sources
 
-    def _synthetic(self, split: str) -> SyntheticSource:
+    def _synthetic(self, split: str) -> SyntheticSource | CorpusSource:
+        if split == "train" and self.synthetic_store is not None:
+            return self._stored_synthetic()
         offset = {"train": 0, "val": SYNTHETIC_VAL_SEED_OFFSET}.get(split, HELDOUT_SEED_OFFSET)
         return SyntheticSource(self.synthetic_generator(offset))
+
+    def _stored_synthetic(self) -> CorpusSource:
+        """The training split of the synthetic tasks in ``synthetic_store``, checked against
+        this module's generator version, task count and label maps (the dataset's record)."""
+        # data_prep.synth names the dataset so (a library module does not import the command)
+        name = "synthetic" + ("-v2" if self.synthetic_version == 2 else "")
+        corpus = Corpus(self.synthetic_store)
+        maps = f" --label-maps {self.synthetic_real_maps}" if self.synthetic_version == 2 else ""
+        write = (
+            f"megaseg prep synth --version {self.synthetic_version} --tasks "
+            f"{self.synthetic_tasks}{maps} --resolutions {self.resolution} "
+            f"--store {self.synthetic_store}"
+        )
+        if name not in corpus.datasets:
+            raise ValueError(
+                f"synthetic_store {self.synthetic_store}: no dataset {name!r} (has "
+                f"{corpus.datasets}); write it with `{write}`"
+            )
+        record = str(corpus.manifest["datasets"][name].get("spec", {}).get("version", ""))
+        tasks = re.search(r"(\d+) tasks x", record)
+        stored_maps = re.search(r"label maps (\S+)", record)
+        wrong = []
+        if tasks is None or int(tasks[1]) != self.synthetic_tasks:
+            wrong.append(
+                f"tasks {tasks and tasks[1]} (data.synthetic_tasks {self.synthetic_tasks})"
+            )
+        if (
+            self.synthetic_version == 2
+            and (stored_maps and stored_maps[1]) != self.synthetic_real_maps
+        ):
+            wrong.append(
+                f"label maps {stored_maps and stored_maps[1]} "
+                f"(data.synthetic_real_maps {self.synthetic_real_maps})"
+            )
+        if wrong:
+            raise ValueError(
+                f"synthetic_store {self.synthetic_store}: {name} was written with "
+                f"{', '.join(wrong)}; write it with `{write}` into another folder, or change "
+                "the data settings to match"
+            )
+        source = CorpusSource(corpus, "train", self.resolution, [name])
+        source.name = "synthetic"
+        return source
 
     def synthetic_generator(self, seed_offset: int = 0):
         """The synthetic tasks ``[seed_offset, seed_offset + synthetic_tasks)`` of this module's
@@ -315,10 +387,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         sampler = EpisodeSampler(
             sources, weights, batch_size=self.batch_size, support_size=self.support_size,
             augment=self.augment, support_size_log=self.support_size_log,
-            cross_subject=self.cross_subject,
+            cross_subject=self.cross_subject, support_size_buckets=self.support_size_buckets,
+            defer_augment=self.augment_on_device,
         )  # fmt: skip
         stream = EpisodeStream(sampler, self.seed, self._rank(), self._start_step(), TRAIN_STREAM)
         return self._loader(stream)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the training device: uint8 -> float and the deferred augmentation
+        (:func:`~megaseg.data.tasks.finish_batch`); other batches pass unchanged."""
+        return finish_batch(batch, self.augment)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val", self.val_batches, VAL_STREAM)
@@ -344,7 +422,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         init = worker_init_fn() if self.num_workers else None
         return DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers,
-            persistent_workers=False, pin_memory=False, worker_init_fn=init,
+            persistent_workers=False, pin_memory=self._pin(), worker_init_fn=init,
+        )  # fmt: skip
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return bool(
+            trainer is not None and torch.cuda.is_available()
+            and trainer.strategy.root_device.type == "cuda"
         )  # fmt: skip
 
     # -- provenance (for the checkpoint card) -------------------------------------------------
@@ -382,6 +469,12 @@ class EpisodeDataModule(pl.LightningDataModule):
                     label_maps=self.synthetic_real_maps,
                     fingerprint=tasks.fingerprint(),
                 )
+            if self.synthetic_store is not None:  # training read the stored copy
+                manifest = Path(self.synthetic_store) / "manifest.json"
+                synthetic["store"] = {
+                    "root": self.synthetic_store,
+                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+                }
         return {
             "corpora": corpora,
             "synthetic_ratio": self.synthetic_ratio,
@@ -391,6 +484,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             "resolution": self.resolution,
             "support_size": self.support_size,
             "support_size_log": self.support_size_log,
+            "support_size_buckets": self.support_size_buckets,
+            "augment_on_device": self.augment_on_device,
             "cross_subject": self.cross_subject,
             "batch_size": self.batch_size,
             "augment": None if self.augment is None else repr(self.augment),
