@@ -183,8 +183,9 @@ def evaluate(name: str, weights: str, reference: str, args) -> Path:
         cmd += ["--resolution", str(args.resolution)]
     if name == reference:
         cmd += ["--methods", "megaseg", "mean_label", "--support-sizes", *map(str, args.ns),
-                "--draws-per-n", str(args.draws_per_n), "--synthetic-tasks",
-                str(args.synthetic_tasks), "--synthetic-version", "2"]  # fmt: skip
+                "--draws-per-n", str(args.draws_per_n)]  # fmt: skip
+        if args.synthetic_tasks:  # evaluate refuses a generator version without tasks
+            cmd += ["--synthetic-tasks", str(args.synthetic_tasks), "--synthetic-version", "2"]
         if args.corpus:
             cmd += ["--corpus", args.corpus, "--datasets", *args.datasets]
         if args.mni152:

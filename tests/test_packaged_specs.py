@@ -51,6 +51,12 @@ def write_fixture(spec: PackagedSpec, root: Path) -> None:
     rng = np.random.default_rng(0)
     for item in spec.items:
         folder = root if item.package is None else unpacked_dir(item.package, root)
+        if item.images[0].endswith((".tif", ".png")):
+            write_micrograph(folder, item)
+            continue
+        if item.images[0].endswith(".nrrd"):
+            write_slicer_chest(folder, item)
+            continue
         for path in item.images:
             if path.endswith(".inv3"):  # the project is image and labels (written below)
                 continue
@@ -89,6 +95,76 @@ def write_fixture(spec: PackagedSpec, root: Path) -> None:
             for k, v in enumerate(values[:3]):
                 lab[2 + 3 * k : 4 + 3 * k, 3:9, 2:8] = v
             _save(folder / item.label, lab)
+
+
+MICRO = (24, 30)  # (rows, cols): not square, like mnfinder's 768 x 869 micrographs
+
+
+def _nuclei(shape=MICRO) -> np.ndarray:
+    """Instance ids: one 4 x 4 nucleus per quadrant (ids 1-4), so every 2 x 2 tile holds one."""
+    ids = np.zeros(shape, np.uint8)
+    h, w = shape
+    for k, (r, c) in enumerate(
+        ((2, 3), (2, w // 2 + 3), (h // 2 + 2, 3), (h // 2 + 2, w // 2 + 3))
+    ):
+        ids[r : r + 4, c : c + 4] = k + 1
+    return ids
+
+
+def write_micrograph(folder: Path, item) -> None:
+    """An item's micrograph in its package's layout: a uint16 (mnfinder) or uint8 (BBBC007)
+    grey TIFF; mnfinder's RGBA instance masks (a colour per instance, alpha 0 outside), the
+    micronucleus mask one pixel beside a nucleus and sharing one border pixel with it;
+    BBBC007's uint8 instance label TIFF."""
+    from PIL import Image
+
+    image = folder / item.images[0]
+    if image.exists():
+        return
+    image.parent.mkdir(parents=True, exist_ok=True)
+    ids = _nuclei()
+    mnfinder = bool(item.masks)
+    grey = (ids > 0) * (3000 if mnfinder else 200) + (600 if mnfinder else 10)
+    Image.fromarray(grey.astype(np.uint16 if mnfinder else np.uint8)).save(image)
+    if not mnfinder:
+        Image.fromarray(ids).save(folder / item.label)
+        return
+    colours = np.array([[0, 0, 0], [255, 30, 30], [30, 255, 30], [30, 30, 255], [200, 200, 0]])
+    micro = np.zeros(MICRO, np.uint8)
+    micro[5:7, 6:8] = 1  # touches nucleus 1 (rows 2-5, cols 3-6) at pixel (5, 6)
+    for path, inst in zip(item.masks, (ids, micro), strict=True):
+        rgba = np.zeros((*MICRO, 4), np.uint8)
+        rgba[..., :3] = colours[inst]
+        rgba[..., 3] = np.where(inst > 0, 255, 0)
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgba, "RGBA").save(folder / path)
+
+
+CHEST_SEGMENTS = ("ribs", "cervical vertebral column", "thoracic vertebral column",
+                  "lumbar vertebral column", "right lung", "left lung", "tissue")  # fmt: skip
+
+
+def write_slicer_chest(folder: Path, item, shape=(10, 12, 8)) -> np.ndarray:
+    """slicerio's CTChest4.nrrd (int HU, LPS, gzip) and Segmentation.seg.nrrd (uint8 label
+    map, one layer, the segments named in the header as 3D Slicer writes them); returns the
+    label map."""
+    import nrrd
+
+    space = {"space": "left-posterior-superior", "space origin": np.array([190.0, 210.0, -340.0]),
+             "space directions": np.diag([-3.0, -3.0, 10.0])}  # fmt: skip
+    ct = np.full(shape, -1000, np.int32)
+    ct[1:9, 1:11, :] = 40
+    seg = np.zeros(shape, np.uint8)
+    for k in range(7):  # each segment a small block of its own
+        seg[1 + k, 2:6, 1:7] = k + 1
+    header = dict(space)
+    for k, name in enumerate(CHEST_SEGMENTS):
+        header.update({f"Segment{k}_ID": f"Segment_{k + 1}", f"Segment{k}_LabelValue": str(k + 1),
+                       f"Segment{k}_Layer": "0", f"Segment{k}_Name": name})  # fmt: skip
+    (folder / item.label).parent.mkdir(parents=True, exist_ok=True)
+    nrrd.write(str(folder / item.images[0]), ct, dict(space, encoding="gzip"), index_order="F")
+    nrrd.write(str(folder / item.label), seg, dict(header, encoding="gzip"), index_order="F")
+    return seg
 
 
 def write_inv3(path: Path, shape=(6, 8, 10)) -> np.ndarray:
@@ -171,9 +247,12 @@ def test_each_spec_reads_its_package_layout(spec, tmp_path):
     for case in job.cases:
         loaded = job.load(case)
         n = len(case.image_paths)
-        assert loaded.image.shape[0] == n and loaded.image.ndim == 4
+        tile = case.item.grid_cell is not None
+        assert loaded.image.shape[0] == n and loaded.image.ndim == (3 if tile else 4)
         assert loaded.label.shape == loaded.image.shape[1:]
-        if not case.label_path.name.endswith(".inv3"):
+        if tile:
+            assert loaded.label.shape == (MICRO[0] // 2, MICRO[1] // 2)
+        elif not case.label_path.name.endswith((".inv3", ".nrrd")):
             assert loaded.label.shape == SHAPE
         values = set(np.unique(loaded.label).tolist()) - {0}
         assert values and values <= {v for v, _ in case.labels}
@@ -270,7 +349,8 @@ def test_training_sources_put_their_subjects_in_train(tmp_path):
     assert build_corpus([job], tmp_path / "corpus", resolutions=(16,), progress=False).ok
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert manifest["datasets"]["PkgNimare"]["subjects"] == {"train": 1, "val": 0, "test": 0}
-    assert [s.name for s in PACKAGED if s.split != "train"] == ["PkgPyrobex", "PkgBrainXS"]
+    per_subject = ["PkgPyrobex", "PkgBrainXS", "PkgMnfinder", "PkgNucleiXS"]
+    assert [s.name for s in PACKAGED if s.split != "train"] == per_subject
 
 
 # --------------------------------------------------------------------------- fetch
@@ -440,11 +520,19 @@ def test_packaged_protocol_holds_out_one_whole_source():
     protocol = load_protocol(root / "configs/protocols/packaged.yaml")
     packaged = {s.name.lower() for s in PACKAGED}
     held = {n.lower() for n in protocol} & packaged
-    assert held == {"pkgpyrobex", "pkgbrainxs"}  # the ROBEX head, alone and as the XS queries
+    # the ROBEX head, alone and as the XS queries; microscopy across cell lines
+    assert held == {"pkgpyrobex", "pkgbrainxs", "pkgnucleixs"}
     # the held-out subject is in no training source, its label is in some
     training = [s for s in PACKAGED if s.name.lower() not in held]
     assert not {"ROBEX-atlas"} & {i.subject for s in training for i in s.items}
     assert any(dict(i.labels or ()).get(1) == "brain" for s in training for i in s.items)
+    # PkgNucleiXS's query micrographs are in training sources only in their test split
+    queries = {x for x, split in get_spec("PkgNucleiXS").split if split == "test"}
+    for s in training:
+        split = s.split if isinstance(s.split, str) else dict(s.split)
+        for i in s.items:
+            if i.subject in queries:
+                assert (split if isinstance(split, str) else split[i.subject]) == "test"
 
 
 def test_prep_build_reports_a_failed_fetch_and_exits_2(tmp_path, monkeypatch, capsys):
@@ -759,3 +847,153 @@ def test_brain_heads_trains_across_the_two_support_heads_and_never_the_query(tmp
     }
     assert {frozenset(("PkgBrainHeads", n)) for n in ("PkgNimare", "PkgITKKmeans")} <= pairs
     assert frozenset(("PkgBrainHeads", "PkgPyrobex")) not in pairs
+
+
+# --------------------------------------------------------------------------- microscopy, chest CT
+
+
+def _job(name: str, root: Path):
+    spec = get_spec(name)
+    write_fixture(spec, root)
+    return job_from_spec(with_root(spec, root), root)
+
+
+def test_mnfinder_micrographs_are_subjects_with_their_cell_line_as_group(tmp_path):
+    job = _job("PkgMnfinder", tmp_path)
+    spec = job.spec
+    assert (tmp_path / "mnfinder/test-data/2023-05-31_misc/mn_masks/HFF-revt-01_s5.png").is_file()
+    subjects = {c.subject for c in job.cases}
+    assert len(subjects) == 48 and len(job.cases) == 4 * 48  # 49 minus the duplicate, 2 x 2 tiles
+    assert "test_2023-05-31_misc_1" not in subjects  # the test folder's copy of a training image
+    group = {c.subject: c.group for c in job.cases}
+    assert group["training_2022-03-18_RPE1_3"] == "RPE-1"
+    assert group["validation_2022-10-14_U2OS_1"] == "U2OS"
+    assert group["training_2023-05-31_misc_10"] == "unrecorded"
+    assert group["test_2023-05-31_misc_MCC13_rfpcyto_w1cDAPI_s43"] == "MCC13"
+    assert group["test_2023-05-31_misc_MAX_2021_3_11_heladcas9_1_chr1CLING568_h2b488_40x"] == "HeLa"
+    split = dict(spec.split)
+    assert {split[s] for s in subjects if s.startswith("test_")} == {"test"}
+    assert {split[s] for s in subjects if s.startswith("validation_")} == {"val"}
+    assert {split[s] for s in subjects if s.startswith("training_")} == {"train"}
+
+
+def test_mnfinder_instance_masks_become_nucleus_and_micronucleus_tiles(tmp_path):
+    job = _job("PkgMnfinder", tmp_path)
+    tiles = {c.case_id: c for c in job.cases if c.subject == "training_2022-03-18_RPE1_3"}
+    assert sorted(tiles) == [f"training_2022-03-18_RPE1_3_tile{r}{c}" for r in "01" for c in "01"]
+    loaded = job.load(tiles["training_2022-03-18_RPE1_3_tile00"])
+    assert loaded.affine is None and loaded.image.shape == (1, 12, 15)
+    expected = np.zeros((12, 15), np.uint8)
+    expected[2:6, 3:7] = 1
+    expected[5:7, 6:8] = 2  # painted last: the shared border pixel (5, 6) is micronucleus
+    np.testing.assert_array_equal(loaded.label, expected)
+    assert loaded.image[0][expected == 0].max() < loaded.image[0][expected == 1].min()
+    other = job.load(tiles["training_2022-03-18_RPE1_3_tile11"])
+    assert set(np.unique(other.label)) == {0, 1}  # a tile without a micronucleus: nucleus only
+
+
+def test_a_tile_without_any_labelled_pixel_is_a_named_case_error(tmp_path):
+    job = _job("PkgMnfinder", tmp_path)
+    case = next(c for c in job.cases if c.case_id.endswith("_tile00"))
+    from PIL import Image
+
+    for path in case.mask_paths:
+        Image.fromarray(np.zeros((*MICRO, 4), np.uint8), "RGBA").save(path)
+    with pytest.raises(CaseError, match=r"nucleus_masks/.*\.png: no labelled pixel in grid cell"):
+        job.load(case)
+
+
+def test_bbbc007_instance_labels_are_binary_nuclei_grouped_by_folder(tmp_path):
+    job = _job("PkgBBBC007", tmp_path)
+    assert len({c.subject for c in job.cases}) == 14 and len(job.cases) == 56
+    assert {c.group for c in job.cases} == {"A9", "f96(17)", "f9620"}
+    assert not any("POS0002" in c.case_id for c in job.cases)  # labels without an image
+    loaded = job.load(next(c for c in job.cases if c.case_id == "A9_p5d_tile01"))
+    assert set(np.unique(loaded.label)) == {0, 1}  # instance ids 1-4 -> nucleus
+
+
+def test_slicer_chest_reads_nrrd_geometry_and_segment_names(tmp_path):
+    job = _job("PkgSlicerioChest", tmp_path)
+    (case,) = job.cases
+    assert [n for _, n in case.labels] == list(CHEST_SEGMENTS)
+    loaded = job.load(case)
+    assert loaded.image.shape == (1, 10, 12, 8) and loaded.image.max() == 40
+    # LPS directions (-3, -3, 10) and origin (190, 210, -340) in RAS
+    np.testing.assert_allclose(loaded.affine[:3, :3], np.diag([3.0, 3.0, 10.0]))
+    np.testing.assert_allclose(loaded.affine[:3, 3], [-190.0, -210.0, -340.0])
+    assert set(np.unique(loaded.label)) == set(range(8))
+    summary = build_corpus([job], tmp_path / "corpus", resolutions=(16,), progress=False)
+    assert summary.ok
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    axes = {(t["axis"], t["label"]) for t in manifest["tasks"]}
+    assert {a for a, _ in axes} == {"sagittal", "coronal", "axial"}
+    assert {n for _, n in axes} == set(CHEST_SEGMENTS)
+
+
+def test_overlapping_segmentation_layers_are_refused_by_name(tmp_path):
+    import nrrd
+
+    path = tmp_path / "SegmentationOverlapping.seg.nrrd"
+    header = {"space": "left-posterior-superior", "space origin": np.zeros(3),
+              "space directions": np.vstack([np.full(3, np.nan), np.diag([-3.0, -3.0, 10.0])]),
+              "kinds": ["list", "domain", "domain", "domain"],
+              "Segment0_LabelValue": "1", "Segment0_Layer": "0", "Segment0_Name": "ribs",
+              "Segment1_LabelValue": "1", "Segment1_Layer": "1", "Segment1_Name": "sphere"}  # fmt: skip
+    nrrd.write(str(path), np.zeros((2, 4, 4, 3), np.uint8), header, index_order="F")
+    with pytest.raises(
+        DatasetError, match=r"SegmentationOverlapping\.seg\.nrrd: segments in 2 layers"
+    ):
+        read_label_table(path)
+    from data_prep.readers.package import read_nrrd
+
+    with pytest.raises(CaseError, match=r"SegmentationOverlapping.*expected a 3-D NRRD"):
+        read_nrrd(path)
+
+
+@pytest.fixture(scope="module")
+def nuclei_xs(tmp_path_factory) -> Path:
+    """PkgNucleiXS and PkgMnfinder built at 16 px from tiny files in mnfinder's layout."""
+    tmp = tmp_path_factory.mktemp("nxs")
+    jobs = [_job(name, tmp / "pkg") for name in ("PkgNucleiXS", "PkgMnfinder")]
+    assert build_corpus(jobs, tmp / "corpus", resolutions=(16,), progress=False).ok
+    return tmp / "corpus"
+
+
+def test_nuclei_xs_takes_support_from_rpe1_and_queries_from_other_cell_lines(nuclei_xs):
+    from megaseg.data.store import Corpus
+
+    corpus = Corpus(nuclei_xs)
+    mn = dict(get_spec("PkgMnfinder").split)
+    keys = [k for k in corpus.tasks("test") if k.dataset == "PkgNucleiXS"]
+    assert sorted(k.label for k in keys) == ["micronucleus", "nucleus"]
+    for key in keys:
+        queries, support = corpus.subjects(key, "test"), corpus.subjects(key, "train")
+        assert queries and support and not set(queries) & set(support)
+        assert {mn[s] for s in queries} == {"test"}  # mnfinder's test folder: never trained on
+        assert {mn[s] for s in support} <= {"train", "val"}
+        assert all("RPE1" in s for s in support)
+        assert not any("RPE1" in s or "MAX_2022-12-29" in s for s in queries)  # RPE-1 test images
+        if key.label == "nucleus":  # every tile has one: N = 16 from RPE-1 alone
+            assert corpus.num_examples(key, "train") == 60
+
+
+def test_packaged_protocol_holds_out_nuclei_xs_but_not_mnfinder_training(nuclei_xs):
+    from megaseg.data.store import Corpus, load_protocol
+
+    root = Path(__file__).resolve().parents[1]
+    protocol = load_protocol(root / "configs/protocols/packaged.yaml")
+    with pytest.warns(UserWarning, match="not in this corpus"):
+        corpus = Corpus(nuclei_xs, exclude=protocol)
+    train = corpus.tasks("train")
+    assert train and {k.dataset for k in train} == {"PkgMnfinder"}
+    assert {k.group for k in train} == {"RPE-1", "U2OS", "unrecorded"}  # no test-only line
+
+
+def test_prep_info_lists_the_microscopy_tasks_with_subjects_and_groups(nuclei_xs, capsys):
+    from data_prep.__main__ import main
+
+    assert main(["info", str(nuclei_xs), "--tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "| PkgMnfinder | 192 (0) | 30/3/15 |" in out
+    assert "PkgMnfinder: 12 tasks of 6 groups x 1 modality x 1 axis x 2 labels" in out
+    assert "| PkgMnfinder | HeLa | fluorescence | 2d | nucleus | 0 | 0 | 12 |" in out

@@ -217,6 +217,22 @@ def test_generalist_config_fits_and_resumes_with_ckpt_path_last(tmp_path, monkey
     ]
 
 
+def _phase_two_overlay_card(main, overlay: str, root: Path, corpus: Path) -> dict:
+    """Fit 1 shrunk step of generalist_cpu_128.yaml + ``overlay`` on ``corpus``; the exported
+    card's ``training.data``."""
+    small = ["--trainer.default_root_dir", str(root), "--data.resolution", "32",
+             "--data.corpora", f"[{corpus}]", "--model.init_weights", "null",
+             "--data.support_size", "[2, 3]", "--data.val_support_size", "3",
+             "--data.val_batch_size", "1", "--data.val_batches", "1",
+             "--data.num_workers", "0", "--data.synthetic_tasks", "20",
+             "--model.model_kwargs", '{"encoder_widths": [8, 8, 8, 8]}',
+             "--trainer.max_steps", "1"]  # fmt: skip
+    configs = [f"--config={REPO / 'configs' / c}" for c in ("generalist_cpu_128.yaml", overlay)]
+    _quiet(main, ["fit", *configs, *small])
+    _, card = megaseg.load_checkpoint(root / "export" / "final.safetensors")
+    return card["training"]["data"]
+
+
 def test_heads_config_layers_cross_subject_on_phase_two(tmp_path, monkeypatch):
     """configs/generalist_cpu_128_heads.yaml on top of generalist_cpu_128.yaml: phase 2's
     recipe with cross-subject episodes, recorded in the exported card."""
@@ -228,20 +244,30 @@ def test_heads_config_layers_cross_subject_on_phase_two(tmp_path, monkeypatch):
     _fake_packaged_maps(monkeypatch, R)
     corpus = _one_split_corpus(tmp_path / "corpus", "train")
     root = tmp_path / "run"
-    small = ["--trainer.default_root_dir", str(root), "--data.resolution", "32",
-             "--data.corpora", f"[{corpus}]", "--model.init_weights", "null",
-             "--data.support_size", "[2, 3]", "--data.val_support_size", "3",
-             "--data.val_batch_size", "1", "--data.val_batches", "1",
-             "--data.num_workers", "0", "--data.synthetic_tasks", "20",
-             "--model.model_kwargs", '{"encoder_widths": [8, 8, 8, 8]}',
-             "--trainer.max_steps", "1"]  # fmt: skip
-    configs = [f"--config={REPO / 'configs' / c}"
-               for c in ("generalist_cpu_128.yaml", "generalist_cpu_128_heads.yaml")]  # fmt: skip
-    _quiet(main, ["fit", *configs, *small])
-    _, card = megaseg.load_checkpoint(root / "export" / "final.safetensors")
-    data = card["training"]["data"]
+    data = _phase_two_overlay_card(main, "generalist_cpu_128_heads.yaml", root, corpus)
     assert data["cross_subject"] == 1.0 and data["augment_preset"] == "light"
     assert data["synthetic"]["generator_version"] == 2 and data["synthetic_ratio"] == 0.75
+
+
+def test_xs_config_mixes_the_new_sources_with_cross_subject_episodes(tmp_path, monkeypatch):
+    """configs/generalist_xs.yaml (#22) on top of generalist_cpu_128.yaml: the shipped model
+    continued with the new multi-subject corpus beside the current ones, every multi-subject
+    task drawn across subjects; a shrunk run fits and records it in its card."""
+    import yaml
+    from test_synthetic_v2 import _fake_packaged_maps
+    from test_training import _one_split_corpus
+
+    from megaseg.cli import main
+
+    own = yaml.safe_load((REPO / "configs" / "generalist_xs.yaml").read_text())
+    assert own["data"]["corpora"][-1] == "megaseg_work/corpus_new"
+    assert own["model"]["init_weights"] == "checkpoints/megaseg_generalist.safetensors"
+    _fake_packaged_maps(monkeypatch, R)
+    corpus = _one_split_corpus(tmp_path / "corpus", "train")
+    root = tmp_path / "run"
+    data = _phase_two_overlay_card(main, "generalist_xs.yaml", root, corpus)
+    assert data["cross_subject"] == 1.0 and data["augment_preset"] == "light"
+    assert data["synthetic_ratio"] == 0.75
 
 
 def test_gpu_configs_fit_on_a_cpu_and_layer_the_wide_network(tmp_path, monkeypatch):

@@ -330,7 +330,7 @@ def _read_2d(path: Path, is_label: bool, binary: bool) -> np.ndarray:
     return x
 
 
-def _label_to_int(label: np.ndarray, path: Path, binary: bool) -> np.ndarray:
+def label_to_int(label: np.ndarray, path: Path, binary: bool) -> np.ndarray:
     """Check a label map is non-negative whole numbers; ``binary`` maps nonzero to 1."""
     if label.ndim == 4 and label.shape[-1] == 1:
         label = label[..., 0]
@@ -363,7 +363,7 @@ def read_structure_masks(case: Case) -> tuple[np.ndarray, np.ndarray | None]:
     owner: dict[int, str] = {}
     for (value, name), path in zip(case.labels, case.mask_paths, strict=True):
         mask, mask_affine = read_file(path, is_label=True, binary=True)
-        mask = _label_to_int(mask, path, binary=True)
+        mask = label_to_int(mask, path, binary=True)
         if label is None:
             label = np.zeros(mask.shape, np.min_scalar_type(len(case.labels)))
             affine = mask_affine
@@ -399,7 +399,7 @@ def load_case(case: Case) -> LoadedCase:
         label, label_affine = read_structure_masks(case)
     else:
         label, label_affine = read_file(case.label_path, is_label=True, binary=case.binary)
-        label = _label_to_int(label, case.label_path, case.binary)
+        label = label_to_int(label, case.label_path, case.binary)
     if label_affine is not None and label.ndim != 3:
         # a (X, Y) NIfTI would silently become a "2d" task of a volume dataset
         raise CaseError(

@@ -16,7 +16,14 @@ inside the package); this reader turns them into cases and, on load:
 
 An InVesalius project (``.inv3``: a tar.gz of plists and raw arrays) is both the image (its
 CT/MR matrix) and the label map (its masks: mask ``k`` is value ``k + 1``), see
-:func:`read_inv3`.
+:func:`read_inv3`. NRRD volumes (``.nrrd``, 3D Slicer's ``.seg.nrrd`` segmentations, whose
+header names the segments) are read with pynrrd (:func:`read_nrrd`).
+
+2-D items (png/tif micrographs) are read as the folder readers read them: an image becomes
+grey, a label map holds integer values (``binary``: any nonzero pixel, colour or alpha, is 1,
+which turns an instance mask into a binary one), or ``masks`` give one binary mask file per
+label. ``grid_cell`` keeps one cell of a regular grid over the image (a tile), so a large
+micrograph gives several examples at a resolution where its small objects survive.
 """
 
 from __future__ import annotations
@@ -30,7 +37,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .base import Case, CaseError, DatasetError, LoadedCase
-from .io import check_declared_size, check_declared_values, check_inside
+from .io import (
+    IMAGE_2D_EXTS,
+    check_declared_size,
+    check_declared_values,
+    check_inside,
+    label_to_int,
+    max_voxels,
+    read_file,
+    split_ext,
+)
 
 if TYPE_CHECKING:  # data_prep.fetch imports the readers: no import cycle at run time
     from data_prep.fetch import Package
@@ -55,6 +71,12 @@ class PackageItem:
         several packages; the paths are then inside that package's folder under the reader's
         root, a folder laid out like the fetch cache (``<kind>/<name>-<version>/``). None: the
         paths are inside the reader's root itself (the spec's one package).
+    group: the subject group of this case's tasks (a cell line, a plate); None: the spec's.
+    masks: 2-D only: one binary mask file per entry of ``labels`` (same order) instead of one
+        label map; any nonzero pixel (colour or alpha) is inside. Painted in order, so where
+        two masks overlap the later one keeps the pixel. ``label`` is then the first of them.
+    grid_cell: 2-D only: ``(rows, cols, row, col)``, keep cell ``(row, col)`` of a
+        ``rows x cols`` grid over the image (edges at ``i * size // rows``); None: all of it.
     """
 
     case_id: str
@@ -68,6 +90,20 @@ class PackageItem:
     drop: tuple[int, ...] = ()
     binary: bool = False
     package: Package | None = None
+    group: str | None = None
+    masks: tuple[str, ...] = ()
+    grid_cell: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self):
+        where = f"package item {self.case_id!r}"
+        if self.masks and (self.labels is None or len(self.masks) != len(self.labels)):
+            raise ValueError(f"{where}: masks need one (value, name) label each")
+        if self.masks and self.label != self.masks[0]:
+            raise ValueError(f"{where}: with masks, label must be the first mask")
+        if self.grid_cell is not None:
+            rows, cols, r, c = self.grid_cell
+            if not (rows >= 1 and cols >= 1 and 0 <= r < rows and 0 <= c < cols):
+                raise ValueError(f"{where}: grid_cell (rows, cols, row, col) {self.grid_cell}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +116,8 @@ class PackageCase(Case):
 def read_label_table(path: Path, offset: int = 0) -> tuple[tuple[int, str], ...]:
     """``(value, name)`` pairs from a CSV/TSV (``index``, ``name`` columns) or an SPM atlas XML
     (``<label><index>4</index><name>3rd Ventricle</name></label>``). Raises DatasetError."""
+    if Path(path).name.lower().endswith(".seg.nrrd"):
+        return _segment_table(Path(path), offset)
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as err:
@@ -128,7 +166,8 @@ class PackageReader:
         for item in items:
             folder = _item_folder(root, item)
             paths = [folder / p for p in (*item.images, item.label)]
-            for p in paths:
+            mask_paths = tuple(folder / p for p in item.masks)
+            for p in (*paths, *mask_paths):
                 if not p.is_file():
                     raise DatasetError(
                         f"{p}: missing from the package of {spec.name!r} (case {item.case_id}); "
@@ -161,9 +200,10 @@ class PackageReader:
                     subject=item.subject,
                     image_paths=tuple(paths[:-1]),
                     label_path=paths[-1],
-                    group=spec.group,
+                    group=spec.group if item.group is None else item.group,
                     channel_names=tuple(str(m or "unknown") for m in names),
                     labels=labels,
+                    mask_paths=mask_paths,
                     item=item,
                 )
             )
@@ -180,19 +220,20 @@ class PackageReader:
             raise CaseError(f"{case.label_path}: not a packaged case")
         if case.label_path.suffix == ".inv3":
             return _load_inv3(case)
+        if split_ext(case.label_path.name)[1].lower() in IMAGE_2D_EXTS:
+            return _load_2d(case, item)
         channels, affine = [], None
         for path in case.image_paths:
-            img = _nifti(path)
-            data = _squeeze(np.asarray(img.dataobj, dtype=np.float32), path)
+            data, img_affine = _volume(path)
+            data = _squeeze(data.astype(np.float32, copy=False), path)
             if affine is None:
-                affine, shape = img.affine, data.shape
-            elif data.shape != shape or not np.allclose(img.affine, affine, atol=1e-3):
+                affine, shape = img_affine, data.shape
+            elif data.shape != shape or not np.allclose(img_affine, affine, atol=1e-3):
                 raise CaseError(f"{path}: grid differs from {case.image_paths[0]}")
             if not np.isfinite(data).all():
                 raise CaseError(f"{path}: NaN or infinite intensities")
             channels.append(data)
-        lab_img = _nifti(case.label_path)
-        raw = np.asarray(lab_img.dataobj)
+        raw, lab_affine = _volume(case.label_path)
         if item.probability is not None:
             label = _maxprob(raw, item.probability, case.label_path)
         else:
@@ -205,8 +246,8 @@ class PackageReader:
         if item.binary:
             label = (label > 0).astype(np.int64)
         check_declared_values(case, label)
-        if label.shape != shape or not np.allclose(lab_img.affine, affine, atol=1e-3):
-            label = resample_nearest(label, lab_img.affine, shape, affine)
+        if label.shape != shape or not np.allclose(lab_affine, affine, atol=1e-3):
+            label = resample_nearest(label, lab_affine, shape, affine)
         if not label.any():
             raise CaseError(
                 f"{case.label_path}: no labelled voxel on the image grid of {case.image_paths[0]}"
@@ -303,6 +344,142 @@ def _load_inv3(case: Case) -> LoadedCase:
     if not label.any():
         raise CaseError(f"{case.label_path}: no declared mask holds a voxel")
     return LoadedCase(volume[None], label, affine, list(case.channel_names))
+
+
+def _load_2d(case: Case, item: PackageItem) -> LoadedCase:
+    """A 2-D item: image ``(C, H, W)`` float32 (grey), label ``(H, W)`` from its label map or
+    its ``masks`` (painted in order), cut to its ``grid_cell``."""
+    channels = [read_file(path)[0] for path in case.image_paths]
+    if case.mask_paths:
+        label = None
+        for (value, _), path in zip(case.labels, case.mask_paths, strict=True):
+            mask = label_to_int(read_file(path, is_label=True, binary=True)[0], path, True)
+            if label is None:
+                label = np.zeros(mask.shape, np.uint8 if value < 256 else np.int32)
+            elif mask.shape != label.shape:
+                raise CaseError(
+                    f"{path}: mask shape {mask.shape} differs from {case.mask_paths[0]} "
+                    f"{label.shape}"
+                )
+            label[mask != 0] = value
+    else:
+        raw = read_file(case.label_path, is_label=True, binary=item.binary)[0]
+        label = label_to_int(raw, case.label_path, item.binary)
+    for value in item.drop:
+        label[label == value] = 0
+    for path, data in zip(case.image_paths, channels, strict=True):
+        if data.shape != label.shape:
+            raise CaseError(
+                f"{case.label_path}: label shape {label.shape} does not match image {path} "
+                f"{data.shape}"
+            )
+        if not np.isfinite(data).all():
+            raise CaseError(f"{path}: NaN or infinite intensities")
+    if item.grid_cell is not None:
+        rows, cols, r, c = item.grid_cell
+        h, w = label.shape
+        cell = (
+            slice(r * h // rows, (r + 1) * h // rows),
+            slice(c * w // cols, (c + 1) * w // cols),
+        )
+        channels, label = [x[cell] for x in channels], label[cell]
+    check_declared_values(case, label)
+    if not label.any():
+        where = "" if item.grid_cell is None else f" in grid cell {item.grid_cell}"
+        raise CaseError(f"{case.label_path}: no labelled pixel{where}")
+    return LoadedCase(
+        np.stack(channels).astype(np.float32), np.ascontiguousarray(label), None,
+        list(case.channel_names),
+    )  # fmt: skip
+
+
+def _volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI or NRRD file -> (stored array, RAS affine)."""
+    if path.name.lower().endswith(".nrrd"):
+        return read_nrrd(path)
+    img = _nifti(path)
+    return np.asarray(img.dataobj), np.asarray(img.affine)
+
+
+def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-D NRRD volume (a scan or a 3D Slicer ``.seg.nrrd`` label map) -> ``(X, Y, Z)`` array
+    and its RAS affine, from ``space directions`` / ``space origin`` in ``space``
+    (left-posterior-superior or right-anterior-superior). The header's sizes are held to
+    ``--max-voxels`` before the data is read. A multi-layer segmentation (4-D, overlapping
+    segments) is refused."""
+    header = _nrrd_header(path)
+    sizes = [int(n) for n in header.get("sizes", ())]
+    if int(header.get("dimension", len(sizes))) != 3 or len(sizes) != 3:
+        raise CaseError(
+            f"{path}: expected a 3-D NRRD volume, got sizes {sizes} (a segmentation with "
+            "overlapping layers is not read)"
+        )
+    voxels = int(np.prod(sizes, dtype=object))
+    if voxels > max_voxels():
+        raise CaseError(
+            f"{path}: header declares shape {tuple(sizes)} = {voxels} voxels, over the limit of "
+            f"{max_voxels()} (raise it with --max-voxels or MEGASEG_MAX_VOXELS)"
+        )
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path), index_order="F")
+        directions = np.asarray(header["space directions"], dtype=np.float64)
+        origin = np.asarray(header["space origin"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, OSError, nrrd.NRRDError) as err:
+        raise CaseError(
+            f"{path}: not a readable NRRD volume ({type(err).__name__}: {err})"
+        ) from err
+    space = str(header.get("space", "")).lower()
+    flip = {"left-posterior-superior": [-1.0, -1.0, 1.0], "right-anterior-superior": [1.0] * 3}
+    if space not in flip or directions.shape != (3, 3) or origin.shape != (3,):
+        raise CaseError(f"{path}: NRRD space {space!r} with directions {directions.tolist()}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(flip[space]) @ directions.T  # columns: the axes' steps in mm
+    affine[:3, 3] = np.asarray(flip[space]) * origin
+    return np.asarray(data), affine
+
+
+def _nrrd_header(path: Path) -> dict:
+    try:
+        import nrrd
+    except ImportError:
+        raise DatasetError(
+            f"{path}: reading NRRD needs pynrrd (pip install 'megaseg[nrrd]')"
+        ) from None
+    try:
+        with open(path, "rb") as f:
+            return nrrd.read_header(f)
+    except (OSError, nrrd.NRRDError, ValueError) as err:
+        raise CaseError(
+            f"{path}: not a readable NRRD header ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _segment_table(path: Path, offset: int = 0) -> tuple[tuple[int, str], ...]:
+    """``(value, name)`` of the segments a 3D Slicer ``.seg.nrrd`` header lists
+    (``SegmentK_LabelValue``, ``SegmentK_Name``, ``SegmentK_Layer``); DatasetError naming the
+    file when there are none or when they span several layers (overlapping segments)."""
+    try:
+        header = _nrrd_header(path)
+    except CaseError as err:
+        raise DatasetError(str(err)) from None
+    pairs, layers = {}, set()
+    for key, value in header.items():
+        m = re.fullmatch(r"Segment(\d+)_Name", key)
+        if not m:
+            continue
+        k = m[1]
+        try:
+            pairs[int(header[f"Segment{k}_LabelValue"]) + offset] = str(value).strip()
+            layers.add(int(header.get(f"Segment{k}_Layer", 0)))
+        except (KeyError, ValueError):
+            raise DatasetError(f"{path}: segment {k} has no integer LabelValue") from None
+    if not pairs:
+        raise DatasetError(f"{path}: the header names no segment")
+    if len(layers) > 1:
+        raise DatasetError(f"{path}: segments in {len(layers)} layers (overlapping); not read")
+    return tuple(sorted(pairs.items()))
 
 
 def _nifti(path: Path):

