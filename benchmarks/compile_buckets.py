@@ -118,6 +118,7 @@ def main() -> None:
                 f"| {kind} ({len(set(sizes))} sizes, mean S {np.mean(sizes):.1f}) | {mode} | "
                 f"{r['graphs']} | {r['first']:.0f} | {r['steady']:.0f} |"
             )
+            print(rows[-1], flush=True)  # kept in a log when a time limit stops the script
     table = "\n".join(
         [
             f"torch.compile and support-size draws: UniverSeg v1 width {args.width}, "
