@@ -274,3 +274,37 @@ def test_fit_resumed_from_a_checkpoint_trains_on_the_uninterrupted_batches(store
     for step in (3, 4, 5):
         assert resumed.batches[step] == nonstop.batches[step], step
         assert abs(resumed.losses[step] - nonstop.losses[step]) <= 1e-5, step
+
+
+def test_campaign_summary_marks_what_a_cpu_run_did_not_measure(tmp_path, capsys, monkeypatch):
+    """benchmarks/campaign_summary.py on a CPU run's logs (no dmon log, no GPU memory): the
+    rate and loss come from metrics.csv, GPU busy % and memory read "not measured", and a run
+    without logs says so; a dmon log gives the mean of its sm column."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "campaign_summary.py"
+    spec = importlib.util.spec_from_file_location("campaign_summary", path)
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    logs = tmp_path / "runs" / "cpu" / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    rows = ["step,perf/episodes_per_s,train/loss"]
+    rows += [f"{s},{1000 if s == 0 else 40 + s % 2},{2.0 - s / 10}" for s in range(10)]
+    (logs / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dmon_gpu.txt").write_text(
+        "# gpu    sm   mem\n# Idx     %     %\n    0    80    10\n    0    90    12\n"
+    )
+    argv = ["x", "--runs", "cpu", "gone", "--metrics", str(tmp_path / "runs"), "--dmon",
+            str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    summary.main()
+    out = capsys.readouterr().out.splitlines()
+    cpu = next(line for line in out if line.startswith("| cpu |"))
+    cells = [c.strip() for c in cpu.strip("|").split("|")]
+    assert cells[1] == "9" and cells[2] == "40.6"  # (5 x 41 + 4 x 40) / 9: steps after the first
+    assert cells[3] == cells[4] == "not measured"
+    assert cells[5] == "1.950" and cells[6] == "1.150"  # first and last fifth of the losses
+    assert any(line.startswith("| gone | no metrics.csv") for line in out)
+    assert summary.sm_busy(tmp_path / "dmon_gpu.txt") == 85.0
