@@ -15,10 +15,10 @@
 # Run from the repository root on the GPU machine:
 #   OUT=<results folder> bash benchmarks/gpu_campaign.sh
 # A CPU dry run (every step, tiny; synthetic tasks only where megaseg_work lacks the corpora;
-# ~4.5 min on 2 cores): DRY_RUN=1 OUT=/tmp/dry bash benchmarks/gpu_campaign.sh
+# 2.5-4.5 min on 2 cores): DRY_RUN=1 OUT=/tmp/dry bash benchmarks/gpu_campaign.sh
 # Settings (environment): TRAIN_TIME (per run, default 2 min 30 s), RUNS (default "w32 w32c"),
 # PARALLEL (0), BENCH_LIMIT (seconds for gpu_speed.py, 0 skips it; default 0), INPUT_LIMIT
-# (seconds for input_speed.py + compile_buckets.py, default 150, 0 skips them), SYNTH_STORE
+# (seconds for input_speed.py + compile_buckets.py, default 150, 300 in a dry run, 0 skips them), SYNTH_STORE
 # (megaseg_work/synth_v2), SYNTH_TASKS (1000), FIT_ARGS (more fit options for every run, e.g.
 # --model.init_weights W --data.num_workers 8).
 # What it needs beside the code, in $DEV (default .dev, ignored by git; built on a machine with
@@ -38,12 +38,14 @@ OUT=${OUT:-runs/gpu_campaign}
 DEV=${DEV:-.dev}
 TRAIN_TIME=${TRAIN_TIME:-00:00:02:30}  # per run
 BENCH_LIMIT=${BENCH_LIMIT:-0}  # seconds for gpu_speed.py; 0: skip it
-INPUT_LIMIT=${INPUT_LIMIT:-150}  # seconds for input_speed.py + compile_buckets.py; 0: skip them
+DRY_RUN=${DRY_RUN:-0}
+INPUT_DEFAULT=150
+[ "$DRY_RUN" = 1 ] && INPUT_DEFAULT=300  # the CPU compiler: ~35-75 s per compiled mode
+INPUT_LIMIT=${INPUT_LIMIT:-$INPUT_DEFAULT}  # seconds for input_speed.py + compile_buckets.py; 0: skip them
 RUNS=${RUNS:-w32 w32c}  # w32, w32c (compiled), w64
 PARALLEL=${PARALLEL:-0}  # 1: all runs at once on the one GPU (#13's campaign)
 SYNTH_STORE=${SYNTH_STORE:-megaseg_work/synth_v2}
 SYNTH_TASKS=${SYNTH_TASKS:-1000}
-DRY_RUN=${DRY_RUN:-0}
 # FIT_ARGS: more `megaseg fit` options for every run
 if [ "$DRY_RUN" = 1 ]; then  # the whole campaign, tiny, on the CPU: checks the script, not speed
   TRAIN_TIME=00:00:00:40
