@@ -38,12 +38,14 @@ def _small_maps(size: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A synthetic v2 store (2 tasks x 8 subjects at 32 px) written by ``prep synth``'s code."""
+    from data_prep import card
     from data_prep.synth import write_synthetic
     from megaseg.data import generators
 
     root = tmp_path_factory.mktemp("synth") / "store"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(generators, "label_maps", lambda name, size: _small_maps(size))
+        mp.setattr(card, "write_preview", lambda *a, **k: None)  # a PNG: 4 of the 4.5 s
         summary = write_synthetic(
             root, TASKS, SUBJECTS, resolutions=(R,), generator_version=2, progress=False
         )
@@ -217,3 +219,92 @@ def test_datamodule_passes_bucketed_sizes_to_the_sampler(store):
         b["support_images"].shape[1] for b, _ in zip(dm.train_dataloader(), range(12), strict=False)
     }
     assert sizes <= {2, 4, 8, 16} and len(sizes) >= 2
+
+
+class _BatchLog:
+    """A callback keeping, per global step, a digest of the batch the step trained on (after
+    the transfer hook, so after the deferred augmentation) and the step's loss."""
+
+    def __init__(self):
+        self.batches, self.losses = {}, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        digest = hashlib.sha256()
+        for key in ("query", "query_label", "support_images", "support_labels"):
+            digest.update(batch[key].detach().cpu().numpy().tobytes())
+        self.batches[trainer.global_step] = (digest.hexdigest(), tuple(batch["task"]))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step - 1] = float(outputs["loss"])
+
+
+def _fit(store, root, max_steps, ckpt_path=None):
+    import pytorch_lightning as pl
+
+    from megaseg.training import InContextSegModule
+
+    log = type("Log", (_BatchLog, pl.Callback), {})()
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=root / "checkpoints", every_n_train_steps=3, save_top_k=-1, save_last=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[checkpoints, log], default_root_dir=root,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = InContextSegModule(
+        "universeg_v1", {"encoder_widths": [4, 4]}, resolution=R, support_size=4
+    )
+    dm = _datamodule(store, augment_on_device=True, support_size=(2, 8), support_size_buckets=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return log
+
+
+def test_fit_resumed_from_a_checkpoint_trains_on_the_uninterrupted_batches(store, tmp_path):
+    """A fit with the stored synthetic tasks, device augmentation and bucketed support sizes,
+    stopped at its step-3 checkpoint and resumed from it, trains steps 3-5 on the very batches
+    (bitwise, after the deferred augmentation) and with the losses of an uninterrupted fit."""
+    nonstop = _fit(store, tmp_path / "nonstop", 6)
+    assert sorted(nonstop.batches) == list(range(6))
+    assert len(set(nonstop.batches.values())) == 6  # the steps did see different episodes
+    (ckpt,) = (tmp_path / "nonstop" / "checkpoints").glob("*step=3.ckpt")
+    resumed = _fit(store, tmp_path / "resumed", 6, ckpt_path=ckpt)
+    assert sorted(resumed.batches) == [3, 4, 5]  # continued at step 3, not from the start
+    for step in (3, 4, 5):
+        assert resumed.batches[step] == nonstop.batches[step], step
+        assert abs(resumed.losses[step] - nonstop.losses[step]) <= 1e-5, step
+
+
+def test_campaign_summary_marks_what_a_cpu_run_did_not_measure(tmp_path, capsys, monkeypatch):
+    """benchmarks/campaign_summary.py on a CPU run's logs (no dmon log, no GPU memory): the
+    rate and loss come from metrics.csv, GPU busy % and memory read "not measured", and a run
+    without logs says so; a dmon log gives the mean of its sm column."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "campaign_summary.py"
+    spec = importlib.util.spec_from_file_location("campaign_summary", path)
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    logs = tmp_path / "runs" / "cpu" / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    rows = ["step,perf/episodes_per_s,train/loss"]
+    rows += [f"{s},{1000 if s == 0 else 40 + s % 2},{2.0 - s / 10}" for s in range(10)]
+    (logs / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dmon_gpu.txt").write_text(
+        "# gpu    sm   mem\n# Idx     %     %\n    0    80    10\n    0    90    12\n"
+    )
+    argv = ["x", "--runs", "cpu", "gone", "--metrics", str(tmp_path / "runs"), "--dmon",
+            str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    summary.main()
+    out = capsys.readouterr().out.splitlines()
+    cpu = next(line for line in out if line.startswith("| cpu |"))
+    cells = [c.strip() for c in cpu.strip("|").split("|")]
+    assert cells[1] == "9" and cells[2] == "40.6"  # (5 x 41 + 4 x 40) / 9: steps after the first
+    assert cells[3] == cells[4] == "not measured"
+    assert cells[5] == "1.950" and cells[6] == "1.150"  # first and last fifth of the losses
+    assert any(line.startswith("| gone | no metrics.csv") for line in out)
+    assert summary.sm_busy(tmp_path / "dmon_gpu.txt") == 85.0
