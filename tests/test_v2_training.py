@@ -276,9 +276,8 @@ def test_gpu_configs_fit_on_a_cpu_and_layer_the_wide_network(tmp_path, monkeypat
     from test_synthetic_v2 import _fake_packaged_maps
     from test_training import _one_split_corpus
 
-    from megaseg.cli import main
-
     from data_prep.synth import write_synthetic
+    from megaseg.cli import main
 
     _fake_packaged_maps(monkeypatch, R)
     corpus = _one_split_corpus(tmp_path / "corpus", "train")
