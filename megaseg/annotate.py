@@ -53,6 +53,7 @@ from megaseg.interpolate import (
     shape_between,
     taper,
 )
+from megaseg.metrics import mask_dice
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write_all
 from megaseg.preprocess import guess_modality, normalize_intensity, prepare_image, restore
@@ -499,14 +500,16 @@ class VolumeSession:
         if self.prior_weight is not None:
             return 1 - self.prior_weight
         where = holding(self._labels, value)
-        model = [_dice(probs[i][k] > 0.5, self._labels[i] == value) for i in where if i in probs]
+        model = [
+            mask_dice(probs[i][k] > 0.5, self._labels[i] == value) for i in where if i in probs
+        ]
         order = self.labelled
         interp = []
         for a, i, b in zip(order, order[1:], order[2:], strict=False):
             if a in where and i in where and b in where:
                 t = (i - a) / (b - a)
                 guess = shape_between(self._labels[a] == value, self._labels[b] == value, t)
-                interp.append(_dice(guess > 0.5, self._labels[i] == value))
+                interp.append(mask_dice(guess > 0.5, self._labels[i] == value))
         if not model or not interp:
             return 0.5
         return float(np.clip(0.5 + 2.5 * (np.mean(model) - np.mean(interp)), 0.1, 0.9))
@@ -670,12 +673,6 @@ def _label_dtype(values: Sequence[int]) -> np.dtype:
         if top < limit:
             return np.dtype(dtype)
     return np.dtype(np.int64)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two bool masks; 1 when both are empty."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def _nifti_suffix(path: Path) -> str:

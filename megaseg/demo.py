@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megaseg.metrics import mask_dice as dice
 from megaseg.paths import work_dir
 
 if TYPE_CHECKING:  # torch is imported where it is used: `megaseg demo --help` does without
@@ -327,13 +328,6 @@ def pick_slices(
         query.append(min(free, key=lambda i, t=t: abs(i - (lo + t * n))))
         free.remove(query[-1])
     return support, sorted(query)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
 # ---------------------------------------------------------------------- plotting

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from megaseg.data.synthetic import _hash_seed, _smooth_field
+from megaseg.metrics import mask_dice
 
 SIZE = 128
 POOL = 32  # support examples per task (N and ensemble subsets are drawn from them)
@@ -149,11 +150,6 @@ def sanity_tasks(size: int = SIZE) -> list[SanityTask]:
     return out
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
-
-
 @dataclass
 class SanityResult:
     """``dice[(task, N, K)]``: mean Dice over the queries (K = 1: the first N pool examples;
@@ -254,7 +250,7 @@ def run_sanity(
             masks = np.stack([p.mask for p in preds])
             result.predictions[(task.name, n, 1)] = masks
             result.dice[(task.name, n, 1)] = float(
-                np.mean([_dice(m, t) for m, t in zip(masks, truth, strict=True)])
+                np.mean([mask_dice(m, t) for m, t in zip(masks, truth, strict=True)])
             )
             for k in ensembles:
                 if math.comb(POOL, n) < k:
@@ -282,7 +278,9 @@ def _ensemble(
         )
     empty = np.array([not p.mask.any() for p in ens])
     key = (task.name, n, k)
-    result.dice[key] = float(np.mean([_dice(p.mask, t) for p, t in zip(ens, truth, strict=True)]))
+    result.dice[key] = float(
+        np.mean([mask_dice(p.mask, t) for p, t in zip(ens, truth, strict=True)])
+    )
     result.confident[key] = int(confident.sum())
     result.violations[key] = int((confident & empty).sum())
 
