@@ -351,9 +351,8 @@ class VolumeSession:
         total = sum(len(v) for v in todo.values())
         if total:
             self._predict(todo, total, settings, callback)
-        seconds = time.perf_counter() - start
         if self.method == "model":
-            result = self._assemble(total, seconds)
+            result = self._assemble(total, time.perf_counter() - start)
         else:
             result = self._assemble_guided(plan, targets, total, start)
         self._result, self._result_key = result, key
@@ -456,7 +455,7 @@ class VolumeSession:
                 for b, p in zip(chunk, self._restored(chunk, values).swapaxes(0, 1), strict=True):
                     probs[b] = p
         out: dict[int, np.ndarray] = {}
-        stopped: set[tuple[int, int]] = set()  # (slice, k): the model's guess kept out
+        stopped: dict[int, set[int]] = {}  # slice -> the values (k) whose model guess is kept out
         for k, v in enumerate(values):
             prior, between = distance_prior(self._labels, D, v)
             w = self._model_weight(probs, k, v) if plan is not None else 0.0
@@ -474,16 +473,14 @@ class VolumeSession:
                 for j, q, keep in zip(walk, *kept, strict=True):
                     out.setdefault(j, np.zeros((len(values), H, W), np.float32))[k] = q
                     if not keep:
-                        stopped.add((j, k))
+                        stopped.setdefault(j, set()).add(k)
         labels = np.zeros((D, H, W), _label_dtype(values))
         unc = np.zeros((D, H, W), np.float32)
         for i, p in out.items():
             if i in self._labels:
                 continue
             shown = p.copy()
-            for j, k in stopped:
-                if j == i:
-                    shown[k] = 0
+            shown[sorted(stopped.get(i, ()))] = 0
             labels[i] = merge_labels(shown, values)
             unc[i] = _entropy(p)
         return self._result_of(labels, unc, predicted, time.perf_counter() - start)
