@@ -109,7 +109,7 @@ def check_weights(name: str, weights: str) -> None:
     """Tie ``EVAL_DIR/name`` to the file ``weights`` by its sha256 (``weights.json``), so a cached
     result is never reused for other weights under the same name: exits with a message naming
     the folder when it was made from another file, or before weights were recorded."""
-    from data_prep.store_writer import sha256_file
+    from megaseg.paths import sha256_file
 
     if not Path(weights).is_file():
         sys.exit(f"generalist_ablation: {name}={weights}: no such weights file")
@@ -124,7 +124,7 @@ def check_weights(name: str, weights: str) -> None:
     elif folder.is_dir() and any(folder.iterdir()):
         why = "holds results that do not record their weights (made by an older version)"
     else:
-        from megaseg.checkpoint import atomic_write
+        from megaseg.paths import atomic_write
 
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"path": weights, "sha256": digest}, indent=1)
@@ -142,8 +142,8 @@ def sanity(name: str, weights: str, flips: bool = False, resolution: int | None 
     out = EVAL_DIR / name / "sanity.json"
     if out.is_file():
         return json.loads(out.read_text())
-    from megaseg.checkpoint import atomic_write
     from megaseg.evaluation.sanity import run_sanity
+    from megaseg.paths import atomic_write
 
     start = time.perf_counter()
     kwargs = {"flips": True} if flips else {}
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
             + "`"
         )
         print(text)
-        from megaseg.checkpoint import atomic_write
+        from megaseg.paths import atomic_write
 
         atomic_write(args.out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text + "\n"))
         plot(args.names, reference, args.out.with_suffix(".png"))

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_name  # noqa: E402
 
-from megaseg.checkpoint import atomic_write  # noqa: E402
 from megaseg.evaluation.sanity import TASKS, run_sanity, sanity_png  # noqa: E402
+from megaseg.paths import atomic_write  # noqa: E402
 
 
 def main(argv=None) -> int:

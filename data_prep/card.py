@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from megaseg.data.store import SPLITS
+from megaseg.paths import atomic_write
 
 PREVIEW_TASKS = 8  # rows of the preview grid
 PREVIEW_EXAMPLES = 4  # columns
@@ -18,8 +19,6 @@ PREVIEW_EXAMPLES = 4  # columns
 
 def write_card(path: Path, index: dict) -> None:
     """``card.md``: provenance, pipeline settings, counts, realized split fractions, skips."""
-    from data_prep.store_writer import atomic_write
-
     info, spec = index["info"], index["info"]["spec"]
     lines = [f"# {index['dataset']}", ""]
     lines += ["## Provenance", "", "| | |", "|---|---|"]
@@ -55,15 +54,13 @@ def write_card(path: Path, index: dict) -> None:
     lines += [f"- `{s['case_id']}`: {s['reason']}" for s in info["skipped"]] or ["None."]
     lines += ["", "## Preview", "", "![preview](preview.png)", ""]
     text = "\n".join(lines)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode()))
 
 
 def write_preview(path: Path, folder: Path, index: dict) -> None:
     """``preview.png``: first examples of the first tasks, label outlined in red over the image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from data_prep.store_writer import atomic_write
 
     res = 128 if 128 in index["resolutions"] else min(index["resolutions"])
     images = np.load(folder / f"images_{res}.npy", mmap_mode="r")
@@ -92,4 +89,4 @@ def write_preview(path: Path, folder: Path, index: dict) -> None:
                 )
     fig.tight_layout(pad=0.3)
     FigureCanvasAgg(fig)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))

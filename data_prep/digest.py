@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_prep.store_writer import MANIFEST, dataset_dir, sha256_file
+from data_prep.store_writer import MANIFEST, dataset_dir
+from megaseg.paths import sha256_file
 
 ARRAY_SUFFIX = ".npy"
 

@@ -45,8 +45,7 @@ from pathlib import Path
 from typing import IO
 
 from data_prep.readers.base import DatasetError
-from data_prep.store_writer import sha256_file
-from megaseg.paths import current_umask
+from megaseg.paths import current_umask, sha256_file
 
 MARKER = ".megaseg-package.json"
 KINDS = ("wheel", "deb")

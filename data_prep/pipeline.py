@@ -44,6 +44,7 @@ from data_prep.readers.base import Case, CaseError, LoadedCase
 from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
 from megaseg.cluster import as_finished
+from megaseg.paths import atomic_write
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
 # Bump when a change here alters what is stored for a case: finished shards of an older
@@ -670,7 +671,7 @@ def _start_run(out: Path, cluster) -> tuple[Path, str] | None:
         path.unlink(missing_ok=True)
         return None
     token = uuid.uuid4().hex
-    sw.atomic_write(path, lambda f: f.write(token.encode()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(token.encode()))
     return path, token
 
 

@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 
 from data_prep.readers.base import Case
+from megaseg import paths
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
-from megaseg.paths import pid_lock, sha256_file
+from megaseg.deprecation import moved
+from megaseg.paths import fsync_path, pid_lock, sha256_file
 
 WORK_DIR = ".build"
 WORK_MARKER = "megaseg-work.json"  # in WORK_DIR: marks it as megaseg's, so a build may delete it
@@ -57,40 +59,6 @@ SPEC_FIELDS = (
     "name", "reader", "modality", "planes", "window", "spacing_mm", "labels", "structures",
     "subject_regex", "case_regex", "group", "layout", "licence", "citation", "source", "version",
 )  # fmt: skip
-
-
-# -- atomic files -------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(binary file)``: temporary file, fsync, rename, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class BuildRefused(ValueError):
@@ -200,7 +168,7 @@ def make_work_dir(out: Path) -> Path:
     work = Path(out) / WORK_DIR
     work.mkdir(exist_ok=True)
     if not (work / WORK_MARKER).is_file():
-        atomic_write_json(work / WORK_MARKER, {"written_by": "megaseg prep build"})
+        paths.atomic_write_json(work / WORK_MARKER, {"written_by": "megaseg prep build"})
     return work
 
 
@@ -287,11 +255,16 @@ def write_shard(path: Path, case: Case, slices, resolutions: Sequence[int]) -> N
     }
     arrays = {f"{k}_{r}": getattr(slices, k)[r] for k in ARRAY_KINDS for r in resolutions}
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a path would get ".npz" appended by numpy
+            np.savez(f, **arrays)
+
+    paths.atomic_write(path, write)
 
 
 def write_skip(path: Path, case: Case, reason: str) -> None:
-    atomic_write_json(path, {"case_id": case.case_id, "reason": reason})
+    paths.atomic_write_json(path, {"case_id": case.case_id, "reason": reason})
 
 
 def read_shard_meta(path: Path) -> dict:
@@ -407,16 +380,16 @@ def consolidate_dataset(
         "tasks": tasks,
         "info": info,
     }
-    atomic_write_json(staging / "index.json", index)
+    paths.atomic_write_json(staging / "index.json", index)
     write_preview(staging / "preview.png", staging, index)
     write_card(staging / "card.md", index)
     checksums = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-    atomic_write_json(staging / "checksums.json", checksums)
+    paths.atomic_write_json(staging / "checksums.json", checksums)
     # Not checksummed: it hashes the inputs' paths and modification times.
-    atomic_write_json(staging / BUILD_KEY, {"build_key": build_key})
+    paths.atomic_write_json(staging / BUILD_KEY, {"build_key": build_key})
     for p in staging.iterdir():
-        _fsync_file(p)
-    fsync_dir(staging)
+        fsync_path(p)
+    fsync_path(staging)
     _swap_into_place(staging, dataset_dir(out, name))
     return dataset_dir(out, name)
 
@@ -483,11 +456,6 @@ def _task_ranges(task_keys: list[tuple], examples: np.ndarray) -> list[dict]:
     return tasks
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _swap_into_place(staging: Path, final: Path) -> None:
     """Replace ``final`` (megaseg's, checked by :func:`check_owned`) by ``staging``.
 
@@ -502,7 +470,7 @@ def _swap_into_place(staging: Path, final: Path) -> None:
             raise BuildRefused(f"{final}: exists but megaseg did not write it (no {BUILD_KEY})")
         os.replace(final, trash)
     os.replace(staging, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -560,7 +528,7 @@ def write_manifest(out: Path) -> dict | None:
         "tasks": tasks,
         "files": dict(sorted(files.items())),
     }
-    atomic_write_json(out / MANIFEST, manifest)
+    paths.atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -641,3 +609,23 @@ def write_dataset(
     from data_prep.pipeline import DatasetJob, build_corpus
 
     return build_corpus([DatasetJob(spec, list(cases), load, fingerprint)], out, **build_options)
+
+
+def _atomic_write_file(path: Path, write: Callable[[Any], None]) -> None:
+    """The old ``store_writer.atomic_write``: ``write`` gets an open binary file."""
+
+    def write_path(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    paths.atomic_write(path, write_path)
+
+
+__getattr__ = moved(
+    __name__,
+    {
+        "atomic_write": ("megaseg.paths:atomic_write", _atomic_write_file),
+        "atomic_write_json": "megaseg.paths:atomic_write_json",
+        "fsync_dir": "megaseg.paths:fsync_path",
+    },
+)

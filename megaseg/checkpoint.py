@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from megaseg.paths import atomic_write  # also imported from here by other modules
+from megaseg import paths
+from megaseg.deprecation import moved
 
 CARD_FORMAT_VERSION = 1
 DEFAULT_MODEL = "universeg_v1"
@@ -59,9 +60,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, A
         raise ValueError(f"{path}: checkpoints are written as .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     card = {"format_version": CARD_FORMAT_VERSION, **card}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+    paths.atomic_write(path, lambda tmp: save_file(state, tmp))
     text = json.dumps(card, indent=2, sort_keys=True, default=str)
-    atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
+    paths.atomic_write(card_path(path), lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -390,3 +391,6 @@ def load_checkpoint(
     except RuntimeError as e:  # e.g. a dtype the parameter cannot take
         raise CheckpointError(f"{path}: weights do not fit the model: {plain_detail(e)}") from e
     return model, card or {"model": {"name": DEFAULT_MODEL, "kwargs": {}}}
+
+
+__getattr__ = moved(__name__, {"atomic_write": "megaseg.paths:atomic_write"})

@@ -30,7 +30,6 @@ from torch import nn
 
 from megaseg.checkpoint import (
     CheckpointError,
-    atomic_write,
     build_model,
     check_finite,
     check_shapes,
@@ -38,6 +37,7 @@ from megaseg.checkpoint import (
     load_torch_state_dict,
     torch_shapes,
 )
+from megaseg.paths import ENV_CACHE, atomic_write, cache_dir  # noqa: F401 (hub API too)
 
 OFFICIAL_NAME = "universeg-v1-official"
 OFFICIAL_MODEL = "universeg_v1"
@@ -51,7 +51,6 @@ LICENSE_NOTE = (
     "licence: research use only, with the use restrictions of that licence; read it at "
     "https://github.com/JJGO/UniverSeg before using them."
 )
-ENV_CACHE = "MEGASEG_CACHE"
 ENV_WEIGHTS = "MEGASEG_UNIVERSEG_WEIGHTS"
 # The released file is ~4.7 MB; a response far larger than that is not it.
 MAX_DOWNLOAD_BYTES = 64 * 2**20
@@ -69,12 +68,6 @@ class LicenseNotAccepted(ValueError):
 
 class DownloadError(CheckpointError):
     """The official weights could not be downloaded, or the download is not the v1 weights."""
-
-
-def cache_dir() -> Path:
-    """``$MEGASEG_CACHE``, else ``~/.cache/megaseg``; created when a file is written."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "megaseg"
 
 
 def require_license(accept_license: bool) -> None:

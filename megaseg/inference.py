@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megaseg.checkpoint import MAX_RESOLUTION, atomic_write, card_resolution
+from megaseg.checkpoint import MAX_RESOLUTION, card_resolution
 from megaseg.outputs import check_replaceable, record
+from megaseg.paths import atomic_write
 from megaseg.preprocess import (
     HU_LIKE_MIN,
     guess_modality,

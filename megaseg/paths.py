@@ -3,7 +3,7 @@
 Where, when a command is given no output path: one folder, ignored by git, ``$MEGASEG_WORK``
 if set, else ``./megaseg_work``; demo, show-episodes, evaluate and the notebooks put their
 default outputs under it, so that running the README's commands in a clone leaves no untracked
-files beside the code. How: :func:`atomic_write`, so an interrupted write leaves no half file,
+files beside the code; downloads go to :func:`cache_dir`. How: :func:`atomic_write`, so an interrupted write leaves no half file,
 and the temporary a killed writer left behind is recognised as megaseg's (its name holds
 :data:`TEMP_MARK`, the host and the PID) and removed by the next write into that folder.
 :func:`pid_lock` keeps two processes out of one output folder.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+ENV_CACHE = "MEGASEG_CACHE"  # where downloads are cached, see cache_dir
 TEMP_MARK = ".megaseg-tmp."
 # ".<target name>.megaseg-tmp.<pid>.<host tag>.<random><suffix>", see _temp_prefix
 _TEMP_NAME = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"(\d+)\.([0-9a-f]{8})\.")
@@ -47,13 +49,16 @@ def checkout_work_dir(*parts: str) -> Path:
     return work_dir(*parts)
 
 
-def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
 
-    ``suffix`` ends the temporary name (a writer that picks the format from the extension,
-    e.g. nibabel, needs ``.nii.gz``). A failed write leaves ``path`` untouched and no temporary.
-    The file gets the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's
-    0600, so that collaborators on a shared server can read what megaseg wrote.
+    ``write`` gets the temporary's path (a string) and writes the whole file there. ``suffix``
+    ends the temporary name (a writer that picks the format from the extension, e.g. nibabel,
+    needs ``.nii.gz``). The temporary is fsynced before the rename and the folder after it, so
+    a power loss leaves the old file or the new one, never a torn one. A failed write leaves
+    ``path`` untouched and no temporary. The file gets the mode a plain ``open()`` would give
+    (0666 less the umask), not mkstemp's 0600, so that collaborators on a shared server can
+    read what megaseg wrote. The one atomic write of megaseg and data_prep.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +69,37 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
         write(tmp)
         # after write(): a writer may have replaced the temporary with a new file of its own
         os.chmod(tmp, 0o666 & ~current_umask())
+        fsync_path(tmp)  # the rename must not land before the data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """:func:`atomic_write` of ``data`` as sorted, indented UTF-8 JSON and a final newline (the
+    same bytes for the same data: what the corpus checksums rely on)."""
+    text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode()))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder: makes a rename or a new file in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cache_dir(*parts: str) -> Path:
+    """megaseg's download cache, ``$MEGASEG_CACHE`` (``~`` expanded), else
+    ``~/.cache/megaseg``, joined with ``parts``; not created here. Official weights go to its
+    top, package-shipped datasets to ``cache_dir("packages")``."""
+    env = os.environ.get(ENV_CACHE)
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "megaseg"
+    return base.joinpath(*parts)
 
 
 def current_umask() -> int:

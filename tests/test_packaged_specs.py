@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.fetch import MARKER, FetchError, Package, fetch, sha256_file, unpack, unpacked_dir
+from data_prep.fetch import MARKER, FetchError, Package, fetch, unpack, unpacked_dir
 from data_prep.pipeline import build_corpus, job_from_spec
 from data_prep.readers import CaseError, DatasetError, get_reader
 from data_prep.readers.package import (
@@ -29,6 +29,7 @@ from data_prep.readers.package import (
 )
 from data_prep.specs import get_spec
 from data_prep.specs.packaged import PACKAGED, PackagedSpec, packaged_label_maps, with_root
+from megaseg.paths import sha256_file
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([-2.0, 2.0, 2.0, 1.0])

@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megaseg.checkpoint import atomic_write
 from megaseg.data.synthetic import (
     SyntheticConfig,
     TaskRange,
@@ -57,6 +56,7 @@ from megaseg.data.synthetic import (
     _hash_seed,
     _smooth_field,
 )
+from megaseg.paths import atomic_write
 
 GENERATOR_VERSION = 2
 KINDS = ("objects", "anatomy", "real")

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaseg.checkpoint import atomic_write
 from megaseg.evaluation.defaults import DEFAULT_DRAWS_PER_N, DEFAULT_SUPPORT_SIZES
 from megaseg.evaluation.sources import EvalTask, Source
+from megaseg.paths import atomic_write
 
 DRAWS_FORMAT = "megaseg-draws"
 DRAWS_VERSION = 1

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megaseg.checkpoint import CheckpointError, atomic_write, card_path
+from megaseg.checkpoint import CheckpointError, card_path
 from megaseg.evaluation import report
 from megaseg.evaluation.baselines import MeanLabel, Method, ModelMethod, SupervisedUNet, random_init
 from megaseg.evaluation.defaults import DEFAULT_METHODS
@@ -61,6 +61,7 @@ from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from megaseg.inference import FLIPS, Segmenter, flip_tta
 from megaseg.outputs import check_replaceable
 from megaseg.outputs import record as record_outputs
+from megaseg.paths import atomic_write
 
 MODEL_METHOD = "megaseg"
 # What ``out_dir`` receives: these files, and PNGs named by these patterns.

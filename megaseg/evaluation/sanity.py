@@ -293,7 +293,7 @@ def sanity_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from megaseg.checkpoint import atomic_write
+    from megaseg.paths import atomic_write
 
     tasks = sanity_tasks() if tasks is None else tasks
     n = max(result.ns) if n is None else n

@@ -14,7 +14,7 @@ import yaml
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import SaveConfigCallback
 
-from megaseg.checkpoint import atomic_write
+from megaseg.paths import atomic_write
 from megaseg.progress import is_terminal
 from megaseg.training.export import export_weights
 

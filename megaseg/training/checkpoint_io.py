@@ -5,7 +5,7 @@ to a temporary file in ``$TMPDIR`` and is then moved; when ``$TMPDIR`` is anothe
 (a tmpfs, a node-local disk) the move is a copy that truncates the target first, so a kill in
 that window leaves ``last.ckpt`` at 0 bytes, and the temporary stays in ``$TMPDIR``.
 :class:`AtomicCheckpointIO` writes the temporary beside the checkpoint (megaseg's marked name,
-see :func:`megaseg.paths.atomic_write`), fsyncs it and renames it over the target: a kill
+see :func:`megaseg.paths.atomic_write`), which fsyncs it and renames it over the target: a kill
 leaves the previous complete file, and the next save into the folder removes the temporary.
 ``megaseg fit|validate|test|predict`` use it unless the config names another ``CheckpointIO``.
 """
@@ -62,9 +62,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not land before the data
+                torch.save(checkpoint, f)  # atomic_write fsyncs it before the rename
 
         atomic_write(Path(path), write, suffix=".ckpt")
 
