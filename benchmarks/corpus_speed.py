@@ -86,8 +86,9 @@ def bench_build(tmp: Path, n: int, size: int) -> list[tuple[str, str]]:
 
 
 def bench_read(tmp: Path, subjects: int, episodes: int) -> list[tuple[str, str]]:
+    from data_prep.pipeline import write_dataset
     from data_prep.readers import LoadedCase
-    from data_prep.store_writer import memory_case, write_dataset
+    from data_prep.store_writer import memory_case
     from megaseg.data import Corpus
 
     class Source:

@@ -1,4 +1,4 @@
-"""One pipeline for every dataset: a loaded case -> the 2D examples the corpus stores, and splits.
+"""One pipeline for every dataset: a loaded case -> the 2D examples the corpus stores; the build.
 
 Per case (``process_case``):
 
@@ -14,15 +14,14 @@ Per case (``process_case``):
 5. each slice -> ``prepare_image(..., normalize=False)`` / ``prepare_label`` (pad to square,
    blur-then-resize) at every stored resolution, quantized to uint8.
 
-Splits (``assign_splits``) are by subject, 70/15/15, a pure function of (seed, dataset, subject)
-except for the small-dataset guarantee documented there.
+Subject splits are :mod:`data_prep.splits`; :func:`build_corpus` (and :func:`write_dataset`, for
+in-memory sources) runs the cases of whole datasets through ``process_case`` into the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -31,11 +30,12 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ import torch
 from data_prep.readers.base import Case, CaseError, LoadedCase
 from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
+from data_prep.specs.base import check_dataset_name
 from megaseg.cluster import as_finished
+from megaseg.deprecation import moved
 from megaseg.paths import atomic_write
 from megaseg.preprocess import normalize_intensity, prepare_image, prepare_label
 
@@ -53,7 +55,6 @@ PIPELINE_VERSION = 2  # 2: separable float32 resampling (data_prep/resample.py)
 DEFAULT_RESOLUTIONS = (64, 128, 256)
 PLANES = ("sagittal", "coronal", "axial")  # array axes 0, 1, 2 of a RAS-oriented volume
 AXIS_2D = "2d"
-SPLIT_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 
 
 @dataclass
@@ -304,67 +305,6 @@ def process_case(
         )
         out.labels[r] = np.stack([_quantize(prepare_label(s, r)) for s in label_slices])
     return out
-
-
-# -- splits ------------------------------------------------------------------------------------
-
-
-def subject_unit(seed: int, dataset: str, subject: str) -> float:
-    """A subject's position in [0, 1): a hash of (seed, dataset, subject), nothing else."""
-    digest = hashlib.sha256(f"{seed}\0{dataset}\0{subject}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def natural_split(u: float) -> str:
-    """train for u < 0.70, val for u < 0.85, test otherwise."""
-    edge = 0.0
-    for name, fraction in SPLIT_FRACTIONS:
-        edge += fraction
-        if u < edge:
-            return name
-    return SPLIT_FRACTIONS[-1][0]
-
-
-def _interval(split: str) -> tuple[float, float]:
-    edge = 0.0
-    for name, fraction in SPLIT_FRACTIONS:
-        if name == split:
-            return edge, edge + fraction
-        edge += fraction
-    raise ValueError(split)
-
-
-def assign_splits(subjects: Iterable[str], dataset: str, seed: int = 0) -> dict[str, str]:
-    """Split of each subject: train / val / test, about 70 / 15 / 15.
-
-    Each subject gets ``u = subject_unit(seed, dataset, subject)`` and its *natural* split
-    (:func:`natural_split`), which no other subject can change: adding subjects never moves
-    a subject that sits in its natural split.
-
-    Guarantee, for 3 or more subjects: no split is empty. While one is (checked in the order
-    test, val, train), one subject moves into it from the split holding the most subjects
-    (ties: train, val, test), namely the subject of that split whose ``u`` lies nearest to the
-    empty split's interval (ties: smaller subject id). The donor keeps at least one subject,
-    so at most two subjects move, and only in datasets small enough to leave a split empty;
-    adding subjects can return a moved subject to its natural split, never move another one.
-    With 1 or 2 subjects every subject keeps its natural split (some splits stay empty; the
-    dataset card says which).
-    """
-    subjects = sorted(set(subjects))
-    u = {s: subject_unit(seed, dataset, s) for s in subjects}
-    split = {s: natural_split(u[s]) for s in subjects}
-    if len(subjects) < 3:
-        return split
-    names = [n for n, _ in SPLIT_FRACTIONS]
-    for target in reversed(names):
-        members = {n: [s for s in subjects if split[s] == n] for n in names}
-        if members[target]:
-            continue
-        donor = max(names, key=lambda n: (len(members[n]), -names.index(n)))
-        lo, hi = _interval(target)
-        moved = min(members[donor], key=lambda s: (max(lo - u[s], u[s] - hi, 0.0), s))
-        split[moved] = target
-    return split
 
 
 # -- the build: readers -> process_case -> shards -> consolidation -> manifest -------------------
@@ -712,7 +652,7 @@ def build_corpus(
             f"dataset names given twice: {sorted(n for n in set(names) if names.count(n) > 1)}"
         )
     for job in jobs:
-        sw.check_dataset_name(job.spec.name)
+        check_dataset_name(job.spec.name)
         if not job.cases:
             raise ValueError(f"dataset {job.spec.name!r}: no cases found")
     if out.exists() and not out.is_dir():
@@ -734,6 +674,28 @@ def build_corpus(
                 jobs, out, workers, resolutions, strict, seed, progress, created, work_existed,
                 cluster,
             )  # fmt: skip
+
+
+def write_dataset(
+    out: str | Path,
+    spec: Any,
+    cases: Sequence[Case],
+    load: Callable[[Case], Any],
+    fingerprint: Callable[[Case], str],
+    **build_options,
+):
+    """Write one dataset from any source into the corpus ``out``, in the same format and through
+    the same pipeline as a public dataset; returns the :class:`BuildSummary`.
+
+    The hook for synthetic tasks (``prep synth``): ``cases`` from :func:`memory_case`,
+    ``load(case) -> LoadedCase`` with a ``(C, H, W)`` image and an ``(H, W)`` integer label map
+    (0 = background), ``fingerprint(case)`` a string that changes whenever the arrays would
+    (e.g. generator version + seed), and ``spec`` any object with ``name`` and the provenance
+    fields (``licence``, ``source``...). ``build_options``: ``workers`` (``load`` must then be
+    picklable), ``resolutions``, ``seed``, ``strict``, ``progress``. Other datasets already in
+    ``out`` are kept; the manifest is rewritten over all of them.
+    """
+    return build_corpus([DatasetJob(spec, list(cases), load, fingerprint)], out, **build_options)
 
 
 def _shard_files(job: DatasetJob, out: Path, resolutions, seed: int):
@@ -831,9 +793,7 @@ def _build(
         summary.written[name] = len(shards)
         summary.skipped[name] = [(c.case_id, r) for c, r in skipped]
         try:
-            sw.consolidate_dataset(
-                out, job.spec, shards, skipped, seed, resolutions, build_key, assign_splits
-            )
+            sw.consolidate_dataset(out, job.spec, shards, skipped, seed, resolutions, build_key)
         except ValueError as err:
             summary.failed_datasets[name] = str(err)
     sw.write_manifest(out)
@@ -855,3 +815,14 @@ def _remove_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+__getattr__ = moved(
+    __name__,
+    {
+        "SPLIT_FRACTIONS": "data_prep.splits:SPLIT_FRACTIONS",
+        "assign_splits": "data_prep.splits:assign_splits",
+        "natural_split": "data_prep.splits:natural_split",
+        "subject_unit": "data_prep.splits:subject_unit",
+    },
+)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.readers.base import Case
+from data_prep.splits import assign_splits, declared_splits
 from megaseg import paths
 from megaseg.data.store import EXAMPLE_COLUMNS, FORMAT_VERSION, SLICE_KINDS, SPLITS
 from megaseg.deprecation import moved
@@ -66,28 +67,6 @@ class BuildRefused(ValueError):
 
     A user error: the message names the path and what to do; the CLI exits 2 on it.
     """
-
-
-def check_dataset_name(name: Any) -> str:
-    """``name`` if it is usable as one folder name under ``datasets/``, else ValueError.
-
-    A plain single path component: no separator, not ``.``/``..``, no leading dot (kept for
-    megaseg's own ``.build``/``.lock``), no control character, at most 255 bytes.
-    """
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or name.startswith(".")
-        or any(c in name for c in "/\\")
-        or any(ord(c) < 32 or ord(c) == 127 for c in name)
-        or len(name.encode()) > 255
-    ):
-        raise ValueError(
-            f"dataset name {name!r} is not a plain folder name (no '/', '\\', leading '.', "
-            "'..' or control characters)"
-        )
-    return name
 
 
 @contextlib.contextmanager
@@ -288,22 +267,6 @@ def dataset_is_current(out: Path, dataset: str, build_key: str) -> bool:
         return False
 
 
-def declared_splits(spec: Any, subjects: Sequence[str]) -> dict[str, str] | None:
-    """The split of each subject as ``spec.split`` declares it (specs/packaged.py): one split
-    for all, or ``(subject, split)`` pairs; None when the spec declares none (the hashed
-    subject split applies). ValueError naming the dataset when a built subject has no split."""
-    split = getattr(spec, "split", None)
-    if not split:
-        return None
-    if isinstance(split, str):
-        return {x: split for x in subjects}
-    declared = dict(split)
-    missing = sorted(set(subjects) - set(declared))
-    if missing:
-        raise ValueError(f"dataset {spec.name!r}: its split names no split for subjects {missing}")
-    return {x: declared[x] for x in subjects}
-
-
 def consolidate_dataset(
     out: Path,
     spec: Any,
@@ -312,7 +275,6 @@ def consolidate_dataset(
     seed: int,
     resolutions: Sequence[int],
     build_key: str,
-    assign_splits: Callable[[list[str], str, int], dict[str, str]],
 ) -> Path:
     """Shards of one dataset -> ``datasets/NAME/`` (arrays, examples, index, card, preview).
 
@@ -587,30 +549,6 @@ def memory_case(
     )
 
 
-def write_dataset(
-    out: str | Path,
-    spec: Any,
-    cases: Sequence[Case],
-    load: Callable[[Case], Any],
-    fingerprint: Callable[[Case], str],
-    **build_options,
-):
-    """Write one dataset from any source into the corpus ``out``, in the same format and through
-    the same pipeline as a public dataset; returns the :class:`~data_prep.pipeline.BuildSummary`.
-
-    The hook for synthetic tasks (``prep synth``): ``cases`` from :func:`memory_case`,
-    ``load(case) -> LoadedCase`` with a ``(C, H, W)`` image and an ``(H, W)`` integer label map
-    (0 = background), ``fingerprint(case)`` a string that changes whenever the arrays would
-    (e.g. generator version + seed), and ``spec`` any object with ``name`` and the provenance
-    fields (``licence``, ``source``...). ``build_options``: ``workers`` (``load`` must then be
-    picklable), ``resolutions``, ``seed``, ``strict``, ``progress``. Other datasets already in
-    ``out`` are kept; the manifest is rewritten over all of them.
-    """
-    from data_prep.pipeline import DatasetJob, build_corpus
-
-    return build_corpus([DatasetJob(spec, list(cases), load, fingerprint)], out, **build_options)
-
-
 def _atomic_write_file(path: Path, write: Callable[[Any], None]) -> None:
     """The old ``store_writer.atomic_write``: ``write`` gets an open binary file."""
 
@@ -624,6 +562,8 @@ def _atomic_write_file(path: Path, write: Callable[[Any], None]) -> None:
 __getattr__ = moved(
     __name__,
     {
+        "check_dataset_name": "data_prep.specs.base:check_dataset_name",
+        "write_dataset": "data_prep.pipeline:write_dataset",
         "atomic_write": ("megaseg.paths:atomic_write", _atomic_write_file),
         "atomic_write_json": "megaseg.paths:atomic_write_json",
         "fsync_dir": "megaseg.paths:fsync_path",

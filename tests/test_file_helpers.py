@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -68,16 +69,24 @@ def test_store_writer_writes_through_the_one_atomic_write(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    ("module", "name", "new"),
+    ("old", "new"),
     [
-        ("megaseg.checkpoint", "atomic_write", paths.atomic_write),
-        ("data_prep.store_writer", "atomic_write_json", paths.atomic_write_json),
-        ("data_prep.store_writer", "fsync_dir", paths.fsync_path),
+        ("megaseg.checkpoint:atomic_write", "megaseg.paths:atomic_write"),
+        ("data_prep.store_writer:atomic_write_json", "megaseg.paths:atomic_write_json"),
+        ("data_prep.store_writer:fsync_dir", "megaseg.paths:fsync_path"),
+        ("data_prep.store_writer:check_dataset_name", "data_prep.specs.base:check_dataset_name"),
+        ("data_prep.store_writer:write_dataset", "data_prep.pipeline:write_dataset"),
+        ("data_prep.pipeline:assign_splits", "data_prep.splits:assign_splits"),
+        ("data_prep.pipeline:subject_unit", "data_prep.splits:subject_unit"),
     ],
 )
-def test_old_import_paths_warn_and_give_the_one_helper(module, name, new):
-    with pytest.warns(DeprecationWarning, match=r"megaseg\.paths"):
-        assert getattr(importlib.import_module(module), name) is new
+def test_old_import_paths_warn_and_give_the_moved_object(old, new):
+    """Names that moved (issue #25) stay one release at their old path, with a warning naming
+    the new home."""
+    (old_module, old_name), (new_module, new_name) = (x.split(":") for x in (old, new))
+    expected = getattr(importlib.import_module(new_module), new_name)
+    with pytest.warns(DeprecationWarning, match=re.escape(f"{new_module}.{new_name}")):
+        assert getattr(importlib.import_module(old_module), old_name) is expected
 
 
 def test_old_store_writer_atomic_write_keeps_its_file_object_convention(tmp_path):

@@ -808,7 +808,7 @@ def test_item_paths_stay_inside_their_package_folder(tmp_path):
 def test_declared_splits_refuse_a_subject_the_spec_does_not_name():
     from types import SimpleNamespace
 
-    from data_prep.store_writer import declared_splits
+    from data_prep.splits import declared_splits
 
     spec = SimpleNamespace(name="D", split=(("A", "train"), ("B", "test")))
     assert declared_splits(spec, ["A", "B"]) == {"A": "train", "B": "test"}

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 from fixtures_data import write_mni_nnunet, write_msd, write_nnunet, write_totalsegmentator
 
-from data_prep.pipeline import (
-    PLANES,
-    assign_splits,
-    natural_split,
-    orient_and_resample,
-    process_case,
-    subject_unit,
-)
+from data_prep.pipeline import PLANES, orient_and_resample, process_case
 from data_prep.readers import Case, CaseError, LoadedCase, get_reader
 from data_prep.specs import DatasetSpec, get_spec, spec_from_path
+from data_prep.splits import assign_splits, natural_split, subject_unit
 from data_prep.store_writer import memory_case
 
 RES = (32, 64)

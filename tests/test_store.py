@@ -11,10 +11,10 @@ import pytest
 from fixtures_data import write_folder2d
 from PIL import Image
 
-from data_prep.pipeline import AXIS_2D, build_corpus, job_from_spec
+from data_prep.pipeline import AXIS_2D, build_corpus, job_from_spec, write_dataset
 from data_prep.readers import LoadedCase
 from data_prep.specs import DatasetSpec, spec_from_path
-from data_prep.store_writer import memory_case, write_dataset
+from data_prep.store_writer import memory_case
 from megaseg.data import Corpus, CorpusError, TaskKey, load_protocol
 from megaseg.preprocess import prepare_image
 

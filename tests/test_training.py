@@ -250,8 +250,9 @@ def _one_split_corpus(root, split: str, name: str = "Solo"):
     ``split``, as a packaged source's (``PackagedSpec.split``)."""
     from test_store import ArrayLoader
 
+    from data_prep.pipeline import write_dataset
     from data_prep.specs.packaged import PackagedSpec
-    from data_prep.store_writer import memory_case, write_dataset
+    from data_prep.store_writer import memory_case
 
     spec = PackagedSpec(name=name, reader="memory", root="", licence="CC0", source="tests",
                         split=split)  # fmt: skip

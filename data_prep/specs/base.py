@@ -11,6 +11,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def check_dataset_name(name: object) -> str:
+    """``name`` if it is usable as one folder name under ``datasets/``, else ValueError.
+
+    A plain single path component: no separator, not ``.``/``..``, no leading dot (kept for
+    megaseg's own ``.build``/``.lock``), no control character, at most 255 bytes.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or len(name.encode()) > 255
+    ):
+        raise ValueError(
+            f"dataset name {name!r} is not a plain folder name (no '/', '\\', leading '.', "
+            "'..' or control characters)"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class FolderLayout:
     """How the ``folder`` / ``folder2d`` reader pairs image and label files under a dataset root.
@@ -104,8 +126,6 @@ class DatasetSpec:
     slices_per_plane: int = 0
 
     def __post_init__(self):
-        from data_prep.store_writer import check_dataset_name
-
         check_dataset_name(self.name)  # it becomes a folder name: refused unless plain
         where = f"spec {self.name!r}"
         for name in ("reader", "group", "licence", "citation", "source", "version", "notes"):

@@ -398,9 +398,10 @@ def folder_source(
     the label's extent (``process_case(extra_slices=...)``): more examples per task than the
     corpus stores, for datasets of few subjects (then it no longer equals the corpus).
     """
-    from data_prep.pipeline import assign_splits, process_case
+    from data_prep.pipeline import process_case
     from data_prep.readers import CaseError, get_reader
     from data_prep.specs.adhoc import spec_from_path
+    from data_prep.splits import assign_splits
 
     if slices_per_plane < 0:
         raise ValueError(f"{path}: slices_per_plane must be >= 0, got {slices_per_plane}")
