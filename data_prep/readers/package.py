@@ -32,9 +32,11 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+
+from data_prep.packages import Package, unpacked_dir
 
 from .base import Case, CaseError, DatasetError, LoadedCase
 from .io import (
@@ -47,9 +49,6 @@ from .io import (
     read_file,
     split_ext,
 )
-
-if TYPE_CHECKING:  # data_prep.fetch imports the readers: no import cycle at run time
-    from data_prep.fetch import Package
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class PackageItem:
         percent); None for a label map.
     drop: label values set to background (artefacts, classes that are not a structure).
     binary: after the drops, every nonzero value is label 1 (``labels`` then names only 1).
-    package: the :class:`data_prep.fetch.Package` whose files these are, for a spec that spans
+    package: the :class:`data_prep.packages.Package` whose files these are, for a spec that spans
         several packages; the paths are then inside that package's folder under the reader's
         root, a folder laid out like the fetch cache (``<kind>/<name>-<version>/``). None: the
         paths are inside the reader's root itself (the spec's one package).
@@ -264,8 +263,6 @@ def _item_folder(root: Path, item: PackageItem) -> Path:
     ``root`` when the item names a package (see :class:`PackageItem`)."""
     if item.package is None:
         return root
-    from data_prep.fetch import unpacked_dir
-
     return unpacked_dir(item.package, root)
 
 

