@@ -207,13 +207,15 @@ def model_spec(card: dict | None, path: str | os.PathLike) -> tuple[str, dict[st
 def build_model(
     name: str, kwargs: Mapping[str, Any], path: str | os.PathLike, device: str = "cpu"
 ) -> nn.Module:
-    """``create_model(name, **kwargs)`` on ``device`` ("meta": shapes only, no memory), with any
-    failure turned into a :class:`CheckpointError` naming the card."""
-    from megaseg.models import create_model
+    """The registered model ``name`` built with ``kwargs`` on ``device`` ("meta": shapes only,
+    no memory), without weights, with any failure turned into a :class:`CheckpointError`
+    naming the card. Looks the builder up in the registry (a leaf), not through
+    ``create_model``, whose weight loading comes back here."""
+    from megaseg.models.registry import model_builder
 
     try:
         with torch.device(device):
-            return create_model(name, **kwargs)
+            return model_builder(name)(**kwargs)
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as e:
         raise CheckpointError(
             f"{card_path(path)}: cannot build model {name!r} with kwargs {json.dumps(kwargs)}: {plain_detail(e)}"

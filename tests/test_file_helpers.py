@@ -78,6 +78,7 @@ def test_store_writer_writes_through_the_one_atomic_write(tmp_path, monkeypatch)
         ("data_prep.store_writer:write_dataset", "data_prep.pipeline:write_dataset"),
         ("data_prep.pipeline:assign_splits", "data_prep.splits:assign_splits"),
         ("data_prep.pipeline:subject_unit", "data_prep.splits:subject_unit"),
+        ("megaseg.models.registry:create_model", "megaseg.models.factory:create_model"),
     ],
 )
 def test_old_import_paths_warn_and_give_the_moved_object(old, new):

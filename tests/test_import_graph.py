@@ -5,17 +5,17 @@ The graph is read from the source with ``ast`` (nothing is imported): every ``im
 ``if TYPE_CHECKING:`` blocks alike (a function-level import is a lazy edge, not a missing one),
 relative imports resolved against the importing module, ``from pkg import name`` counted as an
 edge to ``pkg.name`` where that is a module, and ``importlib.import_module("literal")`` counted
-too. One narrow exception: the body of a module-level ``__getattr__`` that raises a
-``DeprecationWarning`` is a one-release alias for an old import path, run only when a user
-touches the old name, and is left out.
+too. An import of ``a.b.c`` is an edge to ``a.b.c`` alone, not to the packages ``a`` and
+``a.b`` whose ``__init__`` runs first (a package that re-exports its modules would otherwise
+put every module that imports a sibling in a loop). One narrow exception: the body of a
+module-level ``__getattr__`` that raises a ``DeprecationWarning`` is a one-release alias for
+an old import path, run only when a user touches the old name, and is left out.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("megaseg", "data_prep")
@@ -170,11 +170,27 @@ def test_finder_names_a_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the data_prep and models circles of issue #25 are being broken"
-)
+def test_model_registry_is_a_leaf_and_the_store_writer_calls_nothing_above_it():
+    graph = import_graph()
+    assert graph["megaseg.models.registry"] <= {"megaseg.deprecation"}
+    assert "megaseg.models.factory" not in graph["megaseg.checkpoint"]
+    assert "data_prep.pipeline" not in graph["data_prep.store_writer"]
+    assert "data_prep.fetch" not in graph["data_prep.readers.package"]
+
+
+def _command_still_in_fetch() -> bool:
+    """``data_prep/fetch.py`` still defines ``main`` (``megaseg prep fetch``)."""
+    tree = ast.parse((ROOT / "data_prep" / "fetch.py").read_text(encoding="utf-8"))
+    return any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+
+
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
+    if _command_still_in_fetch():
+        # The command `megaseg prep fetch` (fetch.main) lists the packaged specs, which fetch
+        # their packages: a command inside a library module. Issue #25 part B moves it into
+        # megaseg/cli/; this loop is let pass only while main is still in fetch.py.
+        cycles.remove(["data_prep.fetch", "data_prep.specs.packaged", "data_prep.fetch"])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 

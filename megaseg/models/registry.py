@@ -1,4 +1,9 @@
-"""Model registry and factory: ``create_model("universeg_v1", pretrained=False)``."""
+"""The model registry, a leaf: model names -> builders, and the weights megaseg ships.
+
+Builders register with ``@register_model`` (``universeg.py``); :func:`model_builder` looks one
+up. Building a model with its weights is the factory's job (``factory.create_model``), and
+loading weights is ``megaseg.checkpoint``'s: this module imports neither.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
+
+from megaseg.deprecation import moved
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -94,29 +101,4 @@ def pretrained_path(name: str, tag: str | bool = True) -> Path:
     return checkpoints_dir() / tags[key]
 
 
-def create_model(
-    name: str, pretrained: bool | str = False, *, accept_license: bool = False, **kwargs
-) -> nn.Module:
-    """Build a registered model, optionally with weights.
-
-    ``pretrained``: False (random init), True or a tag (weights megaseg ships, see
-    :func:`pretrained_path`), or ``"official"`` for ``universeg_v1``: the weights released by
-    the UniverSeg authors, downloaded once to a cache (:mod:`megaseg.hub`); their licence is
-    research-only, so they load only with ``accept_license=True``.
-
-    Raises:
-        ValueError: unknown model or tag; megaseg.checkpoint.CheckpointError (a ValueError)
-            for weights that do not fit or hold NaN/inf.
-    """
-    if pretrained == "official":
-        from megaseg.hub import load_official
-
-        return load_official(name, accept_license=accept_license, **kwargs)
-    if accept_license:
-        raise ValueError("accept_license: only used with pretrained='official'")
-    if not pretrained:
-        return model_builder(name)(**kwargs)
-    from megaseg.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(pretrained_path(name, pretrained), model_builder(name)(**kwargs))
-    return model
+__getattr__ = moved(__name__, {"create_model": "megaseg.models.factory:create_model"})
