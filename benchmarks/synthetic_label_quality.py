@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_name, emit  # noqa: E402
 
-from megaseg.data import generators  # noqa: E402
+from data_prep.label_maps import make_tasks  # noqa: E402
+from megaseg.data.synthetic.versions import make_config  # noqa: E402
 
 MIN_COMPONENTS, MAX_MEAN_SIZE = 8, 6.0
 
@@ -37,8 +38,8 @@ def fragmented(mask: np.ndarray) -> bool:
 
 
 def measure(num_tasks: int, size: int, subjects: int = 4) -> dict[str, list[bool]]:
-    config = generators.make_config(2, None, size=size)
-    gen = generators.make_tasks(2, num_tasks, 0, config, "mni152")
+    config = make_config(2, None, size=size)
+    gen = make_tasks(2, num_tasks, 0, config, "mni152")
     out: dict[str, list[bool]] = defaultdict(list)
     for t in range(num_tasks):
         kind = gen._params(t).kind

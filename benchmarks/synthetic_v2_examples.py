@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megaseg.data.synthetic_v2 import SyntheticTasksV2, mni152_label_maps, preview_png
+from megaseg.data.synthetic.v2 import SyntheticTasksV2, mni152_label_maps, preview_png
 
 
 def main(argv=None) -> None:

@@ -38,13 +38,12 @@ def _small_maps(size: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A synthetic v2 store (2 tasks x 8 subjects at 32 px) written by ``prep synth``'s code."""
-    from data_prep import card
+    from data_prep import card, label_maps
     from data_prep.synth import write_synthetic
-    from megaseg.data import generators
 
     root = tmp_path_factory.mktemp("synth") / "store"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generators, "label_maps", lambda name, size: _small_maps(size))
+        mp.setattr(label_maps, "label_maps", lambda name, size: _small_maps(size))
         mp.setattr(card, "write_preview", lambda *a, **k: None)  # a PNG: 4 of the 4.5 s
         summary = write_synthetic(
             root, TASKS, SUBJECTS, resolutions=(R,), generator_version=2, progress=False
@@ -54,10 +53,10 @@ def store(tmp_path_factory):
 
 
 def _generator():
-    from megaseg.data import generators
+    from megaseg.data.synthetic.v2 import SyntheticTasksV2
+    from megaseg.data.synthetic.versions import make_config
 
-    config = generators.make_config(2, {"num_subjects": SUBJECTS}, size=R)
-    from megaseg.data.synthetic_v2 import SyntheticTasksV2
+    config = make_config(2, {"num_subjects": SUBJECTS}, size=R)
 
     return SyntheticTasksV2(TASKS, 0, config, label_maps=_small_maps(R))
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from megaseg.data import synthetic, synthetic_v2
-from megaseg.data.synthetic_v2 import (
+from megaseg.data import synthetic
+from megaseg.data.synthetic import v2 as synthetic_v2
+from megaseg.data.synthetic.v2 import (
     GENERATOR_VERSION,
     SyntheticTasksV2,
     SyntheticV2Config,
@@ -229,7 +230,7 @@ def test_generator_v2_output_is_pinned(tasks, task):
 
 
 def test_label_maps_name_accepts_the_known_sets_only():
-    from megaseg.data.generators import LABEL_MAPS, label_maps_name
+    from megaseg.data.synthetic.versions import LABEL_MAPS, label_maps_name
 
     assert label_maps_name(True) == "mni152"
     assert label_maps_name(False) is None and label_maps_name(None) is None
@@ -260,12 +261,12 @@ def _fake_packaged_maps(monkeypatch, size: int = 32) -> tuple[torch.Tensor, list
 
 def test_make_tasks_with_mni152_and_spm12_maps(monkeypatch):
     pytest.importorskip("nilearn")
-    from megaseg.data import generators
+    from data_prep import label_maps as sets
 
     extra, asked = _fake_packaged_maps(monkeypatch)
     config = SyntheticV2Config(size=32, num_subjects=4)
-    mni = generators.make_tasks(2, 3, 0, config, real_maps="mni152")
-    both = generators.make_tasks(2, 3, 0, config, real_maps="mni152+spm12")
+    mni = sets.make_tasks(2, 3, 0, config, real_maps="mni152")
+    both = sets.make_tasks(2, 3, 0, config, real_maps="mni152+spm12")
     assert asked == [32]  # the packaged maps at the generator's size, only when asked for
     n = mni.label_maps.shape[0]
     assert n == synthetic_v2.mni152_label_maps(32).shape[0]
@@ -273,17 +274,17 @@ def test_make_tasks_with_mni152_and_spm12_maps(monkeypatch):
     assert torch.equal(both.label_maps[:n], mni.label_maps)
     assert torch.equal(both.label_maps[n:], (extra > 0).to(both.label_maps.dtype))  # 3 -> 1
     assert both.fingerprint() != mni.fingerprint()
-    assert generators.make_tasks(2, 3, 0, config, real_maps=True).fingerprint() == mni.fingerprint()
-    assert generators.make_tasks(2, 3, 0, config, real_maps=False).label_maps is None
+    assert sets.make_tasks(2, 3, 0, config, real_maps=True).fingerprint() == mni.fingerprint()
+    assert sets.make_tasks(2, 3, 0, config, real_maps=False).label_maps is None
     with pytest.raises(ValueError, match="real label maps must be"):
-        generators.make_tasks(2, 3, 0, config, real_maps="spm12")
-    assert torch.equal(generators.label_maps("mni152+spm12", 32)[n:], extra)
+        sets.make_tasks(2, 3, 0, config, real_maps="spm12")
+    assert torch.equal(sets.label_maps("mni152+spm12", 32)[n:], extra)
 
 
 def test_label_maps_folder_saves_and_reads_the_maps(monkeypatch, tmp_path):
     """$MEGASEG_LABEL_MAPS: the first call builds and saves the maps, later calls read them
     (no source needed), and a file of the wrong shape is refused with its path."""
-    from megaseg.data import generators
+    from data_prep import label_maps as sets
 
     built = []
 
@@ -292,34 +293,34 @@ def test_label_maps_folder_saves_and_reads_the_maps(monkeypatch, tmp_path):
         return torch.arange(3 * size * size).reshape(3, size, size).remainder(5).byte()
 
     monkeypatch.setattr(synthetic_v2, "mni152_label_maps", fake)
-    monkeypatch.delenv(generators.LABEL_MAPS_DIR, raising=False)
-    direct = generators.label_maps("mni152", 16)
+    monkeypatch.delenv(sets.LABEL_MAPS_DIR, raising=False)
+    direct = sets.label_maps("mni152", 16)
     assert built == [16] and not list(tmp_path.iterdir())  # unset: nothing saved
 
-    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(tmp_path))
-    first = generators.label_maps("mni152", 16)
+    monkeypatch.setenv(sets.LABEL_MAPS_DIR, str(tmp_path))
+    first = sets.label_maps("mni152", 16)
     saved = tmp_path / "mni152_16.npy"
     assert saved.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["mni152_16.npy"]
-    again = generators.label_maps(True, 16)  # True names "mni152"
+    again = sets.label_maps(True, 16)  # True names "mni152"
     assert built == [16, 16]  # read, not rebuilt
     assert torch.equal(first, direct) and torch.equal(again, direct) and again.dtype == torch.uint8
 
     np.save(saved, np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="mni152_16.npy"):
-        generators.label_maps("mni152", 16)
+        sets.label_maps("mni152", 16)
     saved.write_bytes(b"not an array")
     with pytest.raises(ValueError, match=r"mni152_16\.npy .*not a readable \.npy file"):
-        generators.label_maps("mni152", 16)
+        sets.label_maps("mni152", 16)
     assert saved.read_bytes() == b"not an array"  # the user's file is left as it is
 
 
 def test_label_maps_folder_refuses_a_huge_header_and_paths_of_the_wrong_kind(monkeypatch, tmp_path):
     """A header declaring 2**40 maps over a 200-byte file, a folder where the .npy should be,
     a file where the folder should be: each a ValueError naming the path, nothing allocated."""
-    from megaseg.data import generators
+    from data_prep import label_maps as sets
 
     monkeypatch.setattr(synthetic_v2, "mni152_label_maps", lambda size: pytest.fail("built"))
-    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(tmp_path))
+    monkeypatch.setenv(sets.LABEL_MAPS_DIR, str(tmp_path))
     forged = tmp_path / "mni152_16.npy"
     with forged.open("wb") as f:
         np.lib.format.write_array_header_2_0(
@@ -327,13 +328,50 @@ def test_label_maps_folder_refuses_a_huge_header_and_paths_of_the_wrong_kind(mon
         )
         f.write(bytes(200))
     with pytest.raises(ValueError, match=r"mni152_16\.npy .*not a readable \.npy file"):
-        generators.label_maps("mni152", 16)
+        sets.label_maps("mni152", 16)
     forged.unlink()
     forged.mkdir()
     with pytest.raises(ValueError, match=r"mni152_16\.npy .*exists but is not a \.npy file"):
-        generators.label_maps("mni152", 16)
+        sets.label_maps("mni152", 16)
     not_a_folder = tmp_path / "maps.txt"
     not_a_folder.write_text("x")
-    monkeypatch.setenv(generators.LABEL_MAPS_DIR, str(not_a_folder))
+    monkeypatch.setenv(sets.LABEL_MAPS_DIR, str(not_a_folder))
     with pytest.raises(ValueError, match=r"maps\.txt .*exists but is not a folder"):
-        generators.label_maps("mni152", 16)
+        sets.label_maps("mni152", 16)
+
+
+# ------------------------------------------------------------------ one synthetic package (#25)
+
+
+def test_old_generator_paths_warn_and_serve_the_package():
+    from megaseg.data.synthetic import versions
+
+    with pytest.warns(DeprecationWarning, match=r"megaseg\.data\.synthetic\.v2\.SyntheticTasksV2"):
+        from megaseg.data.synthetic_v2 import SyntheticTasksV2 as old
+    assert old is SyntheticTasksV2
+    with pytest.warns(DeprecationWarning, match=r"megaseg\.data\.synthetic\.versions\.make_config"):
+        from megaseg.data.generators import make_config
+    assert make_config is versions.make_config
+    with pytest.warns(DeprecationWarning, match=r"data_prep\.label_maps\.make_tasks"):
+        from megaseg.data.generators import make_tasks  # the old convention: maps by name
+    tasks = make_tasks(2, 2, 0, SyntheticV2Config(size=32, num_subjects=2), real_maps=False)
+    assert isinstance(tasks, SyntheticTasksV2) and tasks.label_maps is None
+    with pytest.warns(DeprecationWarning, match=r"megaseg\.data\.synthetic\.base\.hash_seed"):
+        assert synthetic._hash_seed(1, "a") == synthetic.base.hash_seed(1, "a")
+
+
+def test_version_switch_takes_maps_as_a_tensor_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    from megaseg.data.synthetic import versions
+
+    maps = _toy_maps(32)
+    config = SyntheticV2Config(size=32, num_subjects=2)
+    gen = versions.make_tasks(2, 2, 0, config, label_maps=maps)
+    assert torch.equal(gen.label_maps, maps)
+    with pytest.raises(ValueError, match="v1 takes no label maps"):
+        versions.make_tasks(1, 2, 0, versions.make_config(1), label_maps=maps)
+    code = "import sys, megaseg.data.synthetic.versions; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -15,7 +15,7 @@ fetch does not even unpack it), the stardist sample and any AAL atlas.
 
 :func:`packaged_label_maps` gives label maps without a matching image (SPM12's tissue
 probability maps and Neuromorphometrics labels) for label-to-image generation by
-:class:`megaseg.data.synthetic_v2.SyntheticTasksV2` (``label_maps=``). See
+:class:`megaseg.data.synthetic.v2.SyntheticTasksV2` (``label_maps=``). See
 ``docs/results/packaged-data.md`` for what each source holds.
 """
 
@@ -760,7 +760,7 @@ def packaged_label_maps(size: int = 128, step: int = 6, max_labels: int = 23, fo
     TPM: argmax of the 6 classes, 1-5 = :data:`SPM12_TISSUES`, air = 0. Neuromorphometrics:
     136 structures; v2 takes at most 23 labels per map, so each slice keeps its ``max_labels``
     largest structures (the rest become 0). Slices every ``step`` voxels along the three axes
-    where the brain covers >= 30% of its extent, as :func:`~megaseg.data.synthetic_v2.
+    where the brain covers >= 30% of its extent, as :func:`~megaseg.data.synthetic.v2.
     mni152_label_maps` does. ``folder``: an unpacked spm-runtime (default: fetch it).
     """
     import nibabel as nib
@@ -782,7 +782,7 @@ def _slices(volume, size: int, step: int, max_labels: int | None):
     import numpy as np
     import torch
 
-    from megaseg.data.synthetic_v2 import square_label_slice
+    from megaseg.data.synthetic.v2 import square_label_slice
     from megaseg.examples import brain_extent
 
     out = []

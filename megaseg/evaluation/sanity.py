@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaseg.data.synthetic import _hash_seed, _smooth_field
+from megaseg.data.synthetic.base import hash_seed, smooth_field
 from megaseg.metrics import mask_dice
 
 SIZE = 128
@@ -86,12 +86,12 @@ def _disc(x: Tensor, y: Tensor, cx: float, cy: float, r: float, wobble=None) -> 
 
 def _example(name: str, index: int, size: int) -> tuple[Tensor, Tensor]:
     """Image ``(size, size)`` and label ``(size, size)`` bool of example ``index``."""
-    gen = torch.Generator().manual_seed(_hash_seed("sanity", name, index))
+    gen = torch.Generator().manual_seed(hash_seed("sanity", name, index))
     u = torch.rand(32, generator=gen)  # fixed order of draws, whatever the task uses
     texture = torch.randn(1, 8, 8, generator=gen)
     noise = torch.randn(size, size, generator=gen)
     x, y = _coords(size)
-    image = 0.35 + 0.08 * _smooth_field(texture, size)[0]
+    image = 0.35 + 0.08 * smooth_field(texture, size)[0]
     bright, dark = 0.85, 0.05
     if name in ("bright_disc", "dark_disc"):
         label = _disc(x, y, 0.3 * (2 * u[0] - 1), 0.3 * (2 * u[1] - 1), 0.25 + 0.1 * u[2])

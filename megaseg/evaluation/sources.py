@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from megaseg.data import generators
-from megaseg.data.generators import SYNTHETIC_VERSIONS
+from megaseg.data.synthetic import versions
+from megaseg.data.synthetic.versions import SYNTHETIC_VERSIONS
 from megaseg.preprocess import resize
 
 SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
@@ -217,7 +217,7 @@ class SyntheticSource:
     70/15/15 split). ``config.size`` is ignored: examples are generated at the resolution asked.
 
     ``version``: the generator, 1 (:mod:`megaseg.data.synthetic`, ``config`` a
-    ``SyntheticConfig``) or 2 (:mod:`megaseg.data.synthetic_v2`, a ``SyntheticV2Config``, with
+    ``SyntheticConfig``) or 2 (:mod:`megaseg.data.synthetic.v2`, a ``SyntheticV2Config``, with
     the MNI152 label maps for its label-to-image tasks unless ``real_maps=False``). The two
     versions hash different task seeds from the same held-out range: different tasks.
     """
@@ -238,14 +238,14 @@ class SyntheticSource:
             raise ValueError(
                 f"need num_tasks >= 1 and labels_per_task >= 1, got {num_tasks}, {labels_per_task}"
             )
-        generators.check_version(version)
+        versions.check_version(version)
         self.num_tasks = num_tasks
         self.labels_per_task = labels_per_task
         self.version = version
-        self.real_maps = generators.label_maps_name(real_maps)
+        self.real_maps = versions.label_maps_name(real_maps)
         self.seed_offset = HELDOUT_SEED_OFFSET
         self._generators: dict[int, Any] = {}
-        self.config = config or generators.make_config(version)
+        self.config = config or versions.make_config(version)
         self._tasks: dict[str, tuple[int, int]] = {}
         gen = self._generator(self.config.size)
         for t in range(num_tasks):
@@ -267,9 +267,9 @@ class SyntheticSource:
         gen = self._generators.get(resolution)
         if gen is None:
             config = dataclasses.replace(self.config, size=resolution)
-            gen = generators.make_tasks(
-                self.version, self.num_tasks, self.seed_offset, config, self.real_maps
-            )
+            from data_prep.label_maps import make_tasks  # builds the named label maps (v2)
+
+            gen = make_tasks(self.version, self.num_tasks, self.seed_offset, config, self.real_maps)
             self._generators[resolution] = gen
         return gen
 
@@ -288,7 +288,7 @@ class SyntheticSource:
     def describe(self) -> dict:
         import dataclasses
 
-        from megaseg.data.synthetic import GENERATOR_VERSION
+        from megaseg.data.synthetic.v1 import GENERATOR_VERSION
 
         config = dataclasses.asdict(self.config)
         config.pop("size")
@@ -500,13 +500,13 @@ def sources_from_record(
                     f"draws: synthetic generator version {version!r} is unknown to this megaseg "
                     f"(it has {SYNTHETIC_VERSIONS})"
                 )
-            fields = generators.config_fields(version)
+            fields = versions.config_fields(version)
             config = {k: v for k, v in rec.get("config", {}).items() if k in fields}
             out.append(
                 SyntheticSource(
                     hi - lo,
                     rec.get("labels_per_task", 1),
-                    generators.make_config(version, config),
+                    versions.make_config(version, config),
                     version,
                     real_maps=rec.get("label_maps", "mni152"),
                 )

@@ -8,7 +8,7 @@ datasets; synthetic tasks from a seed range used neither for training nor for he
 evaluation), each batch with a foreign support set for the support-swap metric.
 
 Synthetic tasks come from generator v1 (:mod:`megaseg.data.synthetic`, the default) or v2
-(:mod:`megaseg.data.synthetic_v2`, ``synthetic_version: 2``: objects on backgrounds, per-subject
+(:mod:`megaseg.data.synthetic.v2`, ``synthetic_version: 2``: objects on backgrounds, per-subject
 geometry, label-to-image on the MNI152 label maps); the same seed ranges either way. Training
 can read them from a store written once by ``megaseg prep synth`` (``synthetic_store``) instead
 of generating them per episode: then the loader's work per episode is a few array reads, and
@@ -29,9 +29,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from megaseg.data import generators
 from megaseg.data.store import Corpus, load_protocol
-from megaseg.data.synthetic import HELDOUT_SEED_OFFSET
+from megaseg.data.synthetic import HELDOUT_SEED_OFFSET, versions
 from megaseg.data.tasks import (
     TEST_STREAM,
     TRAIN_STREAM,
@@ -95,12 +94,12 @@ class EpisodeDataModule(pl.LightningDataModule):
             be 1 without corpora.
         synthetic_tasks: number of synthetic training tasks (seeds ``[0, synthetic_tasks)``).
         synthetic_version: synthetic task generator, 1 (:mod:`megaseg.data.synthetic`) or 2
-            (:mod:`megaseg.data.synthetic_v2`).
+            (:mod:`megaseg.data.synthetic.v2`).
         synthetic_config: overrides of :class:`~megaseg.data.synthetic.SyntheticConfig`, or of
-            :class:`~megaseg.data.synthetic_v2.SyntheticV2Config` for version 2 (``size`` is
+            :class:`~megaseg.data.synthetic.v2.SyntheticV2Config` for version 2 (``size`` is
             always ``resolution``).
         synthetic_real_maps: version 2 only: the real label maps of its label-to-image ("real")
-            tasks: true or "mni152" (:func:`~megaseg.data.synthetic_v2.mni152_label_maps`),
+            tasks: true or "mni152" (:func:`~megaseg.data.synthetic.v2.mni152_label_maps`),
             "mni152+spm12" (also SPM12's tissue maps and Neuromorphometrics labels, fetched
             from the spm-runtime wheel on first use), false: no such tasks.
         resolution: image side R; corpora must store it.
@@ -184,13 +183,13 @@ class EpisodeDataModule(pl.LightningDataModule):
         self._check_not_held_out()
         self.synthetic_ratio = synthetic_ratio
         self.synthetic_tasks = synthetic_tasks
-        self.synthetic_version = generators.check_version(synthetic_version, "synthetic_version")
-        self.synthetic_real_maps = generators.label_maps_name(synthetic_real_maps)
+        self.synthetic_version = versions.check_version(synthetic_version, "synthetic_version")
+        self.synthetic_real_maps = versions.label_maps_name(synthetic_real_maps)
         self.support_size_log = support_size_log
         if not 0.0 <= cross_subject <= 1.0:
             raise ValueError(f"cross_subject must be in [0, 1], got {cross_subject}")
         self.cross_subject = cross_subject
-        self.synthetic_config = generators.make_config(
+        self.synthetic_config = versions.make_config(
             synthetic_version, synthetic_config, size=resolution
         )
         self.resolution = resolution
@@ -322,7 +321,9 @@ class EpisodeDataModule(pl.LightningDataModule):
     def synthetic_generator(self, seed_offset: int = 0):
         """The synthetic tasks ``[seed_offset, seed_offset + synthetic_tasks)`` of this module's
         generator version and config (train: 0)."""
-        return generators.make_tasks(
+        from data_prep.label_maps import make_tasks  # builds the named label maps (v2)
+
+        return make_tasks(
             self.synthetic_version,
             self.synthetic_tasks,
             seed_offset,
@@ -454,7 +455,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                 })  # fmt: skip
         synthetic = None
         if self.synthetic_ratio > 0:
-            from megaseg.data.synthetic import GENERATOR_VERSION
+            from megaseg.data.synthetic.v1 import GENERATOR_VERSION
 
             synthetic = {
                 "generator_version": GENERATOR_VERSION,

@@ -27,7 +27,7 @@ the same anatomy (only the pixel noise differs).
 Seed ranges (global task id = ``seed_offset + task``):
 
 - training: ``seed_offset=0``, tasks ``[0, num_tasks)`` (the reference recipe uses 1,000);
-- held-out evaluation: ``seed_offset=HELDOUT_SEED_OFFSET`` (10**6), tasks ``[0, n)``.
+- held-out evaluation: ``seed_offset=HELDOUT_SEED_OFFSET`` (10**6, :mod:`.base`), tasks ``[0, n)``.
 
 The two never overlap as long as training uses fewer than 10**6 tasks; the constructor refuses a
 range that would straddle :data:`HELDOUT_SEED_OFFSET`. Change :data:`GENERATOR_VERSION` whenever a
@@ -36,7 +36,6 @@ change to this file alters the output for a given seed, so stored corpora stay t
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,8 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megaseg.data.synthetic.base import (
+    TaskRange,
+    gaussian_blur,
+    hash_seed,
+    smooth_field,
+    uniform,
+)
+
 GENERATOR_VERSION = 1
-HELDOUT_SEED_OFFSET = 10**6
 
 # Size at which label areas are measured when growing small labels, so that a task's anatomy
 # does not depend on the requested output size.
@@ -107,7 +113,7 @@ class _Anatomy:
         """Perlin-like noise plus offsets: ``(L, size, size)``."""
         out = self.offsets[:, None, None].expand(-1, size, size).clone()
         for grid, amp in zip(self.grids, self.amplitudes, strict=True):
-            out += amp * _smooth_field(grid, size)
+            out += amp * smooth_field(grid, size)
         return out
 
 
@@ -126,48 +132,20 @@ class _TaskParams:
     noise_std: float
 
 
-def _hash_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple, stable across processes and Python versions (unlike hash())."""
-    text = ":".join(str(p) for p in ("megaseg-synthetic", *parts))
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * torch.rand((), generator=gen).item()
-
-
-@lru_cache(maxsize=256)
-def _interp_matrix(points: int, size: int) -> Tensor:
-    """``(size, points)`` matrix of 1D bicubic, corner-aligned interpolation (PyTorch's kernel):
-    ``U @ grid @ U.T`` upsamples a ``(points, points)`` grid, as a few small matmuls."""
-    eye = torch.eye(points, dtype=torch.float64).view(points, 1, points, 1)
-    out = F.interpolate(eye, size=(size, 1), mode="bicubic", align_corners=True)
-    return out[:, 0, :, 0].T.float().contiguous()
-
-
-def _smooth_field(grid: Tensor, size: int) -> Tensor:
-    """Coarse control points ``(..., g, g)`` -> smooth field ``(..., size, size)``.
-
-    Corner-aligned bicubic, so the same control points give the same field at every size.
-    """
-    u = _interp_matrix(grid.shape[-1], size).to(grid.device)
-    return u @ grid @ u.T
-
-
 def _num_labels(seed: int, config: SyntheticConfig) -> int:
     """Drawn on its own so that listing the tasks' label counts does not build any anatomy."""
-    gen = torch.Generator().manual_seed(_hash_seed(seed, "num_labels"))
+    gen = torch.Generator().manual_seed(hash_seed(seed, "num_labels"))
     return int(torch.randint(config.min_labels, config.max_labels + 1, (), generator=gen))
 
 
 @lru_cache(maxsize=16)  # ~0.1 MB each; only needed to build base maps
-def _anatomy(seed: int, config: SyntheticConfig) -> _Anatomy:
+def task_anatomy(seed: int, config: SyntheticConfig) -> _Anatomy:
+    """The Perlin-like anatomy of task ``seed`` (v2's ``anatomy`` kind draws it too)."""
     num = _num_labels(seed, config)
-    gen = torch.Generator().manual_seed(_hash_seed(seed, "anatomy"))
+    gen = torch.Generator().manual_seed(hash_seed(seed, "anatomy"))
     for _ in range(_MAX_TASK_DRAWS):
         g0 = int(torch.randint(config.scale_range[0], config.scale_range[1] + 1, (), generator=gen))
-        persistence = _uniform(gen, *config.persistence_range)
+        persistence = uniform(gen, *config.persistence_range)
         grids = tuple(
             torch.randn(num, g0 * 2**k + 1, g0 * 2**k + 1, generator=gen)
             for k in range(config.octaves)
@@ -175,7 +153,7 @@ def _anatomy(seed: int, config: SyntheticConfig) -> _Anatomy:
         amps = tuple(persistence**k for k in range(config.octaves))
         norm = math.sqrt(sum(a * a for a in amps))
         amps = tuple(a / norm for a in amps)
-        offsets = _uniform(gen, *config.label_size_spread) * torch.randn(num, generator=gen)
+        offsets = uniform(gen, *config.label_size_spread) * torch.randn(num, generator=gen)
         anatomy = _grow_small_labels(
             _Anatomy(grids, amps, offsets), config.min_label_fraction, config.label_margin
         )
@@ -210,119 +188,24 @@ def _grow_small_labels(anatomy: _Anatomy, min_fraction: float, margin: float) ->
 @lru_cache(maxsize=65536)
 def _task_params(seed: int, config: SyntheticConfig) -> _TaskParams:
     num = _num_labels(seed, config)
-    gen = torch.Generator().manual_seed(_hash_seed(seed, "appearance"))
+    gen = torch.Generator().manual_seed(hash_seed(seed, "appearance"))
     return _TaskParams(
         seed=seed,
         num_labels=num,
         means=torch.rand(config.max_labels, generator=gen)[:num].clone(),
-        warp_strength=_uniform(gen, *config.warp_strength_range),
-        intensity_jitter=_uniform(gen, *config.intensity_jitter_range),
-        texture=_uniform(gen, *config.texture_range),
-        bias_strength=_uniform(gen, *config.bias_strength_range),
-        blur_sigma=_uniform(gen, *config.blur_sigma_range),
-        noise_std=_uniform(gen, *config.noise_std_range),
+        warp_strength=uniform(gen, *config.warp_strength_range),
+        intensity_jitter=uniform(gen, *config.intensity_jitter_range),
+        texture=uniform(gen, *config.texture_range),
+        bias_strength=uniform(gen, *config.bias_strength_range),
+        blur_sigma=uniform(gen, *config.blur_sigma_range),
+        noise_std=uniform(gen, *config.noise_std_range),
     )
 
 
 @lru_cache(maxsize=1024)  # 16 KB each at 128 px
 def _base_map(seed: int, config: SyntheticConfig, size: int) -> Tensor:
     """Base label map of a task: ``(size, size)`` uint8 label ids."""
-    return _anatomy(seed, config).logits(size).argmax(0).to(torch.uint8)
-
-
-@lru_cache(maxsize=256)
-def _blur_matrix(size: int, sigma: float) -> Tensor:
-    """``(size, size)`` matrix of a 1D Gaussian blur with reflected borders (as ``F.pad``
-    "reflect"): ``B @ x @ B.T`` blurs ``x (..., size, size)``. A dense matmul is ~10x faster
-    than a 1-channel ``conv2d`` on the CPU at 128 px, and fine on a GPU."""
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1)
-    weights = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
-    weights = weights / weights.sum()
-    rows = torch.arange(size)[:, None].expand(-1, len(offsets))
-    period = 2 * (size - 1)
-    cols = (rows + offsets).remainder(period)
-    cols = torch.where(cols >= size, period - cols, cols)
-    mat = torch.zeros(size, size, dtype=torch.float64)
-    mat.index_put_((rows, cols), weights.expand(size, -1), accumulate=True)
-    return mat.float()
-
-
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of ``x (..., H, H)`` with reflected borders; ``sigma`` in pixels, tiny: none."""
-    if sigma < 0.1:
-        return x
-    b = _blur_matrix(x.shape[-1], round(sigma, 4)).to(x.device)
-    return b @ x @ b.T
-
-
-class TaskRange:
-    """Task ids, seeds and the example API that every generator version shares.
-
-    A subclass sets ``version`` (hashed into every task seed, so versions never share tasks),
-    ``label_offset`` (the label-map value of label 0) and implements ``num_labels(task)``,
-    ``_params(task)`` and ``subjects(task, indices, device)``.
-    """
-
-    version: int
-    label_offset: int = 0
-
-    def _set_range(self, num_tasks: int, seed_offset: int) -> None:
-        if num_tasks < 1 or seed_offset < 0:
-            raise ValueError(
-                f"need num_tasks >= 1 and seed_offset >= 0, got {num_tasks}, {seed_offset}"
-            )
-        if seed_offset < HELDOUT_SEED_OFFSET < seed_offset + num_tasks:
-            raise ValueError(
-                f"tasks [{seed_offset}, {seed_offset + num_tasks}) straddle HELDOUT_SEED_OFFSET="
-                f"{HELDOUT_SEED_OFFSET}: training and held-out tasks would overlap"
-            )
-        self.num_tasks = num_tasks
-        self.seed_offset = seed_offset
-
-    def __len__(self) -> int:
-        return self.num_tasks
-
-    # -- seeds ------------------------------------------------------------------------------
-
-    def task_seed(self, task: int) -> int:
-        """Seed of task ``task``: a hash of (version, seed_offset + task)."""
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} out of range [0, {self.num_tasks})")
-        return _hash_seed(self.version, self.seed_offset + task)
-
-    def subject_seed(self, task: int, index: int) -> int:
-        """Seed of subject ``index`` of task ``task``: a hash of (task seed, index)."""
-        self._check_index(index)
-        return _hash_seed(self.task_seed(task), int(index))
-
-    def _check_index(self, index: int) -> None:
-        if not 0 <= index < self.config.num_subjects:
-            raise IndexError(f"subject {index} out of range [0, {self.config.num_subjects})")
-
-    # -- examples ---------------------------------------------------------------------------
-
-    def subject(self, task: int, index: int, device=None) -> tuple[Tensor, Tensor]:
-        """Image ``(1, H, W)`` float32 in [0, 1] and label map ``(H, W)`` int64."""
-        images, labels = self.subjects(task, [index], device)
-        return images[0], labels[0]
-
-    def example(self, task: int, label: int, index: int, device=None) -> tuple[Tensor, Tensor]:
-        """Image ``(1, H, W)`` and binary label ``(1, H, W)`` float32 of "label ``label``"."""
-        images, masks = self.batch(task, label, [index], device)
-        return images[0], masks[0]
-
-    def batch(
-        self, task: int, label: int, indices: Sequence[int], device=None
-    ) -> tuple[Tensor, Tensor]:
-        """Images ``(n, 1, H, W)`` and binary labels ``(n, 1, H, W)`` float32, one per index
-        (map value ``label + label_offset``)."""
-        if not 0 <= label < self.num_labels(task):
-            raise IndexError(
-                f"label {label} out of range [0, {self.num_labels(task)}) for task {task}"
-            )
-        images, labels = self.subjects(task, indices, device)
-        return images, (labels == label + self.label_offset).float()[:, None]
+    return task_anatomy(seed, config).logits(size).argmax(0).to(torch.uint8)
 
 
 class SyntheticTasks(TaskRange):
@@ -383,7 +266,7 @@ class SyntheticTasks(TaskRange):
         task_seed = p.seed
         for row, index in enumerate(indices):
             self._check_index(index)
-            gen = torch.Generator().manual_seed(_hash_seed(task_seed, int(index)))
+            gen = torch.Generator().manual_seed(hash_seed(task_seed, int(index)))
             torch.rand(4, generator=gen, out=uniform[row])
             torch.randn(
                 splits[0] + splits[1] + splits[2] + splits[3], generator=gen, out=normal[row]
@@ -400,7 +283,7 @@ class SyntheticTasks(TaskRange):
         shift = 2 * cfg.translation * uniform[:, 2:, None, None]  # normalized coords span 2
         coords = (2 * torch.arange(size, device=device) + 1) / size - 1
         x, y = coords[None, None, :], coords[None, :, None]
-        grid = 2 * p.warp_strength * _smooth_field(warp.view(n, 2, wg, wg), size)
+        grid = 2 * p.warp_strength * smooth_field(warp.view(n, 2, wg, wg), size)
         grid[:, 0] += cos * x - sin * y + shift[:, 0]
         grid[:, 1] += sin * x + cos * y + shift[:, 1]
         base = _base_map(p.seed, cfg, size).to(device, torch.float32).expand(n, 1, -1, -1)
@@ -416,9 +299,9 @@ class SyntheticTasks(TaskRange):
         # Image: label means + texture, times bias field, blur, noise, min-max.
         means = p.means.to(device) + p.intensity_jitter * jitter
         image = torch.gather(means, 1, labels.flatten(1)).view(n, 1, size, size)
-        image += p.texture * _smooth_field(texture.view(n, 1, tg, tg), size)
-        image *= torch.exp(p.bias_strength * _smooth_field(bias.view(n, 1, bg, bg), size))
-        image = _gaussian_blur(image, p.blur_sigma * size / 128)
+        image += p.texture * smooth_field(texture.view(n, 1, tg, tg), size)
+        image *= torch.exp(p.bias_strength * smooth_field(bias.view(n, 1, bg, bg), size))
+        image = gaussian_blur(image, p.blur_sigma * size / 128)
         image += p.noise_std * noise.to(device)
         lo = image.amin(dim=(2, 3), keepdim=True)
         hi = image.amax(dim=(2, 3), keepdim=True)
