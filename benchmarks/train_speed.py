@@ -110,14 +110,21 @@ def gpu_rows(repeats: int) -> list[tuple[str, str]]:
 
 def data_rows(repeats: int, corpus: str | None) -> list[tuple[str, str]]:
     from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
-    from megaseg.data.tasks import TRAIN_STREAM, CorpusSource, EpisodeSampler, SyntheticSource
+    from megaseg.data.tasks import (
+        TRAIN_STREAM,
+        CorpusTaskSource,
+        EpisodeSampler,
+        SyntheticTaskSource,
+    )
     from megaseg.training.datamodule import make_augment
 
-    sources = {"synthetic": SyntheticSource(SyntheticTasks(1000, config=SyntheticConfig(size=128)))}
+    sources = {
+        "synthetic": SyntheticTaskSource(SyntheticTasks(1000, config=SyntheticConfig(size=128)))
+    }
     if corpus:
         from megaseg.data.store import Corpus
 
-        sources["corpus"] = CorpusSource(Corpus(corpus), "train", 128)
+        sources["corpus"] = CorpusTaskSource(Corpus(corpus), "train", 128)
     rows = []
     B, n = 8, max(2, repeats)
     for name, source in sources.items():

@@ -79,6 +79,8 @@ def test_store_writer_writes_through_the_one_atomic_write(tmp_path, monkeypatch)
         ("data_prep.pipeline:assign_splits", "data_prep.splits:assign_splits"),
         ("data_prep.pipeline:subject_unit", "data_prep.splits:subject_unit"),
         ("megaseg.models.registry:create_model", "megaseg.models.factory:create_model"),
+        ("megaseg.data.tasks:CorpusSource", "megaseg.data.tasks:CorpusTaskSource"),
+        ("megaseg.data.tasks:SyntheticSource", "megaseg.data.tasks:SyntheticTaskSource"),
     ],
 )
 def test_old_import_paths_warn_and_give_the_moved_object(old, new):

@@ -12,10 +12,10 @@ import torch
 from megaseg.data.augment import EpisodeAugment
 from megaseg.data.store import Corpus, TaskKey
 from megaseg.data.tasks import (
-    CorpusSource,
+    CorpusTaskSource,
     EpisodeSampler,
     EpisodeStream,
-    SyntheticSource,
+    SyntheticTaskSource,
     finish_batch,
     support_buckets,
 )
@@ -111,7 +111,7 @@ def _datamodule(store, **kw):
 def test_fit_reads_synthetic_episodes_from_the_store(store):
     dm = _datamodule(store)
     sources, weights = dm.training_sources()
-    assert len(sources) == 1 and isinstance(sources[0], CorpusSource)
+    assert len(sources) == 1 and isinstance(sources[0], CorpusTaskSource)
     assert sources[0].corpus.root == store and sources[0].split == "train"
     batch = next(iter(dm.train_dataloader()))
     assert batch["support_images"].shape[2:] == (1, R, R)
@@ -141,7 +141,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_device_augmentation_gives_the_workers_episodes_from_a_store(store):
-    source = CorpusSource(Corpus(store), "train", R)
+    source = CorpusTaskSource(Corpus(store), "train", R)
     worker, device = _samplers([source])
     for step in range(4):
         deferred = device.batch(0, 0, 0, step)
@@ -151,7 +151,7 @@ def test_device_augmentation_gives_the_workers_episodes_from_a_store(store):
 
 
 def test_device_augmentation_gives_the_workers_episodes_on_the_fly():
-    source = SyntheticSource(_generator())
+    source = SyntheticTaskSource(_generator())
     worker, device = _samplers([source])
     deferred = device.batch(1, 0, 0, 7)
     assert deferred["query"].dtype == torch.float32  # generated: no uint8 rounding added
@@ -162,7 +162,7 @@ def test_resume_with_device_augmentation_sees_the_uninterrupted_batches(store):
     """Batches 3.. of a stream started at step 3 (a resumed run), augmented after the transfer
     by the datamodule's hook, are the batches 3.. that an uninterrupted worker path makes."""
     dm = _datamodule(store, augment_on_device=True)
-    source = CorpusSource(Corpus(store), "train", R)
+    source = CorpusTaskSource(Corpus(store), "train", R)
     source.name = "synthetic"  # as the datamodule names its stored synthetic source
     sampler = dm.train_dataloader().dataset.sampler
     uninterrupted = EpisodeSampler(

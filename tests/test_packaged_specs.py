@@ -824,7 +824,7 @@ def test_brain_heads_trains_across_the_two_support_heads_and_never_the_query(tmp
     them), all in train; never the held-out ROBEX head; its shared files are declared."""
     from data_prep.specs.overlaps import overlaps_among
     from megaseg.data.store import Corpus
-    from megaseg.data.tasks import CorpusSource
+    from megaseg.data.tasks import CorpusTaskSource
 
     spec = get_spec("PkgBrainHeads")
     assert {i.subject for i in spec.items} == XS_SUPPORT and spec.split == "train"
@@ -838,7 +838,7 @@ def test_brain_heads_trains_across_the_two_support_heads_and_never_the_query(tmp
         (a, "brain") for a in ("axial", "coronal", "sagittal")
     ]
     assert corpus.tasks("val") == [] and corpus.tasks("test") == []
-    source = CorpusSource(corpus, "train", 32)
+    source = CorpusTaskSource(corpus, "train", 32)
     for key in keys:
         assert set(corpus.subjects(key, "train")) == XS_SUPPORT
         codes = source.subjects(key)

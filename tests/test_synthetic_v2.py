@@ -14,7 +14,7 @@ from megaseg.data.synthetic.v2 import (
     SyntheticV2Config,
     preview_png,
 )
-from megaseg.data.tasks import SyntheticSource
+from megaseg.data.tasks import SyntheticTaskSource
 
 SMALL = SyntheticV2Config(size=64, num_subjects=12)
 OBJECTS = SyntheticV2Config(size=64, num_subjects=12, kind_weights=(1.0, 0.0, 0.0))
@@ -159,7 +159,7 @@ def test_mni152_label_maps():
 
 
 def test_works_as_an_episode_source(tasks):
-    source = SyntheticSource(tasks)
+    source = SyntheticTaskSource(tasks)
     key = source.sample_task(np.random.default_rng(0))
     images, labels = source.load(key, [0, 2])
     assert images.shape == labels.shape == (2, 1, 64, 64)

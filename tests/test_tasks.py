@@ -15,11 +15,11 @@ from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
 from megaseg.data.tasks import (
     TRAIN_STREAM,
     VAL_STREAM,
-    CorpusSource,
+    CorpusTaskSource,
     EpisodeSampler,
     EpisodeSet,
     EpisodeStream,
-    SyntheticSource,
+    SyntheticTaskSource,
     TaskTree,
     draw_cross_subject,
     draw_indices,
@@ -145,7 +145,7 @@ def test_seeded_episodes_repeat_exactly(source):
 
 
 def test_stream_resumes_at_a_step_and_ignores_worker_count():
-    synthetic = SyntheticSource(
+    synthetic = SyntheticTaskSource(
         SyntheticTasks(20, config=SyntheticConfig(size=16, num_subjects=10))
     )
     sampler = EpisodeSampler([synthetic], batch_size=2, support_size=3)
@@ -184,7 +184,7 @@ def test_augment_gets_the_whole_episode_and_a_seeded_generator(source):
 
 def test_synthetic_source_is_hierarchical_over_task_then_label():
     synthetic = SyntheticTasks(5, config=SyntheticConfig(size=16, num_subjects=10))
-    src = SyntheticSource(synthetic)
+    src = SyntheticTaskSource(synthetic)
     rng = np.random.default_rng(0)
     keys = [src.sample_task(rng) for _ in range(200)]
     assert {k.group for k in keys} == {str(t) for t in range(5)}
@@ -219,7 +219,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_corpus_source_never_serves_a_held_out_dataset(tiny_corpus, split):
     corpus = Corpus(tiny_corpus, exclude=["datac"])
-    source = CorpusSource(corpus, split, 64, exclude=["datac"])
+    source = CorpusTaskSource(corpus, split, 64, exclude=["datac"])
     assert "DataC" not in source.datasets
     sampler = EpisodeSampler([source], batch_size=8, support_size=4)
     tasks = [t for i in range(5) for t in sampler.batch(0, TRAIN_STREAM, 0, i)["task"]]
@@ -231,7 +231,7 @@ def test_corpus_source_never_serves_a_held_out_dataset(tiny_corpus, split):
 
 def test_corpus_episodes_stay_in_their_task_and_split(tiny_corpus):
     corpus = Corpus(tiny_corpus)
-    source = CorpusSource(corpus, "train", 64)
+    source = CorpusTaskSource(corpus, "train", 64)
     loaded = []
     load = source.load
     source.load = lambda key, idx: loaded.append((key, list(idx))) or load(key, idx)
@@ -368,7 +368,7 @@ def test_tasks_too_small_are_warned_about_once_by_short_name(tiny_corpus, monkey
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):  # a fit sets its data up more than once
-            CorpusSource(corpus, "val", 64)
+            CorpusTaskSource(corpus, "val", 64)
     texts = [str(w.message) for w in caught if "fewer than 2 examples" in str(w.message)]
     assert len(texts) == 1, texts
     k = small[0]

@@ -267,11 +267,11 @@ def test_a_corpus_without_val_tasks_is_left_out_of_validation(tmp_path, capsys):
     import pytorch_lightning as pl
 
     from megaseg.data import Corpus
-    from megaseg.data.tasks import CorpusSource, EmptySplitError
+    from megaseg.data.tasks import CorpusTaskSource, EmptySplitError
 
     root = _one_split_corpus(tmp_path / "corpus", "train")
     with pytest.raises(EmptySplitError, match="no val task with >= 2 examples"):
-        CorpusSource(Corpus(root), "val", 32)
+        CorpusTaskSource(Corpus(root), "val", 32)
     assert issubclass(EmptySplitError, ValueError)
     dm = EpisodeDataModule(corpora=[str(root)], synthetic_ratio=0.5, resolution=32,
                            support_size=3, batch_size=4, val_batches=1, val_batch_size=2,

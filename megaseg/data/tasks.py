@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from megaseg.data.store import UNIT, Corpus, TaskKey
 from megaseg.data.synthetic import SyntheticTasks
+from megaseg.deprecation import moved
 
 # Independent random streams of one seed: a training batch and a validation batch of the same
 # index never share draws.
@@ -111,8 +112,10 @@ class TaskSource(Protocol):
 _SMALL_TASKS_SAID: set[tuple] = set()
 
 
-class CorpusSource:
-    """The tasks of one split of a :class:`~megaseg.data.store.Corpus`.
+class CorpusTaskSource:
+    """The tasks of one split of a :class:`~megaseg.data.store.Corpus`, as a training
+    :class:`TaskSource` (not the evaluation's ``megaseg.evaluation.CorpusSource``, which lists
+    a dataset's held-out tasks with their support and query pools).
 
     ``datasets``: restrict to these datasets (default: every dataset the corpus serves for this
     split). Tasks with fewer than two examples in the split cannot form an episode (the query is
@@ -179,8 +182,9 @@ class CorpusSource:
         return codes
 
 
-class SyntheticSource:
-    """Synthetic tasks as a source: dataset "synthetic", one group per task, one key per label.
+class SyntheticTaskSource:
+    """Synthetic tasks as a training :class:`TaskSource`: dataset "synthetic", one group per
+    task, one key per label (``megaseg.evaluation.SyntheticSource`` is the evaluation's).
 
     The hierarchy is walked lazily (task uniform, then label uniform), which is the hierarchical
     draw without listing the labels of every task up front.
@@ -204,7 +208,7 @@ class SyntheticSource:
 def stage_name(source: TaskSource) -> str:
     """The loader stage of reading from ``source``: "corpus read" for stored examples,
     "synthetic generation" for tasks generated on the fly."""
-    return "corpus read" if isinstance(source, CorpusSource) else "synthetic generation"
+    return "corpus read" if isinstance(source, CorpusTaskSource) else "synthetic generation"
 
 
 def draw_indices(rng: np.random.Generator, n: int, support_size: int) -> tuple[int, np.ndarray]:
@@ -309,7 +313,9 @@ class EpisodeSampler:
             raise ValueError(f"support size must be >= 1, got {self.support_size}")
         self._support_range = (lo, hi)
         self._buckets = support_buckets(lo, hi) if self.support_size_buckets else None
-        self._raw = self.defer_augment and all(isinstance(s, CorpusSource) for s in self.sources)
+        self._raw = self.defer_augment and all(
+            isinstance(s, CorpusTaskSource) for s in self.sources
+        )
 
     @contextmanager
     def _stage(self, name: str):
@@ -488,3 +494,12 @@ class EpisodeSet(Dataset):
         if not 0 <= i < self.num_batches:
             raise IndexError(i)
         return self.sampler.batch(self.seed, self.stream, 0, i)
+
+
+__getattr__ = moved(
+    __name__,
+    {
+        "CorpusSource": "megaseg.data.tasks:CorpusTaskSource",
+        "SyntheticSource": "megaseg.data.tasks:SyntheticTaskSource",
+    },
+)

@@ -36,12 +36,12 @@ from megaseg.data.tasks import (
     TRAIN_STREAM,
     VAL_STREAM,
     Augment,
-    CorpusSource,
+    CorpusTaskSource,
     EmptySplitError,
     EpisodeSampler,
     EpisodeSet,
     EpisodeStream,
-    SyntheticSource,
+    SyntheticTaskSource,
     finish_batch,
 )
 
@@ -247,7 +247,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                     )
                 seen[d.casefold()] = str(c.root)
 
-    def _corpus_sources(self, split: str, skip_empty: bool = False) -> list[CorpusSource]:
+    def _corpus_sources(self, split: str, skip_empty: bool = False) -> list[CorpusTaskSource]:
         """One source per corpus for ``split``; ``skip_empty``: leave out, with a log line, a
         corpus without a task of >= 2 examples in that split (e.g. sources whose every subject
         is in train), instead of an error."""
@@ -260,7 +260,9 @@ class EpisodeDataModule(pl.LightningDataModule):
                 continue
             # The store already refuses held-out train/val; test must be refused here.
             try:
-                source = CorpusSource(corpus, split, self.resolution, wanted, exclude=self.held_out)
+                source = CorpusTaskSource(
+                    corpus, split, self.resolution, wanted, exclude=self.held_out
+                )
             except EmptySplitError as e:
                 if not skip_empty:
                     raise
@@ -269,13 +271,13 @@ class EpisodeDataModule(pl.LightningDataModule):
             sources.append(source)
         return sources
 
-    def _synthetic(self, split: str) -> SyntheticSource | CorpusSource:
+    def _synthetic(self, split: str) -> SyntheticTaskSource | CorpusTaskSource:
         if split == "train" and self.synthetic_store is not None:
             return self._stored_synthetic()
         offset = {"train": 0, "val": SYNTHETIC_VAL_SEED_OFFSET}.get(split, HELDOUT_SEED_OFFSET)
-        return SyntheticSource(self.synthetic_generator(offset))
+        return SyntheticTaskSource(self.synthetic_generator(offset))
 
-    def _stored_synthetic(self) -> CorpusSource:
+    def _stored_synthetic(self) -> CorpusTaskSource:
         """The training split of the synthetic tasks in ``synthetic_store``, checked against
         this module's generator version, task count and label maps (the dataset's record)."""
         # data_prep.synth names the dataset so (a library module does not import the command)
@@ -314,7 +316,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                 f"{', '.join(wrong)}; write it with `{write}` into another folder, or change "
                 "the data settings to match"
             )
-        source = CorpusSource(corpus, "train", self.resolution, [name])
+        source = CorpusTaskSource(corpus, "train", self.resolution, [name])
         source.name = "synthetic"
         return source
 
@@ -359,7 +361,7 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def _eval_sampler(self, sources) -> EpisodeSampler:
         # The support-swap metric needs a second task; a corpus split may have only one.
-        corpus_tasks = [len(s.tree) for s in sources if isinstance(s, CorpusSource)]
+        corpus_tasks = [len(s.tree) for s in sources if isinstance(s, CorpusTaskSource)]
         foreign = len(corpus_tasks) < len(sources) or sum(corpus_tasks) >= 2
         if not foreign:
             warnings.warn(

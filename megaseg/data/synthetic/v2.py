@@ -27,7 +27,7 @@ Label convention: a label map holds 0 for background (never a task) and ``k + 1`
 ``k`` of the task, ``k in [0, num_labels(task))``. ``batch(task, k, ...)`` is the binary task
 "label k". The public API is v1's (``num_tasks``, ``config.num_subjects``, ``num_labels``,
 ``subjects``, ``batch``, ``example``, ``subject``, seeds), so
-:class:`megaseg.data.tasks.SyntheticSource` and the training data module take either.
+:class:`megaseg.data.tasks.SyntheticTaskSource` and the training data module take either.
 
 Purity: everything is a function of ``(GENERATOR_VERSION, seed_offset + task, index, config,
 label maps)``; every draw comes from a CPU ``torch.Generator`` seeded by a hash, per task and per
