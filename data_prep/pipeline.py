@@ -44,6 +44,7 @@ from data_prep.readers.base import Case, CaseError, LoadedCase
 from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
 from data_prep.specs.base import check_dataset_name
+from data_prep.splits import assign_splits
 from megaseg.cluster import as_finished
 from megaseg.deprecation import moved
 from megaseg.paths import atomic_write
@@ -305,6 +306,81 @@ def process_case(
         )
         out.labels[r] = np.stack([_quantize(prepare_label(s, r)) for s in label_slices])
     return out
+
+
+# -- a whole dataset in memory ------------------------------------------------------------------
+
+
+@dataclass
+class MemoryDataset:
+    """A dataset read and processed as a corpus build would store it, held in memory.
+
+    ``tasks``: ``"group/modality/axis/label"`` -> ``{"images", "labels"}`` (``(n, R, R)`` uint8,
+    the store's quantization), ``"subjects"`` and ``"splits"`` (one per example), in task-name
+    order. ``skipped``: ``"case_id: reason"`` of each case that could not be used.
+    """
+
+    name: str
+    tasks: dict[str, dict]
+    skipped: list[str]
+    num_cases: int
+
+
+def process_folder(
+    path, spec, resolution: int, split_seed: int = 0, extra_slices: int = 0
+) -> MemoryDataset:
+    """Every case of the folder ``path`` (read as ``spec`` says) through :func:`process_case`
+    at one ``resolution``, with the subject splits of :func:`data_prep.splits.assign_splits`
+    (``seed=split_seed``): the examples a corpus build of the folder would store, without
+    writing anything (``megaseg evaluate --folder``). A case that cannot be read is skipped and
+    named in ``skipped``. ``extra_slices``: as in :func:`process_case`; an extra slice identical
+    to one its task already holds is dropped (a left-right symmetric volume, such as the MNI152
+    template, has mirror-image sagittal slices; a query whose twin is in the support would be
+    scored on a copy of its answer).
+
+    Raises ValueError naming ``path`` when no case is usable.
+    """
+    from data_prep.readers import get_reader
+
+    reader = get_reader(spec.reader)
+    cases = reader.cases(Path(path), spec)
+    per_task: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    skipped = []
+    for case in cases:
+        try:
+            slices = process_case(
+                case, reader.load(case), spec, (resolution,), extra_slices=extra_slices
+            )
+        except CaseError as e:
+            skipped.append(f"{case.case_id}: {e}")
+            continue
+        seen: set[tuple[str, bytes]] = set()
+        for modality, axis, label, irow, lrow, _, kind in slices.examples:
+            task = f"{case.group}/{modality}/{axis}/{label}"
+            image, mask = slices.images[resolution][irow], slices.labels[resolution][lrow]
+            fingerprint = (task, image.tobytes() + mask.tobytes())
+            if kind == "extra" and fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            per_task.setdefault(task, []).append((case.subject, image, mask))
+    if not per_task:
+        reasons = "".join(f"; {r}" for r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise ValueError(
+            f"{path}: no usable case ({len(cases)} found, {len(skipped)} skipped{reasons})"
+        )
+    split_of = assign_splits(
+        {s for ex in per_task.values() for s, _, _ in ex}, spec.name, split_seed
+    )
+    tasks = {
+        task: {
+            "images": np.stack([im for _, im, _ in ex]),
+            "labels": np.stack([lab for _, _, lab in ex]),
+            "subjects": [s for s, _, _ in ex],
+            "splits": [split_of[s] for s, _, _ in ex],
+        }
+        for task, ex in sorted(per_task.items())
+    }
+    return MemoryDataset(spec.name, tasks, skipped, len(cases))
 
 
 # -- the build: readers -> process_case -> shards -> consolidation -> manifest -------------------

@@ -1081,3 +1081,36 @@ def test_cli_leaves_supervised_out_on_a_cpu_unless_named(
                           *methods], capsys)  # fmt: skip
     assert code == 2 and seen == [expected]
     assert ("supervised is left out (one U-Net training per support set)" in err) == said
+
+
+def test_folder_source_reads_through_data_prep_and_names_unusable_cases(tmp_path):
+    """folder_source is one call of data_prep.pipeline.process_folder (the corpus build's
+    reader, pipeline and splits, uint8 as stored); a folder with no usable case is refused
+    naming the cases and why."""
+    from fixtures_data import write_folder2d
+
+    from data_prep.pipeline import process_folder
+    from data_prep.specs.adhoc import spec_from_path
+
+    folder = write_folder2d(tmp_path / "ok", n_cases=6)
+    built = process_folder(folder, spec_from_path(folder), 32)
+    src = folder_source(folder, resolution=32)
+    assert built.num_cases == 6 and not built.skipped
+    assert sorted(built.tasks) == [t.name for t in src.tasks()]
+    for task in src.tasks():
+        arrays = built.tasks[task.name]
+        assert arrays["images"].dtype == np.uint8 and arrays["images"].shape[1:] == (32, 32)
+        # the source's example ids are "<split>:<k>", the k-th example of that split
+        rows = {}
+        for row, split in enumerate(arrays["splits"]):
+            rows[f"{split}:{sum(1 for x in arrays['splits'][:row] if x == split)}"] = row
+        ids = [*task.support_pool, *task.query_pool]
+        images, labels = src.load(task.name, ids, 32)
+        picked = [rows[i] for i in ids]
+        torch.testing.assert_close(images[:, 0], torch.from_numpy(arrays["images"][picked]) / 255.0)
+        torch.testing.assert_close(labels[:, 0], torch.from_numpy(arrays["labels"][picked]) / 255.0)
+    bad = write_folder2d(tmp_path / "bad", n_cases=2)
+    for png in (bad / "images").iterdir():
+        png.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"no usable case \(2 found, 2 skipped; img_000: "):
+        folder_source(bad, resolution=32)

@@ -388,67 +388,35 @@ def folder_source(
 ) -> ArraySource:
     """Any folder data_prep can read (nnU-Net, Decathlon, 2D image/mask pairs) as a source.
 
-    The folder goes through exactly the corpus build's path: the data_prep reader, the
-    pipeline (orient, resample, window, slice, ``prepare_image`` / ``prepare_label``, uint8
-    quantization) and its subject splits (``assign_splits(seed=split_seed)``), so evaluating a
-    folder equals evaluating the corpus built from it at ``resolution``. ``spec``: a
+    The folder goes through exactly the corpus build's path (``data_prep.pipeline.
+    process_folder``: the data_prep reader, the pipeline, uint8 quantization and the subject
+    splits with ``seed=split_seed``), so evaluating a folder equals evaluating the corpus built
+    from it at ``resolution``. ``spec``: a
     :class:`~data_prep.specs.base.DatasetSpec` (default: detected with ``spec_from_path``).
     A case that cannot be read is skipped with a warning naming the file and the reason.
     ``slices_per_plane`` > 0 adds, per plane and label of a volume, that many slices spread over
     the label's extent (``process_case(extra_slices=...)``): more examples per task than the
     corpus stores, for datasets of few subjects (then it no longer equals the corpus).
     """
-    from data_prep.pipeline import process_case
-    from data_prep.readers import CaseError, get_reader
+    from data_prep.pipeline import process_folder
     from data_prep.specs.adhoc import spec_from_path
-    from data_prep.splits import assign_splits
 
     if slices_per_plane < 0:
         raise ValueError(f"{path}: slices_per_plane must be >= 0, got {slices_per_plane}")
     spec = spec or spec_from_path(path, name=name)
-    reader = get_reader(spec.reader)
-    cases = reader.cases(Path(path), spec)
-    per_task: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
-    skipped = []
-    for case in cases:
-        try:
-            slices = process_case(
-                case, reader.load(case), spec, (resolution,), extra_slices=slices_per_plane
-            )
-        except CaseError as e:
-            skipped.append(f"{case.case_id}: {e}")
-            continue
-        seen: set[tuple[str, bytes]] = set()
-        for modality, axis, label, irow, lrow, _, kind in slices.examples:
-            task = f"{case.group}/{modality}/{axis}/{label}"
-            image, mask = slices.images[resolution][irow], slices.labels[resolution][lrow]
-            # An extra slice identical to one the task holds is dropped: a left-right symmetric
-            # volume (the MNI152 template) has mirror-image sagittal slices, and a query whose
-            # twin is in the support would be scored on a copy of its answer.
-            fingerprint = (task, image.tobytes() + mask.tobytes())
-            if kind == "extra" and fingerprint in seen:
-                continue
-            seen.add(fingerprint)
-            per_task.setdefault(task, []).append(
-                (case.subject, image.astype(np.float32) / 255, mask.astype(np.float32) / 255)
-            )
-    if skipped:
+    built = process_folder(path, spec, resolution, split_seed, extra_slices=slices_per_plane)
+    if built.skipped:
         warnings.warn(
-            f"{path}: {len(skipped)} case(s) skipped: " + "; ".join(skipped), stacklevel=2
+            f"{path}: {len(built.skipped)} case(s) skipped: " + "; ".join(built.skipped),
+            stacklevel=2,
         )
-    if not per_task:
-        raise ValueError(f"{path}: no usable case ({len(cases)} found, {len(skipped)} skipped)")
-    split_of = assign_splits(
-        {s for ex in per_task.values() for s, _, _ in ex}, spec.name, split_seed
-    )
     tasks = {
         task: {
-            "images": np.stack([im for _, im, _ in ex])[:, None],
-            "labels": np.stack([lab for _, _, lab in ex])[:, None],
-            "subjects": [s for s, _, _ in ex],
-            "splits": [split_of[s] for s, _, _ in ex],
+            **arrays,
+            "images": arrays["images"][:, None].astype(np.float32) / 255,
+            "labels": arrays["labels"][:, None].astype(np.float32) / 255,
         }
-        for task, ex in sorted(per_task.items())
+        for task, arrays in built.tasks.items()
     }
     info = {"kind": "folder", "root": str(Path(path).resolve()), "split_seed": split_seed}
     if slices_per_plane:
