@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from data_prep.packages import MARKER, Package, archives_dir, packages_dir, unpacked_dir
-from data_prep.packages import packages_dir as cache_dir  # main's name, until it moves (#25)
+from data_prep.packages import packages_dir as cache_dir  # noqa: F401 (fetch.main; public name)
 from data_prep.readers.base import DatasetError
 from megaseg.paths import current_umask, sha256_file
 

@@ -29,7 +29,7 @@ from data_prep.readers.base import Case, LoadedCase
 from megaseg.helpformat import DefaultsHelpFormatter
 
 if TYPE_CHECKING:
-    from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks  # v1 (or v2's classes)
+    from megaseg.data.synthetic import SyntheticConfig, SyntheticTasks
 
 # megaseg.data.synthetic (torch) is imported where it is used, so `prep synth --help` is quick
 
