@@ -1,4 +1,5 @@
-"""The one set of file helpers (megaseg/paths.py) that megaseg and data_prep write through."""
+"""The one set of file helpers (megaseg/paths.py) that megaseg and data_prep write through, and
+the old import paths of names that moved in issue #25 (one release, with a DeprecationWarning)."""
 
 from __future__ import annotations
 
