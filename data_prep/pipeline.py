@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep import splits
 from data_prep.readers.base import Case, CaseError, LoadedCase
 from data_prep.readers.io import LIMIT_VARIABLES, label_values, max_labels, set_limits
 from data_prep.resample import orient_and_resample
 from data_prep.specs.base import check_dataset_name
-from data_prep.splits import assign_splits
 from megaseg.cluster import as_finished
 from megaseg.deprecation import moved
 from megaseg.paths import atomic_write
@@ -368,7 +368,7 @@ def process_folder(
         raise ValueError(
             f"{path}: no usable case ({len(cases)} found, {len(skipped)} skipped{reasons})"
         )
-    split_of = assign_splits(
+    split_of = splits.assign_splits(
         {s for ex in per_task.values() for s, _, _ in ex}, spec.name, split_seed
     )
     tasks = {

@@ -254,3 +254,21 @@ def test_package_imports_nothing_through_a_deprecated_alias():
                 )
             ]
     assert not used, "deprecated paths used inside the package:\n" + "\n".join(used)
+
+
+def test_deprecated_names_are_not_also_bound_in_their_old_module():
+    """A name that a module binds itself (an import, a def, an assignment) never reaches its
+    ``__getattr__``: its alias would never warn."""
+    modules = _module_files()
+    clashes = []
+    for name, served in deprecated_aliases(modules).items():
+        bound = set()
+        for node in ast.parse(modules[name].read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+            elif isinstance(node, ast.Assign):
+                bound |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        clashes += [f"{name}.{n}" for n in sorted(served & bound)]
+    assert not clashes, f"deprecated aliases shadowed by a name of the module: {clashes}"
