@@ -56,7 +56,7 @@ from megaseg.interpolate import (
 from megaseg.metrics import mask_dice
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write_all
-from megaseg.preprocess import guess_modality, normalize_intensity, prepare_image, restore
+from megaseg.preprocess import normalize_intensity, prepare_image, restore
 
 ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
@@ -165,10 +165,8 @@ class VolumeSession:
         self.segmenter = segmenter
         self.axis = int(axis) % 3
         self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
-        self.modality = segmenter.default_modality if modality is None else modality
-        self.window = segmenter.default_window if window is None else window
-        # no modality or window, and HU-like values: windowed as CT, with a warning
-        self.modality = guess_modality(data, self.modality, self.window, "volume")
+        # the arguments, else the card's; HU-like values: CT, with a warning (Segmenter.windowing)
+        self.modality, self.window = segmenter.windowing(data, modality, window, "volume")
         self.max_support = max_support
         self.ensemble = int(ensemble)
         self.min_ensemble_support = int(min_ensemble_support)
