@@ -44,7 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaseg.inference import _input_path, _load_volume, _same_file, merge_labels
+from megaseg.inference import (
+    _input_path,
+    _label_dtype,
+    _load_volume,
+    _same_file,
+    merge_labels,
+)
 from megaseg.interpolate import (
     distance_prior,
     follow,
@@ -659,15 +665,6 @@ class VolumeSession:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _label_dtype(values: Sequence[int]) -> np.dtype:
-    """The smallest of uint8 / int16 / int32 / int64 holding ``values`` (all >= 0, < 2**63)."""
-    top = max(values, default=0)
-    for dtype, limit in ((np.uint8, 2**8), (np.int16, 2**15), (np.int32, 2**31)):
-        if top < limit:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
 
 
 def _nifti_suffix(path: Path) -> str:

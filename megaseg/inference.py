@@ -705,13 +705,12 @@ def _prediction(label_probs: np.ndarray, values: tuple[int, ...]) -> Prediction:
 
 
 def _label_dtype(values: Sequence[int]) -> np.dtype:
-    v = np.asarray(values)
-    if v.size and v.min() >= 0 and v.max() <= 255:
-        return np.dtype(np.uint8)
-    if v.size and v.min() >= -(2**15) and v.max() < 2**15:
-        return np.dtype(np.int16)
-    if v.size and v.min() >= -(2**31) and v.max() < 2**31:
-        return np.dtype(np.int32)
+    """The smallest of uint8 / int16 / int32 / int64 that holds every label value (negative
+    ones included) and 0, the background: the dtype of label maps megaseg writes."""
+    lo, hi = min([0, *values]), max([0, *values])
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
     return np.dtype(np.int64)
 
 
