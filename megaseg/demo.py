@@ -194,14 +194,13 @@ def overlay(
     """Draw ``image (H, W)`` in grey on matplotlib axes ``ax``, with ``label_map``'s tissues
     (1 GM orange, 2 WM blue) in colour. ``upright``: rotate by 90 degrees, so that a slice of an
     ``(X, Y, Z)`` RAS volume shows head (or nose) up."""
+    from megaseg.overlay import overlay_rgb
+
     turn = np.rot90 if upright else np.asarray
     lo, hi = np.percentile(image, (0.5, 99.5))
-    ax.imshow(turn(image), cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
-    if label_map is not None:
-        rgba = np.zeros((*label_map.shape, 4))
-        for value, color in COLORS.items():
-            rgba[label_map == value] = (*color, 0.5)
-        ax.imshow(turn(rgba), interpolation="nearest")
+    tissues = [] if label_map is None else [(label_map == v, c) for v, c in COLORS.items()]
+    rgb = overlay_rgb(image, tissues, alpha=0.5, window=(lo, max(hi, lo + 1e-6)))
+    ax.imshow(turn(rgb), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

@@ -1,5 +1,5 @@
 """One definition per meaning (issue #25 item 4): the Dice with its stated empty-mask rule, the
-label-map dtype."""
+label-map dtype, the overlay drawing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megaseg.metrics import batch_dice, mask_dice
+from megaseg.overlay import overlay_rgb
 
 
 def _masks(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +65,39 @@ def test_label_maps_have_one_dtype_rule():
              (40000,): "int32", (-40000,): "int32", (2**31,): "int64"}  # fmt: skip
     for values, dtype in cases.items():
         assert inference._label_dtype(values) == np.dtype(dtype), values
+
+
+def test_the_overlay_blends_each_mask_over_the_grey_image():
+    image = np.array([[0.0, 0.5], [1.0, 2.0]])
+    mask = np.array([[1.0, 0.5], [0.0, 1.0]])
+    out = overlay_rgb(image, [(mask, (1.0, 0.0, 0.0))], alpha=0.5)
+    assert out.shape == (2, 2, 3) and out.min() >= 0 and out.max() <= 1
+    assert np.allclose(out[0, 0], [0.5, 0.0, 0.0])  # half red over black
+    assert np.allclose(out[0, 1], [0.625, 0.375, 0.375])  # a soft mask: a quarter red
+    assert np.allclose(out[1, 0], [1.0, 1.0, 1.0])  # no mask: the grey value
+    assert np.allclose(out[1, 1], [1.0, 0.5, 0.5])  # the image clipped to the window first
+    grey = overlay_rgb(np.array([[10.0, 30.0]]), window=(10.0, 30.0))
+    assert np.allclose(grey[0, :, 0], [0.0, 1.0])
+
+
+def test_show_episodes_draws_with_the_one_overlay():
+    from megaseg.cli.show_episodes import overlay
+
+    g = torch.Generator().manual_seed(0)
+    image, label = torch.rand(8, 8, generator=g), torch.rand(8, 8, generator=g)
+    old = (1 - 0.5 * label[..., None].numpy()) * image[..., None].numpy().repeat(3, -1) + (
+        0.5 * label[..., None].numpy() * np.array([1.0, 0.15, 0.1])
+    )  # the formula show-episodes drew with before
+    assert np.allclose(overlay(image, label), old, atol=1e-6)
+
+
+def test_output_names_have_one_slug(tmp_path):
+    from megaseg.evaluation.report import plot_dice_vs_n
+    from megaseg.paths import slug
+
+    assert slug("WBC / CV 2") == "WBC_CV_2" and slug("a.b-c_d") == "a.b-c_d"
+    assert len(slug("x" * 300)) == 80 and len(slug("x" * 300, max_len=200)) == 200
+    row = {"dataset": "my data/set", "method": "megaseg", "N": 1, "dice": 0.5, "ci_low": 0.4,
+           "ci_high": 0.6, "within_subject": False, "overlap": False}  # fmt: skip
+    (path,) = [p for p in plot_dice_vs_n([row], tmp_path) if "my" in p.name]
+    assert path.name == f"dice_vs_n_{slug('my data/set')}.png" and path.is_file()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from megaseg.overlay import overlay_rgb
 from megaseg.paths import work_dir
 
 if TYPE_CHECKING:  # torch is imported where it is used: `--help` does without it
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `--help` does without i
 
     from megaseg.data.augment import EpisodeParams
 
-_OVERLAY_RGB = np.array([1.0, 0.15, 0.1])  # label colour
+_OVERLAY_RGB = (1.0, 0.15, 0.1)  # label colour
 _OVERLAY_ALPHA = 0.5
 
 
@@ -109,9 +110,7 @@ def corpus_episodes(
 
 def overlay(image: Tensor, label: Tensor) -> np.ndarray:
     """Grey ``image (H, W)`` with a soft ``label (H, W)`` tinted on top: ``(H, W, 3)``."""
-    grey = image.clamp(0, 1).numpy()[..., None].repeat(3, axis=-1)
-    alpha = _OVERLAY_ALPHA * label.clamp(0, 1).numpy()[..., None]
-    return np.clip((1 - alpha) * grey + alpha * _OVERLAY_RGB, 0.0, 1.0)
+    return overlay_rgb(image.numpy(), [(label.numpy(), _OVERLAY_RGB)], _OVERLAY_ALPHA)
 
 
 def render(
