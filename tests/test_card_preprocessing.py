@@ -103,7 +103,10 @@ def test_a_card_asking_for_preprocessing_this_code_does_not_do_is_refused(model,
         ("range", [-1.0, 1.0], r"normalization.range"),
         ("ct_window", [300, 100], r"normalization.ct_window must be \[low, high\]"),
     ]:
-        card = {"model": {"name": "universeg_v1", "kwargs": TINY}, "preprocessing": card_fields(RES)}
+        card = {
+            "model": {"name": "universeg_v1", "kwargs": TINY},
+            "preprocessing": card_fields(RES),
+        }
         card["preprocessing"]["normalization"][key] = value
         path = save_checkpoint(tmp_path / f"{key}.safetensors", model, card)
         with pytest.raises(CheckpointError, match=match) as err:

@@ -68,7 +68,9 @@ def test_no_module_of_the_package_imports_an_old_path():
                 if isinstance(node, ast.Import):
                     hits = [a.name for a in node.names if a.name in old_modules]
                 elif isinstance(node, ast.ImportFrom) and node.module == "megaseg.demo":
-                    hits = [a.name for a in node.names if a.name in ("main", "train_synthetic_model")]
+                    hits = [
+                        a.name for a in node.names if a.name in ("main", "train_synthetic_model")
+                    ]
                 elif isinstance(node, ast.ImportFrom):
                     hits = [node.module] if node.module in old_modules else []
                 else:
@@ -125,3 +127,22 @@ def test_cores_are_counted_in_one_place(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_no_library_module_imports_a_command():
+    """Commands import the library, never the other way round (the old entry-point modules,
+    now aliases that run or serve a command, are the exception)."""
+    aliases = {REPO / f"{m.replace('.', '/')}.py" for m in MOVED if m != "megaseg.demo"}
+    found = []
+    for package in ("megaseg", "data_prep"):
+        for path in (REPO / package).rglob("*.py"):
+            if (REPO / "megaseg" / "cli") in path.parents or path in aliases:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = (
+                    [a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                )  # fmt: skip
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if n == "megaseg.cli" or n.startswith("megaseg.cli.")]  # fmt: skip
+    assert not found
