@@ -47,6 +47,7 @@ from machine import cpu_name, emit  # noqa: E402
 from megaseg import Segmenter  # noqa: E402
 from megaseg.annotate import VolumeSession  # noqa: E402
 from megaseg.interpolate import itk_available, itk_fill, nearest_fill  # noqa: E402
+from megaseg.metrics import mask_dice  # noqa: E402
 
 METHODS = ("nearest", "ITK", "interpolate", "model", "guided")
 STRATEGIES = ("even", "random", "suggest")
@@ -123,10 +124,6 @@ def even_slices(first: int, last: int, k: int) -> list[int]:
     return sorted({int(i) for i in picks})
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
-
-
 def fill(method: str, sessions: dict, truth: np.ndarray, axis: int, picks: list[int]):
     """The structure's ``(X, Y, Z)`` bool mask by ``method`` from the labelled ``picks``."""
     given = {i: np.take(truth, i, axis=axis).astype(np.int64) for i in picks}
@@ -150,7 +147,7 @@ def suggest_loop(session, truth, axis, strategy, first, last, rng, n_max=10):
     session.add(chosen[0], np.take(truth, chosen[0], axis=axis).astype(np.int64))
     out = []
     while True:
-        out.append(dice(session.segment().labels > 0, truth))
+        out.append(mask_dice(session.segment().labels > 0, truth, empty=0.0))
         if len(chosen) == n_max:
             return out, chosen
         if strategy == "even":
@@ -208,7 +205,7 @@ def main(argv=None) -> None:
                     pred, seconds = fill(method, sessions, truth, volume.axis, picks)
                     rows.append({
                         "volume": volume.name, "structure": structure, "k": k,
-                        "method": method, "dice": dice(pred, truth), "seconds": seconds,
+                        "method": method, "dice": mask_dice(pred, truth, empty=0.0), "seconds": seconds,
                         "slices": picks, "extent": [first, last],
                         "depth": int(truth.shape[volume.axis]),
                     })  # fmt: skip

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from machine import cpu_name, emit  # benchmarks/machine.py (the script's folder is on sys.path)
 
+from megaseg.cpu import available_cores
+
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 5
 
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     results: dict[str, list[tuple[float, str, float, float]]] = {}
     for _ in range(args.repeats):
         for name, (extra, env) in settings(cores).items():

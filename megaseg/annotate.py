@@ -44,7 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaseg.inference import _input_path, _load_volume, _same_file, merge_labels
+from megaseg.inference import (
+    _input_path,
+    _label_dtype,
+    _load_volume,
+    _same_file,
+    merge_labels,
+)
 from megaseg.interpolate import (
     distance_prior,
     follow,
@@ -56,7 +62,7 @@ from megaseg.interpolate import (
 from megaseg.metrics import mask_dice
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write_all
-from megaseg.preprocess import guess_modality, normalize_intensity, prepare_image, restore
+from megaseg.preprocess import normalize_intensity, prepare_image, restore
 
 ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
@@ -165,10 +171,8 @@ class VolumeSession:
         self.segmenter = segmenter
         self.axis = int(axis) % 3
         self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
-        self.modality = segmenter.default_modality if modality is None else modality
-        self.window = segmenter.default_window if window is None else window
-        # no modality or window, and HU-like values: windowed as CT, with a warning
-        self.modality = guess_modality(data, self.modality, self.window, "volume")
+        # the arguments, else the card's; HU-like values: CT, with a warning (Segmenter.windowing)
+        self.modality, self.window = segmenter.windowing(data, modality, window, "volume")
         self.max_support = max_support
         self.ensemble = int(ensemble)
         self.min_ensemble_support = int(min_ensemble_support)
@@ -661,15 +665,6 @@ class VolumeSession:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _label_dtype(values: Sequence[int]) -> np.dtype:
-    """The smallest of uint8 / int16 / int32 / int64 holding ``values`` (all >= 0, < 2**63)."""
-    top = max(values, default=0)
-    for dtype, limit in ((np.uint8, 2**8), (np.int16, 2**15), (np.int32, 2**31)):
-        if top < limit:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
 
 
 def _nifti_suffix(path: Path) -> str:

@@ -324,8 +324,12 @@ def card_resolution(card: dict | None, path: str | os.PathLike) -> int | None:
 
 
 def card_preprocessing(card: dict | None, path: str | os.PathLike) -> dict[str, Any]:
-    """The card's ``preprocessing`` object with its ``modality`` (a string) and ``window``
-    (``[low, high]``, finite, low < high) checked, as far as they are given; {} when absent."""
+    """The card's ``preprocessing`` object (:func:`megaseg.preprocess.card_fields`) with the
+    fields the Segmenter reads checked, as far as they are given: ``modality`` (a string),
+    ``window`` and ``normalization.ct_window`` (``[low, high]``, finite, low < high), and the
+    rest of ``normalization`` being what :mod:`megaseg.preprocess` does (a card asking for
+    other MR percentiles or another range is refused: they would be silently ignored); {}
+    when absent."""
     pre = (card or {}).get("preprocessing")
     if pre is None:
         return {}
@@ -338,7 +342,28 @@ def card_preprocessing(card: dict | None, path: str | os.PathLike) -> dict[str, 
             f'{where}: preprocessing.modality must be a string (e.g. "CT"), got '
             f"{json.dumps(modality)}"
         )
-    window = pre.get("window")
+    _check_window(pre.get("window"), f"{where}: preprocessing.window")
+    norm = pre.get("normalization")
+    if norm is None:
+        return pre
+    if not isinstance(norm, dict):
+        raise CheckpointError(
+            f"{where}: preprocessing.normalization must be an object, got {json.dumps(norm)}"
+        )
+    _check_window(norm.get("ct_window"), f"{where}: preprocessing.normalization.ct_window")
+    from megaseg.preprocess import card_fields
+
+    supported = card_fields(1)["normalization"]
+    for key in ("range", "mr_percentiles", "other"):
+        if key in norm and norm[key] != supported[key]:
+            raise CheckpointError(
+                f"{where}: preprocessing.normalization.{key} is {json.dumps(norm[key])}, but "
+                f"this megaseg applies {json.dumps(supported[key])} (megaseg/preprocess.py)"
+            )
+    return pre
+
+
+def _check_window(window, what: str) -> None:
     if window is not None and not (
         isinstance(window, list)
         and len(window) == 2
@@ -347,10 +372,9 @@ def card_preprocessing(card: dict | None, path: str | os.PathLike) -> dict[str, 
         and window[0] < window[1]
     ):
         raise CheckpointError(
-            f"{where}: preprocessing.window must be [low, high], two finite numbers with low < "
-            f"high, got {json.dumps(window)}"
+            f"{what} must be [low, high], two finite numbers with low < high, got "
+            f"{json.dumps(window)}"
         )
-    return pre
 
 
 def load_checkpoint(

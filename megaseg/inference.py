@@ -42,8 +42,10 @@ from megaseg.checkpoint import MAX_RESOLUTION, card_resolution
 from megaseg.outputs import check_replaceable, record
 from megaseg.paths import atomic_write
 from megaseg.preprocess import (
+    CT_WINDOW,
     HU_LIKE_MIN,
     guess_modality,
+    modality_kind,
     normalize_intensity,
     prepare_image,
     prepare_label,
@@ -118,8 +120,10 @@ class Segmenter:
             :data:`CPU_MEMORY_BUDGET_MB` on the CPU.
         cache_support_term: keep the first block's support term from :meth:`set_support`
             (``K * S * C * R * R * 4`` bytes for K labels; only used when ``model.fast``).
-        card: the checkpoint's card, kept for reference; its ``preprocessing`` ``modality``
-            and ``window`` are the defaults of :meth:`set_support`.
+        card: the checkpoint's card. Its ``preprocessing`` fields are read (see
+            :func:`megaseg.preprocess.card_fields`): ``modality`` and ``window`` are the
+            defaults of :meth:`set_support` and :class:`~megaseg.annotate.VolumeSession`,
+            ``normalization.ct_window`` the window of CT images (see :meth:`windowing`).
 
     Attributes: ``weights_path``, the checkpoint file the network was loaded from
     (:meth:`from_checkpoint`; None otherwise), so that errors about its card can name it.
@@ -154,7 +158,31 @@ class Segmenter:
         self.default_modality: str | None = pre.get("modality")
         window = pre.get("window")
         self.default_window = None if window is None else (float(window[0]), float(window[1]))
+        norm = pre.get("normalization")
+        ct = norm.get("ct_window") if isinstance(norm, dict) else None
+        self.ct_window = CT_WINDOW if ct is None else (float(ct[0]), float(ct[1]))
         self._support: _Support | None = None
+
+    def windowing(
+        self,
+        data,
+        modality: str | None = None,
+        window: tuple[float, float] | None = None,
+        what: str = "images",
+    ) -> tuple[str | None, tuple[float, float] | None]:
+        """``(modality, window)`` for :func:`~megaseg.preprocess.normalize_intensity` of
+        ``data`` (an image, a volume or a list of images; ``what`` names it in the warning):
+        the arguments, else the card's ``modality`` / ``window``, else CT when the values look
+        like Hounsfield units (with a warning). CT is windowed with the card's
+        ``normalization.ct_window`` (:data:`~megaseg.preprocess.CT_WINDOW` without one). The
+        one decision for :meth:`set_support` and :class:`~megaseg.annotate.VolumeSession`."""
+        modality = self.default_modality if modality is None else modality
+        window = self.default_window if window is None else window
+        # the warning names the caller of set_support / VolumeSession
+        modality = guess_modality(data, modality, window, what, stacklevel=4)
+        if window is None and modality_kind(modality) == "ct":
+            window = self.ct_window
+        return modality, window
 
     @classmethod
     def from_checkpoint(
@@ -267,15 +295,13 @@ class Segmenter:
                 :func:`~megaseg.preprocess.normalize_intensity`), applied to each support
                 image and later to every query. Default: the card's; else CT when the
                 images hold values below -500 (Hounsfield units, with a warning), else
-                min-max.
+                min-max (see :meth:`windowing`).
             max_labels: the most distinct nonzero label values (tasks) the integer maps may
                 hold together (:data:`MAX_LABELS`); more is refused as a likely mistake.
 
         Raises:
             ValueError: naming the argument (and the example's index) that is wrong.
         """
-        modality = self.default_modality if modality is None else modality
-        window = self.default_window if window is None else window
         imgs = [
             _image_2d(x, f"support_images[{i}]")
             for i, x in enumerate(_examples(images, "support_images"))
@@ -286,7 +312,7 @@ class Segmenter:
         ]
         if not imgs:
             raise ValueError("support_images: the support set is empty")
-        modality = guess_modality(imgs, modality, window, "support_images")
+        modality, window = self.windowing(imgs, modality, window, "support_images")
         if len(labs) != len(imgs):
             raise ValueError(
                 f"support_labels: {len(labs)} label maps for {len(imgs)} support_images; "
@@ -680,13 +706,12 @@ def _prediction(label_probs: np.ndarray, values: tuple[int, ...]) -> Prediction:
 
 
 def _label_dtype(values: Sequence[int]) -> np.dtype:
-    v = np.asarray(values)
-    if v.size and v.min() >= 0 and v.max() <= 255:
-        return np.dtype(np.uint8)
-    if v.size and v.min() >= -(2**15) and v.max() < 2**15:
-        return np.dtype(np.int16)
-    if v.size and v.min() >= -(2**31) and v.max() < 2**31:
-        return np.dtype(np.int32)
+    """The smallest of uint8 / int16 / int32 / int64 that holds every label value (negative
+    ones included) and 0, the background: the dtype of label maps megaseg writes."""
+    lo, hi = min([0, *values]), max([0, *values])
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
     return np.dtype(np.int64)
 
 

@@ -230,3 +230,11 @@ def pid_lock(
         yield
     finally:
         os.close(fd)
+
+
+def slug(text: str, max_len: int = 80) -> str:
+    """``text`` as part of a file name: each run of characters other than ASCII letters,
+    digits, ``.``, ``_`` and ``-`` becomes one ``_``, and at most ``max_len`` characters are
+    kept (a name may have 255 bytes; a prefix and a suffix need room). The one slug of
+    megaseg's output names (report PNGs; the corpus build's shard and staging folders)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:max_len]

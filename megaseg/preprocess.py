@@ -44,12 +44,16 @@ def modality_kind(modality: str | None) -> ModalityKind:
 
 
 def guess_modality(
-    data, modality: str | None, window: tuple[float, float] | None, what: str
+    data,
+    modality: str | None,
+    window: tuple[float, float] | None,
+    what: str,
+    stacklevel: int = 3,
 ) -> str | None:
     """``modality``, or "CT" when neither it nor ``window`` is given and ``data`` holds values
     below :data:`HU_LIKE_MIN` (Hounsfield units: min-max windowing would squeeze the soft
     tissue into a few grey levels). The guess is announced by a warning naming ``what`` and
-    how to choose otherwise."""
+    how to choose otherwise (``stacklevel``: the caller's frame it is attributed to)."""
     if modality is not None or window is not None:
         return modality
     x = _as_numpy(data) if not isinstance(data, list) else None
@@ -63,7 +67,7 @@ def guess_modality(
         f"{what}: intensities {lo:.0f} to {hi:.0f} look like CT Hounsfield units, windowed as "
         f"CT ({CT_WINDOW[0]:.0f} to {CT_WINDOW[1]:.0f} HU); pass modality='CT' to say so, or "
         "modality='other' (min-max) or window=(low, high) to choose",
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return "CT"
 
@@ -109,6 +113,32 @@ def normalize_intensity(
     if hi <= lo:
         return np.zeros(x.shape, np.float32)
     return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def card_fields(
+    resolution: int, modality: str | None = None, window: tuple[float, float] | None = None
+) -> dict:
+    """The checkpoint card's ``preprocessing`` object: this path's settings as fields that
+    :class:`megaseg.inference.Segmenter` reads back (written by ``megaseg.training.export``).
+
+    ``resolution``: the square size the network sees. ``modality`` / ``window``: the defaults
+    of ``set_support`` (None: given per call, else CT when the values look like Hounsfield
+    units, else min-max); set them for a model of one modality. ``normalization``: how each
+    modality is windowed to ``range``; the Segmenter windows CT images with ``ct_window``.
+    """
+    return {
+        "function": "megaseg.preprocess.prepare_image",
+        "resolution": int(resolution),
+        "channels": 1,
+        "modality": modality,
+        "window": None if window is None else [float(window[0]), float(window[1])],
+        "normalization": {
+            "range": [0.0, 1.0],
+            "ct_window": list(CT_WINDOW),
+            "mr_percentiles": list(MR_PERCENTILES),
+            "other": "min-max",
+        },
+    }
 
 
 def to_grayscale(image) -> np.ndarray:

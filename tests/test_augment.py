@@ -296,7 +296,7 @@ def test_cuda_matches_cpu(episodes):
 
 
 def test_show_episodes_writes_a_png(tmp_path):
-    from megaseg.show_episodes import main
+    from megaseg.cli.show_episodes import main
 
     out = tmp_path / "episodes.png"
     assert main(["--out", str(out), "--episodes", "2", "--support", "2", "--size", "32"]) == 0

@@ -15,8 +15,8 @@ import pytest
 from fixtures_data import SHAPE_3D, break_case, write_nifti, write_nnunet
 
 import data_prep.card
-from data_prep.__main__ import main
 from megaseg.cli import main as megaseg_main
+from megaseg.cli.prep import main
 from megaseg.data import Corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_unknown_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_spec_file_lists_become_a_hashable_spec(tmp_path):
-    from data_prep.__main__ import resolve_dataset
+    from megaseg.cli.prep import resolve_dataset
 
     path = tmp_path / "ts.yaml"
     path.write_text(

@@ -71,7 +71,7 @@ def test_help_all_asks_lightning_for_its_full_help(monkeypatch):
     seen = []
     monkeypatch.setattr("megaseg.cli._load", lambda target: seen.append(target) or seen.append)
     main(["test", "--config", CI_TINY, "--help-all"])
-    assert seen == ["megaseg.training.cli:lightning_main", ["test", "--config", CI_TINY, "--help"]]
+    assert seen == ["megaseg.cli.train:lightning_main", ["test", "--config", CI_TINY, "--help"]]
 
 
 # -- CPU threads -----------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from dask_cluster import DaskCluster
 from fixtures_data import break_case, write_folder2d, write_nnunet
 from test_prep_reliability import _dummy_layout, _Tiny2D
 
-from data_prep.__main__ import main as prep
 from data_prep.pipeline import DatasetJob, build_corpus, job_from_spec
 from data_prep.specs import DatasetSpec, spec_from_path
 from data_prep.store_writer import memory_case
+from megaseg.cli.prep import main as prep
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -57,7 +57,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fixtures_data import write_nnunet
-from data_prep.__main__ import main as prep
+from megaseg.cli.prep import main as prep
 tmp = Path({tmp!r})
 root = write_nnunet(tmp, n_cases=2, channels=("CT",))
 assert prep(["build", str(root), "--out", str(tmp / "c"), "--resolutions", "16",
@@ -97,7 +97,7 @@ def test_unreachable_scheduler_is_exit_2_naming_it_with_nothing_written(
         # $MEGASEG_SCHEDULER when no --scheduler is given; evaluate refuses the same way
         monkeypatch.setenv("MEGASEG_SCHEDULER", address)
         assert prep(["build", str(root), "--out", str(tmp_path / "c"), *RES]) == 2
-        from megaseg.evaluate_cli import main as evaluate_main
+        from megaseg.cli.evaluate import main as evaluate_main
 
         ckpt = str(REPO / "checkpoints" / "megaseg_small_synth64.safetensors")
         code = evaluate_main(["--checkpoint", ckpt, "--synthetic-tasks", "1", "--support-sizes",
@@ -310,7 +310,7 @@ def test_evaluation_on_the_cluster_gives_the_local_numbers(tmp_path, cluster, mo
     import torch
 
     from megaseg import create_model, save_checkpoint
-    from megaseg.evaluate_cli import main as evaluate_main
+    from megaseg.cli.evaluate import main as evaluate_main
 
     root = write_folder2d(tmp_path / "raw", name="Skin2D", n_cases=12)
     assert prep(["build", str(root), "--out", str(tmp_path / "corpus"), "--resolutions", "32",

@@ -468,7 +468,7 @@ def test_folder_source_adds_slices_per_plane_and_replays_them(tmp_path):
 
 
 def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, capsys, caplog):
-    from megaseg.evaluate_cli import main
+    from megaseg.cli.evaluate import main
 
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
         "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
@@ -503,7 +503,7 @@ def test_cli_refuses_overlap_then_runs_and_replays(model, corpus, tmp_path, caps
 
 
 def test_cli_flips_are_recorded_replayed_and_overridden(model, corpus, tmp_path, capsys):
-    from megaseg.evaluate_cli import main
+    from megaseg.cli.evaluate import main
 
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {
         "model": {"name": "universeg_v1", "kwargs": TINY}, "resolution": R,
@@ -542,7 +542,7 @@ def first_run(corpus, tmp_path_factory):
     --corpus path: (arguments shared by replays, its out folder)."""
     import os
 
-    from megaseg.evaluate_cli import main
+    from megaseg.cli.evaluate import main
 
     tmp = tmp_path_factory.mktemp("first_run")
     torch.manual_seed(0)
@@ -793,7 +793,7 @@ def test_cli_help_imports_no_torch_and_shows_every_default(tmp_path):
 
 
 def test_cli_every_option_is_explained_and_out_defaults_to_the_work_dir(monkeypatch):
-    from megaseg.evaluate_cli import parser
+    from megaseg.cli.evaluate import parser
 
     monkeypatch.setenv("MEGASEG_WORK", "/some/work")
     p = parser()

@@ -9,8 +9,8 @@ import pytest
 from fixtures_data import write_image
 from scipy.ndimage import gaussian_filter
 
-from data_prep.__main__ import main
 from data_prep.leakage import ImageRef, leakage_report, near_duplicates, thumbnails
+from megaseg.cli.prep import main
 
 
 def _smooth_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:

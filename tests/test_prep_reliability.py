@@ -34,12 +34,12 @@ from fixtures_data import (
 )
 
 import data_prep.card
-from data_prep.__main__ import main
 from data_prep.pipeline import DatasetJob, build_corpus
 from data_prep.readers import CaseError, DatasetError, get_reader
 from data_prep.readers.io import read_file
 from data_prep.specs import DatasetSpec, spec_from_path
 from data_prep.store_writer import memory_case
+from megaseg.cli.prep import main
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = ["--resolutions", "32", "--no-progress"]
@@ -537,7 +537,7 @@ def test_12_build_help_explains_arguments_and_help_imports_no_torch():
     code = textwrap.dedent(
         """
         import contextlib, io, sys
-        from data_prep.__main__ import main
+        from megaseg.cli.prep import main
         texts = []
         for argv in (["--help"], ["build", "--help"], ["synth", "--help"]):
             buf = io.StringIO()

@@ -148,7 +148,7 @@ def test_cuda_matches_cpu(tasks):
 
 
 def test_prep_synth_writes_a_readable_corpus(tmp_path):
-    from data_prep.synth import main
+    from megaseg.cli.prep_synth import main
     from megaseg.data.store import Corpus
 
     out = tmp_path / "corpus"

@@ -331,8 +331,8 @@ def test_export_weights_every_n_steps_replaces_the_default_export(tmp_path, monk
     """A config's ExportWeights(every_n_steps=3) with checkpoints every 2 steps: step files at
     the first save at or after each multiple of 3 (steps 4 and 6), the default export is
     replaced, not doubled; a resumed run does not write the multiple of 3 it already kept."""
+    from megaseg.cli.train import MegasegCLI
     from megaseg.training import ExportWeights
-    from megaseg.training.cli import MegasegCLI
 
     config = tmp_path / "export.yaml"
     config.write_text("""

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from megaseg.evaluation.defaults import DEFAULT_DRAWS_PER_N, DEFAULT_SUPPORT_SIZES
 from megaseg.evaluation.sources import EvalTask, Source
+from megaseg.metrics import batch_dice
 from megaseg.paths import atomic_write
 
 DRAWS_FORMAT = "megaseg-draws"
@@ -503,15 +504,10 @@ def _comparable(desc: dict) -> dict:
 
 
 def dice(probs: Tensor, truth: Tensor) -> Tensor:
-    """Dice of ``probs > 0.5`` against boolean ``truth``, both ``(B, 1, H, W)`` -> ``(B,)``.
-
-    MONAI's ``compute_dice`` on one foreground channel; truth is never empty here (empty
-    queries are excluded), so the score is always defined.
-    """
-    from monai.metrics import compute_dice
-
-    pred = (probs > 0.5).float()
-    return compute_dice(pred, truth.float(), include_background=True)[:, 0].double()
+    """Dice of ``probs > 0.5`` against boolean ``truth``, both ``(B, 1, H, W)`` -> ``(B,)``
+    float64 (:func:`megaseg.metrics.batch_dice`; truth is never empty here: empty queries are
+    excluded, so its empty-mask rule never applies)."""
+    return batch_dice(probs > 0.5, truth).double()
 
 
 def ensemble_predict(

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,7 +35,8 @@ from megaseg.evaluation.stats import (
     stratified_bootstrap_means,
     unit_seed,
 )
-from megaseg.paths import atomic_write
+from megaseg.overlay import overlay_rgb
+from megaseg.paths import atomic_write, slug
 
 PREDICTION_COLUMNS = (
     "method", "dataset", "task", "query", "subject", "N", "support_size", "r", "ensemble",
@@ -585,10 +585,6 @@ def _names(names) -> str:
 # ------------------------------------------------------------------------------ plots
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
 def plot_dice_vs_n(summary: Sequence[dict], out_dir: Path) -> list[Path]:
     """One PNG per dataset and one for the mean: Dice vs N, a line and CI band per method."""
     from matplotlib.figure import Figure
@@ -619,7 +615,7 @@ def plot_dice_vs_n(summary: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"dice_vs_n_{_slug(d)}.png"
+        path = out_dir / f"dice_vs_n_{slug(d)}.png"
         _save_png(fig, path)
         paths.append(path)
     return paths
@@ -640,11 +636,8 @@ def plot_cases(cases: Sequence[dict], path: Path, title: str = "") -> Path:
             row, [(None, None, "query"), (case["truth"], (0.1, 0.9, 0.2), "truth"),
                   (case["pred"], (0.95, 0.2, 0.1), "prediction")], strict=True,
         ):  # fmt: skip
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            if mask is not None:
-                overlay = np.zeros((*mask.shape, 4))
-                overlay[mask.astype(bool)] = (*color, 0.45)
-                ax.imshow(overlay, interpolation="nearest")
+            drawn = [] if mask is None else [(np.asarray(mask).astype(bool), color)]
+            ax.imshow(overlay_rgb(img, drawn, alpha=0.45), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(name, fontsize=8)

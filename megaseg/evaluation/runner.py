@@ -61,7 +61,7 @@ from megaseg.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from megaseg.inference import FLIPS, Segmenter, flip_tta
 from megaseg.outputs import check_replaceable
 from megaseg.outputs import record as record_outputs
-from megaseg.paths import atomic_write
+from megaseg.paths import atomic_write, slug
 
 MODEL_METHOD = "megaseg"
 # What ``out_dir`` receives: these files, and PNGs named by these patterns.
@@ -620,7 +620,7 @@ def _plot_cases(result, cases, sources, primary, R, out: Path) -> Path:
     title = f"{primary}: best, median and worst predictions at N={N}"
     if used != [N]:  # capped to small pools: name the support sizes the rows really used
         title = f"{primary}: best, median and worst predictions at N={N} (support sizes {sizes})"
-    return report.plot_cases(panels, out / f"cases_{report._slug(primary)}.png", title=title)
+    return report.plot_cases(panels, out / f"cases_{slug(primary)}.png", title=title)
 
 
 __all__ = ["DEFAULT_METHODS", "EvaluationResult", "FlipTTA", "OverlapError", "evaluate"]

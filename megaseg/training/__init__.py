@@ -1,4 +1,5 @@
-"""Training: the LightningModule, the episode data module, callbacks, export and the CLI.
+"""Training: the LightningModule, the episode data module, callbacks and export (the commands
+that run them: megaseg/cli/train.py); the demo's quick fallback trainer (fallback.py).
 
 Imported only by ``megaseg fit|validate|test`` and by users who train; inference and
 evaluation never import it.

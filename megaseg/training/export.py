@@ -1,7 +1,8 @@
 """Export trained weights as safetensors plus a JSON card (see :mod:`megaseg.checkpoint`).
 
 The card says what the model is (registry name and builder kwargs, so ``megaseg.load_checkpoint``
-rebuilds it with no pickle), what it expects (resolution, preprocessing), which weights these
+rebuilds it with no pickle), what it expects (resolution; preprocessing as fields the Segmenter
+reads, :func:`megaseg.preprocess.card_fields`), which weights these
 are (EMA or raw) and what it saw (datasets with the corpus manifest checksum, synthetic
 generator version and seed range, held-out datasets), with the resolved config, step and seed.
 """
@@ -17,6 +18,7 @@ import pytorch_lightning as pl
 
 import megaseg
 from megaseg.checkpoint import save_checkpoint
+from megaseg.preprocess import card_fields
 
 
 def git_revision(path: str | Path | None = None) -> str | None:
@@ -61,11 +63,10 @@ def build_card(
         "model": {"name": module.model_name, "kwargs": module.model_kwargs},
         "resolution": resolution,
         "preprocessing": {
-            "resolution": resolution,
-            "channels": 1,
-            "function": "megaseg.preprocess.prepare_image",
-            "intensity": "grayscale, windowed to [0, 1] per modality (CT [-500, 1000] HU; MR "
-            "0.5-99.5 percentile of nonzero voxels; else min-max), padded square, resized",
+            **card_fields(resolution),  # the fields the Segmenter reads
+            "intensity": "grayscale, windowed to [0, 1] per modality (normalization: CT "
+            "ct_window in HU; MR mr_percentiles of nonzero voxels; else min-max), padded "
+            "square, resized",
             "labels": "binary or soft masks in [0, 1], one structure per task",
         },
         "weights": weights,

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 from monai.losses import DiceLoss
-from monai.metrics import compute_dice
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from megaseg.metrics import batch_dice
 from megaseg.models import create_model
 
 # A WarmupCosine over trainer.max_time re-estimates its total steps every this many steps,
@@ -96,13 +96,11 @@ class WarmupCosine(LambdaLR):
 def episode_metrics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Hard Dice per episode and whether each prediction is empty.
 
-    ``logits, target (B,1,H,W)`` (target soft, binarized at 0.5) -> ``dice (B,)`` (1 when both
-    masks are empty), ``empty (B,)`` bool.
+    ``logits, target (B,1,H,W)`` (target soft, binarized at 0.5) -> ``dice (B,)``
+    (:func:`megaseg.metrics.batch_dice`: 1 when both masks are empty), ``empty (B,)`` bool.
     """
-    pred = (logits.float() > 0).float()  # sigmoid(logits) > 0.5
-    truth = (target > 0.5).float()
-    dice = compute_dice(pred, truth, include_background=True, ignore_empty=False)[:, 0]
-    return dice, pred.flatten(1).sum(1) == 0
+    pred = logits.float() > 0  # sigmoid(logits) > 0.5
+    return batch_dice(pred, target > 0.5), pred.flatten(1).sum(1) == 0
 
 
 def freeze_unused_parameters(net: nn.Module) -> list[str]:

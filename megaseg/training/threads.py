@@ -13,12 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a container's share), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+from megaseg.cpu import available_cores
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
-"""The ``megaseg`` command: one dispatcher for every subcommand.
+"""The ``megaseg`` command: one dispatcher for every subcommand, one module per command.
 
-``megaseg fit|validate|test|predict ...`` go to the Lightning CLI; other subcommands are
-registered below as ``name -> "module:function"`` and imported only when used, so that
-``megaseg prep ...`` does not pay for importing the training stack. Each function takes the
-remaining argv and returns an exit code.
+    megaseg fit|validate|test|predict   megaseg/cli/train.py (the Lightning CLI)
+    megaseg prep build|info|verify|hash megaseg/cli/prep.py
+    megaseg prep synth | prep fetch     megaseg/cli/prep_synth.py, megaseg/cli/prep_fetch.py
+    megaseg evaluate                    megaseg/cli/evaluate.py
+    megaseg demo                        megaseg/cli/demo.py
+    megaseg show-episodes               megaseg/cli/show_episodes.py
+
+The command modules parse arguments and report; the work is done by the library modules they
+call. Subcommands are registered below as ``name -> "module:function"`` and imported only
+when used, so that ``megaseg prep ...`` does not pay for importing the training stack. Each
+function takes the remaining argv and returns an exit code.
 
 ``megaseg fit --help`` (and validate/test/predict) prints a short hand-written help without
 importing torch or Lightning (LightningCLI's own takes seconds and ~2,300 lines):
@@ -22,15 +29,18 @@ HELP_WIDTH = 100  # columns of the hand-written help
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "prep": (
-        "data_prep.__main__:main",
+        "megaseg.cli.prep:main",
         "build, inspect and verify a corpus (see `megaseg prep -h`)",
     ),
     "evaluate": (
-        "megaseg.evaluate_cli:main",
+        "megaseg.cli.evaluate:main",
         "held-out evaluation: Dice vs support size N, baselines, bootstrap CIs",
     ),
-    "demo": ("megaseg.demo:main", "segment real example images offline and write an overlay PNG"),
-    "show-episodes": ("megaseg.show_episodes:main", "PNG of a few augmented training episodes"),
+    "demo": (
+        "megaseg.cli.demo:main",
+        "segment real example images offline and write an overlay PNG",
+    ),
+    "show-episodes": ("megaseg.cli.show_episodes:main", "PNG of a few augmented training episodes"),
 }
 
 
@@ -125,7 +135,7 @@ def config_summaries(folder: Path, width: int = 72) -> list[tuple[str, str]]:
 
 def _configs_folder() -> Path | None:
     """configs/ of the working directory, else of the source checkout megaseg runs from."""
-    for folder in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
+    for folder in (Path("configs"), Path(__file__).resolve().parents[2] / "configs"):
         if folder.is_dir() and any(folder.glob("*.yaml")):
             return folder
     return None
@@ -170,12 +180,8 @@ def _dispatch(argv: list[str] | None) -> int:
         elif "-h" in rest or "--help" in rest:
             print(lightning_help(command), end="")
             return 0
-        return _load("megaseg.training.cli:lightning_main")([command, *rest]) or 0
+        return _load("megaseg.cli.train:lightning_main")([command, *rest]) or 0
     if command in SUBCOMMANDS:
         return _load(SUBCOMMANDS[command][0])(rest) or 0
     print(f"megaseg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
