@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import IO
 
 from data_prep.packages import MARKER, Package, archives_dir, packages_dir, unpacked_dir
-from data_prep.packages import packages_dir as cache_dir  # noqa: F401 (fetch.main; public name)
 from data_prep.readers.base import DatasetError
+from megaseg.deprecation import moved
 from megaseg.paths import current_umask, sha256_file
 
 # The members a package unpacks may declare this many bytes in all (the largest pinned package
@@ -309,3 +309,9 @@ def _ar_member(archive: Path, prefix: str):
                 return io.BytesIO(f.read(size))
             f.seek(size + (size & 1), os.SEEK_CUR)
     raise FetchError(f"{archive}: no {prefix}* member (not a .deb?)")
+
+
+__getattr__ = moved(
+    __name__,
+    {"KINDS": "data_prep.packages:KINDS", "cache_dir": "data_prep.packages:packages_dir"},
+)

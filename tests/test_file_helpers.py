@@ -81,6 +81,7 @@ def test_store_writer_writes_through_the_one_atomic_write(tmp_path, monkeypatch)
         ("data_prep.pipeline:subject_unit", "data_prep.splits:subject_unit"),
         ("megaseg.models.registry:create_model", "megaseg.models.factory:create_model"),
         ("megaseg.data.tasks:CorpusSource", "megaseg.data.tasks:CorpusTaskSource"),
+        ("data_prep.fetch:cache_dir", "data_prep.packages:packages_dir"),
         ("megaseg.data.tasks:SyntheticSource", "megaseg.data.tasks:SyntheticTaskSource"),
     ],
 )

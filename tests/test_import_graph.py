@@ -181,19 +181,8 @@ def test_model_registry_is_a_leaf_and_the_store_writer_calls_nothing_above_it():
                 if d.startswith("data_prep")]  # fmt: skip
 
 
-def _command_still_in_fetch() -> bool:
-    """``data_prep/fetch.py`` still defines ``main`` (``megaseg prep fetch``)."""
-    tree = ast.parse((ROOT / "data_prep" / "fetch.py").read_text(encoding="utf-8"))
-    return any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
-
-
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
-    if _command_still_in_fetch():
-        # The command `megaseg prep fetch` (fetch.main) lists the packaged specs, which fetch
-        # their packages: a command inside a library module. Issue #25 part B moves it into
-        # megaseg/cli/; this loop is let pass only while main is still in fetch.py.
-        cycles.remove(["data_prep.fetch", "data_prep.specs.packaged", "data_prep.fetch"])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.fetch import FetchError, cache_dir
+from data_prep.fetch import FetchError
+from data_prep.packages import packages_dir as cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
