@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,10 +154,6 @@ def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
-
-
 # -- specs and fingerprints ------------------------------------------------------------------
 
 
@@ -216,11 +211,11 @@ def case_fingerprint(case: Case, inputs: str, job_key: str) -> str:
 
 
 def shard_dir(out: Path, dataset: str) -> Path:
-    return Path(out) / WORK_DIR / "shards" / _slug(dataset)
+    return Path(out) / WORK_DIR / "shards" / paths.slug(dataset)
 
 
 def shard_stem(case_id: str, fingerprint: str) -> str:
-    return f"{_slug(case_id)}-{fingerprint}"
+    return f"{paths.slug(case_id)}-{fingerprint}"
 
 
 def write_shard(path: Path, case: Case, slices, resolutions: Sequence[int]) -> None:
@@ -293,7 +288,7 @@ def consolidate_dataset(
 
     offsets = {k: np.cumsum([0] + [m["rows"][k] for m in metas]) for k in ARRAY_KINDS}
     task_keys, examples = _example_table(metas, offsets, subjects, split_of)
-    staging = Path(out) / WORK_DIR / "staging" / _slug(name)
+    staging = Path(out) / WORK_DIR / "staging" / paths.slug(name)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _concatenate_shards(staging, [path for _, path in shards], offsets, resolutions)

@@ -220,10 +220,14 @@ def load_official(
 
 
 def official_card(weights: str | os.PathLike) -> dict:
-    """What megaseg knows of the official weights, as a checkpoint card."""
+    """What megaseg knows of the official weights, as a checkpoint card (its preprocessing:
+    megaseg's one path at the official resolution, any modality)."""
+    from megaseg.preprocess import card_fields
+
     return {
         "model": {"name": OFFICIAL_MODEL, "kwargs": {}},
         "resolution": OFFICIAL_RESOLUTION,
+        "preprocessing": card_fields(OFFICIAL_RESOLUTION),
         "source": OFFICIAL_URL,
         "weights_file": str(weights),
         "license": LICENSE_NAME,

@@ -122,3 +122,13 @@ def test_shipped_cards_carry_the_fields(name):
     pre = card["preprocessing"]
     fields = card_fields(card["resolution"])
     assert {k: pre[k] for k in fields} == fields
+
+
+def test_the_official_weights_card_carries_the_fields():
+    """The card megaseg writes for the official UniverSeg weights reads back like an export's."""
+    from megaseg.checkpoint import card_preprocessing
+    from megaseg.hub import OFFICIAL_RESOLUTION, official_card
+
+    card = official_card("weights.pt")
+    assert card["preprocessing"] == card_fields(OFFICIAL_RESOLUTION)
+    assert card_preprocessing(card, "weights.pt") == card["preprocessing"]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         choices=(1, 2),
         default=1,
-        help="1: megaseg.data.synthetic; 2: megaseg.data.synthetic_v2 (objects, anatomy and "
+        help="1: megaseg.data.synthetic.v1; 2: megaseg.data.synthetic.v2 (objects, anatomy and "
         "MNI152 label maps; dataset name suffixed -v2)",
     )
     p.add_argument(
