@@ -18,7 +18,8 @@ rest of the volume is filled by
 The score is the volume Dice of the structure over the whole volume. Then which slice to
 label next (``--suggest``): starting from the middle slice, slices are added one at a time up
 to 10, chosen by even spacing (middle of the largest gap within the extent), at random
-(within the extent), or by ``session.suggest(1)`` (not told the extent), Dice after each.
+(within the extent), or by ``session.suggest(1)`` (not told the extent; ``suggest-within``: told
+it, ``session.suggest(1, within=extent)``), Dice after each.
 
     python benchmarks/annotate_volumes.py                      # docs/results/annotate_volumes.*
     python benchmarks/annotate_volumes.py --only hippocampus --ks 3 5 --methods guided ITK
@@ -50,7 +51,7 @@ from megaseg.interpolate import itk_available, itk_fill, nearest_fill  # noqa: E
 from megaseg.metrics import mask_dice  # noqa: E402
 
 METHODS = ("nearest", "ITK", "interpolate", "model", "guided")
-STRATEGIES = ("even", "random", "suggest")
+STRATEGIES = ("even", "random", "suggest", "suggest-within")
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,10 @@ def suggest_loop(session, truth, axis, strategy, first, last, rng, n_max=10):
             index = next_even(chosen, first, last + 1)
         elif strategy == "random":
             index = int(rng.choice([i for i in range(first, last + 1) if i not in chosen]))
-        else:
+        elif strategy == "suggest":
             (index,) = session.suggest(1)
+        else:  # told the extent, as even and random are
+            (index,) = session.suggest(1, within=(first, last + 1))
         chosen.append(index)
         session.add(index, np.take(truth, index, axis=axis).astype(np.int64))
 
@@ -329,8 +332,9 @@ def report(raw: dict, out: Path) -> None:
             "",
             "From the middle slice of the extent, one slice at a time: even = middle of the "
             "largest gap within the extent; random = any slice of the extent (mean over seeds); "
-            "suggest = `session.suggest(1)`, not told the extent. Mean volume Dice over the "
-            "structures:",
+            "suggest = `session.suggest(1)`, not told the extent; suggest-within = "
+            "`session.suggest(1, within=extent)`, told it as even and random are. Mean volume "
+            "Dice over the structures:",
             "",
             "| labelled slices | " + " | ".join(strategies) + " |",
             "|---:|" + "---:|" * len(strategies),

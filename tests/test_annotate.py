@@ -166,6 +166,22 @@ def test_suggest_never_returns_labelled_slices(segmenter, mni):
     assert sorted(picks) == [i for i in range(depth) if i not in session.labelled]
 
 
+def test_suggest_bisects_the_gap_whose_shape_changes_most(segmenter):
+    """Filled methods: the middle of the longest gap, and of equal gaps the one across which
+    the labelled masks differ most (a disc that shrinks is harder to fill than one that stays)."""
+    vol = np.zeros((48, 48, 40), np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, method="interpolate")
+    for z, r in ((10, 8), (20, 8), (30, 3)):
+        session.add(z, ((yy - 24) ** 2 + (xx - 24) ** 2 <= r * r).astype(np.int64))
+    # gaps 10-20 (same disc) and 20-30 (the disc shrinks), equally long: 20-30 first
+    assert session.suggest(2, within=(10, 31)) == [25, 15]
+    # told a wider extent, the ends count as gaps where the structure vanishes
+    assert session.suggest(1, within=(3, 40)) == [35]
+    # not told: only where the session labels something (10..30 here), never beyond
+    assert all(10 < i < 30 for i in session.suggest(3))
+
+
 def test_save_keeps_affine(segmenter, mni, tmp_path):
     import nibabel as nib
 
