@@ -360,6 +360,14 @@ def main(argv=None) -> None:
     report(raw, args.out)
 
 
+def table_head(strategies: list[str]) -> list[str]:
+    """The two header lines of a markdown table: labelled slices, then one column each."""
+    return [
+        "| labelled slices | " + " | ".join(strategies) + " |",
+        "|---:|" + "---:|" * len(strategies),
+    ]
+
+
 def baseline_table(results: dict, n: int) -> list[str]:
     """Markdown: per strategy, the session's mean Dice and the fills' on the same slices."""
     names = [b for b in BASELINES if all(b in r.get("baselines", {}) for v in results.values()
@@ -376,8 +384,7 @@ def baseline_table(results: dict, n: int) -> list[str]:
         "ITK = `itk_fill`, morphological contour interpolation, 3D Slicer's Fill between slices; "
         "both only between the outermost labelled slices holding a structure).",
         "",
-        "| labelled slices | " + " | ".join(results) + " |",
-        "|---:|" + "---:|" * len(results),
+        *table_head(list(results)),
     ]
 
     def mean(runs, column, i):
@@ -414,8 +421,7 @@ def report(raw: dict, out: Path) -> None:
         "`session.suggest(1, within=that extent)`; suggest (whole volume) = `session.suggest(1)`"
         ", not told the extent.",
         "",
-        "| labelled slices | " + " | ".join(strategies) + " |",
-        "|---:|" + "---:|" * len(strategies),
+        *table_head(strategies),
     ]
     for i in range(n):
         cells = []
