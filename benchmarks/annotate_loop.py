@@ -344,6 +344,7 @@ def main(argv=None) -> None:
         "checkpoint": Path(args.checkpoint).name,
         "max_support": args.max_support,
         "ensemble": args.ensemble,
+        "session": {k: VolumeSession.__init__.__kwdefaults__[k] for k in ("method", "stride")},
         "seeds": args.seeds,
         "max_slices": args.max_slices,
         "loop_s": time.perf_counter() - t0,
@@ -413,7 +414,9 @@ def report(raw: dict, out: Path) -> None:
         "",
         f"{meta['what']}; slicing axis {meta['axis']} ({meta['slices']} slices). Checkpoint "
         f"`{meta['checkpoint']}`; `VolumeSession(max_support={meta['max_support']}, "
-        f"ensemble={meta['ensemble']})`. Seeds {seeds} (each: the first labelled slice, a "
+        f"ensemble={meta['ensemble']})`"
+        + "".join(f", default `{k}={v!r}`" for k, v in meta.get("session", {}).items())
+        + f". Seeds {seeds} (each: the first labelled slice, a "
         "different one per seed from the central half of the labelled extent, and the random "
         "choices). Volume Dice = mean over the structures, whole volume, labelled slices "
         "included. even = middle of the largest unlabelled gap; random = any unlabelled slice; "
