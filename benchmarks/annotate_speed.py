@@ -5,12 +5,14 @@ prediction (1: all; the default 3: every 3rd of each run and its last, the rest 
 their neighbours). This measures both on the README's timing case (``time_large`` of
 ``benchmarks/annotate_loop.py``: MNI152 resampled to 128x128x200, 5 labelled slices, one torch
 thread), alternating the two settings round by round in one process so that other jobs on the
-machine weigh on both alike, in CPU seconds (``time.process_time``) as well as wall seconds.
-With ``--volumes`` it also runs ``benchmarks/annotate_volumes.py`` on a few structures (guided
-only, k = 1..10, no which-slice-next) once per stride, VolumeSession's default stride set for
-the run, and tabulates the Dice of both.
+machine weigh on both alike, in CPU seconds (``time.process_time``; the JSON also has the wall
+seconds of each whole ``time_large`` run).
+Then (unless ``--no-volumes``) it runs ``benchmarks/annotate_volumes.py`` on its structures
+(all, or ``--structures``; guided only, k = 1..10, no which-slice-next) once per stride,
+VolumeSession's default stride set for the run, and tabulates the Dice of both.
 
     python benchmarks/annotate_speed.py                     # docs/results/annotate_speed.md
+    python benchmarks/annotate_speed.py --rounds 1 --structures "R caudate" --out /tmp/speed
     python benchmarks/annotate_speed.py --rounds 1 --no-volumes --out /tmp/speed
 """
 
@@ -38,7 +40,6 @@ from megaseg import Segmenter  # noqa: E402
 from megaseg.annotate import VolumeSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STRUCTURES = ("L hippocampus", "R caudate", "temporal pole")
 
 
 @contextlib.contextmanager
@@ -67,7 +68,8 @@ def first_segment(seg, stride: int) -> dict:
 
 
 def volume_dice(strides: list[int], structures: list[str]) -> dict[int, dict]:
-    """Per stride: ``{"structure|k": Dice}`` from annotate_volumes.py (guided, k = 1..10)."""
+    """Per stride: ``{"dice": {"structure|k": Dice}, "seconds": mean wall s of a segment()}``
+    from annotate_volumes.py (guided, k = 1..10)."""
     out = {}
     for stride in strides:
         with tempfile.TemporaryDirectory() as tmp, default_stride(stride):
@@ -75,7 +77,10 @@ def volume_dice(strides: list[int], structures: list[str]) -> dict[int, dict]:
                 ["--only", *structures, "--methods", "guided", "--no-suggest", "--out", tmp]
             )
             rows = json.loads((Path(tmp) / "annotate_volumes.json").read_text())["rows"]
-        out[stride] = {f"{r['structure']}|{r['k']}": r["dice"] for r in rows}
+        out[stride] = {
+            "dice": {f"{r['structure']}|{r['k']}": r["dice"] for r in rows},
+            "seconds": float(np.mean([r["seconds"] for r in rows])),
+        }
     return out
 
 
@@ -85,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strides", type=int, nargs="+", default=[1, 3])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the timing")
     p.add_argument("--no-volumes", action="store_true", help="skip the Dice on real structures")
-    p.add_argument("--structures", nargs="+", default=list(STRUCTURES))
+    p.add_argument("--structures", nargs="+", default=None,
+                   help="of benchmarks/annotate_volumes.py (default: all)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "docs/results/annotate_speed",
                    help="writes OUT.md and OUT.json")  # fmt: skip
     args = p.parse_args(argv)
+    if args.structures is None:
+        args.structures = [s for v in annotate_volumes.VOLUMES for s in v.structures]
 
     load_before = os.getloadavg()
     torch.set_num_threads(1)
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---|---:|---:|",
     ]
     for stride, runs in timing.items():
+        if not runs:  # --rounds 0: the Dice alone
+            continue
         cpu = [t["cpu_s"] for t in runs]
         lines.append(
             f"| {stride} | {np.median(cpu):.1f} ({', '.join(f'{c:.1f}' for c in cpu)}) | "
@@ -128,26 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     if dice:
         first, *rest = args.strides
-        keys = list(dice[first])
+        keys = list(dice[first]["dice"])
         lines += [
             "",
-            "Volume Dice on real structures (`benchmarks/annotate_volumes.py --only "
+            f"Volume Dice on {len(args.structures)} real structures (`benchmarks/"
+            "annotate_volumes.py --only "
             + " ".join(f'"{s}"' for s in args.structures)
             + " --methods guided --no-suggest`, k = 1..10 evenly spread slices), mean over "
             "structures and k, and the largest changes of one structure at one k against "
             f"`stride={first}`:",
             "",
-            "| `stride` | mean Dice | mean change | worst | best |",
-            "|---:|---:|---:|---:|---:|",
-            f"| {first} | {np.mean([dice[first][k] for k in keys]):.4f} | | | |",
+            "| `stride` | mean Dice | mean change | worst | best | mean wall s per segment() |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {first} | {np.mean([dice[first]['dice'][k] for k in keys]):.4f} | | | | "
+            f"{dice[first]['seconds']:.1f} |",
         ]
         for stride in rest:
-            d = np.array([dice[stride][k] - dice[first][k] for k in keys])
+            d = np.array([dice[stride]["dice"][k] - dice[first]["dice"][k] for k in keys])
             worst, best = keys[int(d.argmin())], keys[int(d.argmax())]
             lines.append(
-                f"| {stride} | {np.mean([dice[stride][k] for k in keys]):.4f} | {d.mean():+.4f} "
-                f"| {d.min():+.3f} ({worst.replace('|', ', k=')}) "
-                f"| {d.max():+.3f} ({best.replace('|', ', k=')}) |"
+                f"| {stride} | {np.mean([dice[stride]['dice'][k] for k in keys]):.4f} | "
+                f"{d.mean():+.4f} | {d.min():+.3f} ({worst.replace('|', ', k=')}) "
+                f"| {d.max():+.3f} ({best.replace('|', ', k=')}) | {dice[stride]['seconds']:.1f} |"
             )
     record = {"machine": machine, "checkpoint": args.checkpoint, "timing": timing, "dice": dice}
     emit("\n".join(lines), args.out.with_suffix(".md"))
