@@ -17,18 +17,20 @@ from megaseg.interpolate import itk_available, nearest_fill
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def loop():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling machine.py
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their siblings (machine.py, ...)
     try:
-        spec = importlib.util.spec_from_file_location(
-            "annotate_loop", BENCHMARKS / "annotate_loop.py"
-        )
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
     return module
+
+
+@pytest.fixture(scope="module")
+def loop():
+    return _load("annotate_loop")
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,13 @@ def test_report_puts_the_fills_next_to_every_strategy(loop, tmp_path):
             del r["baselines"]
     loop.report(raw, tmp_path)
     assert "without the model" not in (tmp_path / "loop.md").read_text()
+
+
+def test_speed_benchmark_sets_the_default_stride_only_inside():
+    from megaseg.annotate import VolumeSession
+
+    speed = _load("annotate_speed")
+    default = VolumeSession.__init__.__kwdefaults__["stride"]
+    with speed.default_stride(1):
+        assert VolumeSession.__init__.__kwdefaults__["stride"] == 1
+    assert VolumeSession.__init__.__kwdefaults__["stride"] == default == 3
