@@ -13,7 +13,11 @@ a time, up to ``--max-slices``, choosing it
 - suggest (whole volume): ``session.suggest(1)``, not told where the structures are,
 
 and labels it with the true labels. After each addition the volume Dice (mean over the
-structures, whole volume) of ``session.segment()`` is recorded. Then: Dice and time of one
+structures, whole volume) of ``session.segment()`` is recorded, and, on the same labelled
+slices, that of two fills without a model: a copy of the nearest labelled slice
+(``megaseg.interpolate.nearest_fill``) and ITK's morphological contour interpolation, 3D
+Slicer's *Fill between slices* (``itk_fill``; skipped with a note when
+``pip install 'megaseg[interpolation]'`` is missing). Then: Dice and time of one
 ``segment()`` by support size per slice (``max_support``, ``ensemble``), and the time of
 ``segment()`` on a 200-slice 128x128 volume (first call, cached re-call, after one more slice).
 
@@ -41,9 +45,11 @@ from machine import cpu_name, emit  # noqa: E402
 from megaseg import Segmenter  # noqa: E402
 from megaseg.annotate import VolumeSession  # noqa: E402
 from megaseg.examples import brain_extent, mni152_volume  # noqa: E402
+from megaseg.interpolate import itk_available, itk_fill, nearest_fill  # noqa: E402
 from megaseg.metrics import mask_dice  # noqa: E402
 
 STRATEGIES = ("even", "random", "suggest", "suggest (whole volume)")
+BASELINES = {"nearest": nearest_fill, "ITK": itk_fill}  # (labelled, depth) -> (D, H, W) labels
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints/megaseg_small_synth64.safetensors"
 
 
@@ -118,6 +124,27 @@ def next_even(labelled: list[int], lo: int, hi: int) -> int:
     gaps = [(b - a, a, b) for a, b in zip(edges, edges[1:], strict=False) if b - a > 1]
     _, a, b = max(gaps)
     return (a + b) // 2
+
+
+def baseline_dice(labels, axis: int, chosen: list[int], names) -> dict[str, list[float]]:
+    """Per baseline in ``names``: the volume Dice of its fill from ``chosen[:n]``, n = 1.."""
+    depth = labels.shape[axis]
+    out = {}
+    for name in names:
+        out[name] = []
+        for n in range(1, len(chosen) + 1):
+            labelled = {i: np.take(labels, i, axis=axis) for i in chosen[:n]}
+            filled = np.moveaxis(BASELINES[name](labelled, depth), 0, axis)
+            out[name].append(volume_dice(filled, labels))
+    return out
+
+
+def baselines_available(names=tuple(BASELINES)) -> list[str]:
+    """``names`` without ITK when it is not installed (saying so)."""
+    if "ITK" in names and not itk_available():
+        print("ITK is not installed (pip install 'megaseg[interpolation]'): no ITK baseline")
+        return [n for n in names if n != "ITK"]
+    return list(names)
 
 
 def run_loop(seg, t1, labels, axis, strategy, seed, max_slices, session_kwargs):
@@ -198,6 +225,12 @@ def plot(results: dict, max_slices: int, path: Path, title: str) -> None:
         mean, sd = curves.mean(0), curves.std(0)
         ax.plot(n, mean, marker="o", label=f"{strategy} ({len(curves)} seeds)")
         ax.fill_between(n, mean - sd, mean + sd, alpha=0.2)
+    even = results.get("even", [])
+    for name in BASELINES:  # the fills without a model, on the even strategy's slices
+        if even and all(name in r.get("baselines", {}) for r in even):
+            mean = np.array([r["baselines"][name] for r in even]).mean(0)
+            ax.plot(n, mean, linestyle="--", color="grey" if name == "ITK" else "black",
+                    label=f"{name} fill, even slices (no model)")  # fmt: skip
     ax.set_xlabel("labelled slices")
     ax.set_ylabel("volume Dice (mean over structures)")
     ax.set_title(title, fontsize=9)
@@ -212,9 +245,10 @@ def plot(results: dict, max_slices: int, path: Path, title: str) -> None:
 ABLATION = [(1, 1), (2, 1), (4, 1), (4, 3), (8, 1), (8, 3), (None, 1)]  # (max_support, ensemble)
 
 
-def ablation(seg, t1, labels, axis, counts=(3, 6, 10)) -> list[tuple]:
+def ablation(seg, t1, labels, axis, counts=(3, 6, 10), baselines=()) -> list[tuple]:
     """Dice and seconds of one ``segment()`` per support setting, with ``n`` evenly spaced
-    labelled slices: ``[(n, max_support, ensemble, dice, seconds)]``."""
+    labelled slices: ``[(n, max_support, ensemble, dice, seconds)]``; then one row per fill of
+    ``baselines`` on the same slices, ``(n, name, "-", dice, seconds)``."""
     lo, hi = brain_extent(labels, axis, min_fraction=0.1)
     rows = []
     for n in counts:
@@ -230,6 +264,10 @@ def ablation(seg, t1, labels, axis, counts=(3, 6, 10)) -> list[tuple]:
             print(
                 f"ablation n={n} max_support={max_support} ensemble={ensemble}: {rows[-1][3]:.3f}"
             )
+        for name in baselines:
+            t = time.perf_counter()
+            (dice,) = baseline_dice(labels, axis, [int(i) for i in picks], [name])[name][-1:]
+            rows.append((n, name, "-", dice, time.perf_counter() - t))
     return rows
 
 
@@ -283,14 +321,21 @@ def main(argv=None) -> None:
             "labels CC BY-NC, read for evaluation only)"
         )
     results: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+    baselines = baselines_available()
     t0 = time.perf_counter()
     for seed in args.seeds:
         for strategy in STRATEGIES:
             dice, seconds, chosen = run_loop(
                 seg, t1, labels, args.axis, strategy, seed, args.max_slices, kwargs
             )
-            results[strategy].append({"seed": seed, "dice": dice, "s": seconds, "slices": chosen})
-            print(f"seed {seed} {strategy:8s} dice {dice[0]:.3f} -> {dice[-1]:.3f} {chosen}")
+            fills = baseline_dice(labels, args.axis, chosen, baselines)
+            results[strategy].append(
+                {"seed": seed, "dice": dice, "s": seconds, "slices": chosen, "baselines": fills}
+            )
+            print(
+                f"seed {seed} {strategy:8s} dice {dice[0]:.3f} -> {dice[-1]:.3f} {chosen}; "
+                + ", ".join(f"{b} -> {d[-1]:.3f}" for b, d in fills.items())
+            )
     meta = {
         "what": what,
         "name": name,
@@ -299,6 +344,7 @@ def main(argv=None) -> None:
         "checkpoint": Path(args.checkpoint).name,
         "max_support": args.max_support,
         "ensemble": args.ensemble,
+        "session": {k: VolumeSession.__init__.__kwdefaults__[k] for k in ("method", "stride")},
         "seeds": args.seeds,
         "max_slices": args.max_slices,
         "loop_s": time.perf_counter() - t0,
@@ -307,12 +353,55 @@ def main(argv=None) -> None:
         "machine": cpu_name(),
         "command": "python benchmarks/annotate_loop.py " + " ".join(argv or sys.argv[1:]),
     }
-    rows = None if args.no_ablation else ablation(seg, t1, labels, args.axis)
+    rows = None if args.no_ablation else ablation(seg, t1, labels, args.axis, baselines=baselines)
     timing = None if args.no_timing else time_large(seg, kwargs)
     raw = {"meta": meta, "loop": results, "ablation": rows, "timing": timing}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(raw, indent=1))
     report(raw, args.out)
+
+
+def table_head(strategies: list[str]) -> list[str]:
+    """The two header lines of a markdown table: labelled slices, then one column each."""
+    return [
+        "| labelled slices | " + " | ".join(strategies) + " |",
+        "|---:|" + "---:|" * len(strategies),
+    ]
+
+
+def baseline_table(results: dict, n: int) -> list[str]:
+    """Markdown: per strategy, the session's mean Dice and the fills' on the same slices."""
+    names = [b for b in BASELINES if all(b in r.get("baselines", {}) for v in results.values()
+                                         for r in v)]  # fmt: skip
+    if not names:
+        return []
+    columns = ["session", *names]
+    lines = [
+        "",
+        "## The same slices filled without the model",
+        "",
+        "Each cell: " + " / ".join(columns) + ", mean volume Dice over the seeds, on the slices "
+        "that strategy labelled (nearest = `nearest_fill`, a copy of the nearest labelled slice; "
+        "ITK = `itk_fill`, morphological contour interpolation, 3D Slicer's Fill between slices; "
+        "both only between the outermost labelled slices holding a structure).",
+        "",
+        *table_head(list(results)),
+    ]
+
+    def mean(runs, column, i):
+        if column == "session":
+            return np.mean([r["dice"][i] for r in runs])
+        return np.mean([r["baselines"][column][i] for r in runs])
+
+    for i in range(n):
+        cells = [" / ".join(f"{mean(v, c, i):.3f}" for c in columns) for v in results.values()]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    overall = [
+        f"{s}: " + " / ".join(f"{np.mean([mean(v, c, i) for i in range(n)]):.3f}" for c in columns)
+        for s, v in results.items()
+    ]
+    lines += ["", f"Mean over n = 1..{n} ({' / '.join(columns)}): " + "; ".join(overall) + "."]
+    return lines
 
 
 def report(raw: dict, out: Path) -> None:
@@ -325,7 +414,9 @@ def report(raw: dict, out: Path) -> None:
         "",
         f"{meta['what']}; slicing axis {meta['axis']} ({meta['slices']} slices). Checkpoint "
         f"`{meta['checkpoint']}`; `VolumeSession(max_support={meta['max_support']}, "
-        f"ensemble={meta['ensemble']})`. Seeds {seeds} (each: the first labelled slice, a "
+        f"ensemble={meta['ensemble']})`"
+        + "".join(f", default `{k}={v!r}`" for k, v in meta.get("session", {}).items())
+        + f". Seeds {seeds} (each: the first labelled slice, a "
         "different one per seed from the central half of the labelled extent, and the random "
         "choices). Volume Dice = mean over the structures, whole volume, labelled slices "
         "included. even = middle of the largest unlabelled gap; random = any unlabelled slice; "
@@ -333,8 +424,7 @@ def report(raw: dict, out: Path) -> None:
         "`session.suggest(1, within=that extent)`; suggest (whole volume) = `session.suggest(1)`"
         ", not told the extent.",
         "",
-        "| labelled slices | " + " | ".join(strategies) + " |",
-        "|---:|" + "---:|" * len(strategies),
+        *table_head(strategies),
     ]
     for i in range(n):
         cells = []
@@ -347,6 +437,7 @@ def report(raw: dict, out: Path) -> None:
         "",
         f"Mean Dice over n = 1..{n}: " + ", ".join(f"{s} {auc[s]:.3f}" for s in strategies) + ".",
     ]
+    lines += baseline_table(results, n)
     for mine in (s for s in strategies if s.startswith("suggest")):
         wins = {
             s: sum(
@@ -375,7 +466,8 @@ def report(raw: dict, out: Path) -> None:
             "",
             "One `segment()` with n evenly spaced labelled slices, by `max_support` (each "
             "slice's support = its nearest labelled slices; None = all) and `ensemble` (members "
-            "of half the support, averaged; used only when the support has >= 4 slices):",
+            "of half the support, averaged; used only when the support has >= 4 slices); rows "
+            "nearest / ITK: the fills without a model on the same slices:",
             "",
             "| n | max_support | ensemble | volume Dice | seconds |",
             "|---:|---:|---:|---:|---:|",

@@ -127,6 +127,12 @@ class VolumeSession:
             probability between labelled slices (0: the model alone, 1: interpolation alone);
             None (default): chosen per structure from how well each predicts the labelled
             slices when they are left out in turn.
+        stride: ``"guided"``: the model predicts every ``stride``-th slice of each run of
+            consecutive slices it helps fill (and the run's last); a slice between two
+            predicted ones takes the linear mix of their probabilities, by distance. 1: every
+            slice: 2.5x the CPU time of the default, 3, on a 200-slice volume; on the 13
+            structures of the volume benchmark a mean Dice 0.002 higher, 0.032 on a thin skull
+            bone (docs/results/annotate_speed.md).
         progress: show a tqdm bar during :meth:`segment`.
 
     Raises:
@@ -148,6 +154,7 @@ class VolumeSession:
         method: str = "guided",
         reach: float = 1.0,
         prior_weight: float | None = None,
+        stride: int = 3,
         progress: bool = True,
     ):
         data, image = _load_volume(volume)
@@ -168,6 +175,8 @@ class VolumeSession:
             raise ValueError(f"reach: must be > 0 (in labelled-slice spacings), got {reach!r}")
         if prior_weight is not None and not 0 <= prior_weight <= 1:
             raise ValueError(f"prior_weight: must be in [0, 1], got {prior_weight!r}")
+        if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+            raise ValueError(f"stride: must be an integer >= 1, got {stride!r}")
         self.segmenter = segmenter
         self.axis = int(axis) % 3
         self.shape: tuple[int, int, int] = tuple(int(s) for s in data.shape)
@@ -179,6 +188,7 @@ class VolumeSession:
         self.method = method
         self.reach = float(reach)
         self.prior_weight = None if prior_weight is None else float(prior_weight)
+        self.stride = int(stride)
         self.progress = progress
         self._image = image  # nibabel image or None
         self._source = _input_path(volume)  # the file read, never written over
@@ -324,7 +334,7 @@ class VolumeSession:
         """
         start = time.perf_counter()
         settings = (self.max_support, self.ensemble, self.min_ensemble_support)
-        key = (self._edits, *settings, self.method, self.reach, self.prior_weight)
+        key = (self._edits, *settings, self.method, self.reach, self.prior_weight, self.stride)
         if self._result is not None and self._result_key == key:
             return replace(self._result, predicted=0, seconds=time.perf_counter() - start)
         if not any(lab.any() for lab in self._labels.values()):
@@ -346,7 +356,7 @@ class VolumeSession:
         else:
             targets = []
         todo: dict[tuple[int, ...], list[int]] = {}
-        for i in targets:
+        for i in _thinned(targets, self._labels, self.stride) if plan is not None else targets:
             support = self.support_for(i)
             sig = tuple((j, self._versions[j]) for j in support) + settings
             cached = self._cache.get(i)
@@ -450,14 +460,15 @@ class VolumeSession:
         """``method="guided"`` / ``"interpolate"``: per label value, the interpolated shape
         between its labelled slices (mixed with the model's probability when guided), and
         beyond them the model's masks followed slice by slice (:func:`follow`)."""
-        values = self._values(targets)
+        predicted_slices = _thinned(targets, self._labels, self.stride) if plan is not None else []
+        values = self._values(predicted_slices)
         D, (H, W) = self.depth, self.slice_shape
         probs: dict[int, np.ndarray] = {}  # slice -> (K, H, W)
-        if targets:
-            for lo in range(0, len(targets), 64):
-                chunk = targets[lo : lo + 64]
-                for b, p in zip(chunk, self._restored(chunk, values).swapaxes(0, 1), strict=True):
-                    probs[b] = p
+        for lo in range(0, len(predicted_slices), 64):
+            chunk = predicted_slices[lo : lo + 64]
+            for b, p in zip(chunk, self._restored(chunk, values).swapaxes(0, 1), strict=True):
+                probs[b] = p
+        _fill_between(probs, targets)
         out: dict[int, np.ndarray] = {}
         stopped: dict[int, set[int]] = {}  # slice -> the values (k) whose model guess is kept out
         for k, v in enumerate(values):
@@ -718,6 +729,34 @@ class VolumeSession:
 def _nifti_suffix(path: Path) -> str:
     """The temporary's suffix: nibabel picks the format (and compression) from the name."""
     return ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+
+
+def _thinned(targets: list[int], labelled, stride: int) -> list[int]:
+    """The slices of ``targets`` (sorted) the model predicts: the labelled ones, and in each
+    run of consecutive unlabelled ones, every ``stride``-th from its start and its last."""
+    keep, run = [], []
+    for i in [*targets, None]:
+        if i is not None and i not in labelled and (not run or i == run[-1] + 1):
+            run.append(i)
+            continue
+        keep += run[::stride] + ([run[-1]] if run and (len(run) - 1) % stride else [])
+        run = [i] if i is not None and i not in labelled else []
+        if i is not None and i in labelled:
+            keep.append(i)
+    return sorted(keep)
+
+
+def _fill_between(probs: dict[int, np.ndarray], targets: list[int]) -> None:
+    """Give each slice of ``targets`` missing from ``probs`` the linear mix, by distance, of
+    the probabilities of the nearest predicted slices on either side within its run."""
+    have = sorted(probs)
+    for i in targets:
+        if i in probs:
+            continue
+        pos = int(np.searchsorted(have, i))
+        a, b = have[pos - 1], have[pos]  # _thinned keeps each run's first and last slices
+        t = (i - a) / (b - a)
+        probs[i] = ((1 - t) * probs[a] + t * probs[b]).astype(np.float32)
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:

@@ -406,9 +406,44 @@ def test_interpolate_method_needs_no_model_and_methods_are_checked(segmenter, bl
         ({"method": "magic"}, "method: 'magic' is not one of guided, model, interpolate"),
         ({"reach": 0}, "reach: must be > 0"),
         ({"prior_weight": 1.5}, r"prior_weight: must be in \[0, 1\]"),
+        ({"stride": 0}, "stride: must be an integer >= 1"),
     ):
         with pytest.raises(ValueError, match=match):
             VolumeSession(segmenter, vol, **bad)
+
+
+def test_thinned_keeps_labelled_slices_and_the_ends_of_each_run():
+    from megaseg.annotate import _thinned
+
+    # slice 5 labelled (scored), 12 missing: runs 0..4, 6..11, 13..14
+    targets = [i for i in range(15) if i != 12]
+    assert _thinned(targets, {5: None, 12: None}, 3) == [0, 3, 4, 5, 6, 9, 11, 13, 14]
+    assert _thinned(targets, {5: None, 12: None}, 1) == targets
+
+
+def test_guided_stride_predicts_fewer_slices_and_mixes_the_rest(segmenter, blobs):
+    """stride=1 predicts every slice it fills; the default predicts about a third of them,
+    and the slices it predicts get the same probabilities as with stride=1."""
+    vol, truth = blobs
+    results = {}
+    for stride in (1, 3):
+        session = VolumeSession(segmenter, vol, axis=2, progress=False, stride=stride)
+        for i in (9, 21):
+            session.add(i, truth[..., i])
+        results[stride] = (session.segment(), session)
+    every, thin = results[1][0], results[3][0]
+    # runs 0..8 (a walk down to the volume's start), 10..20 (between), 22..33 (a walk up,
+    # one spacing) and the 2 labelled slices: 9 + 11 + 12 + 2, against 4 + 5 + 5 + 2
+    assert every.predicted == 34 and thin.predicted == 16
+    assert results[3][1].stride == 3
+    # slice 10 is predicted at both strides (the first of its run; batched with other slices,
+    # so equal to float rounding); 11 is mixed from 10 and 13
+    np.testing.assert_allclose(every.uncertainty[..., 10], thin.uncertainty[..., 10], atol=1e-4)
+    assert np.abs(every.uncertainty[..., 11] - thin.uncertainty[..., 11]).max() > 1e-3
+    # and the structure between the labelled slices is found about as well
+    for z in range(10, 21):
+        a, b = every.labels[..., z] == 1, thin.labels[..., z] == 1
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8
 
 
 def test_predict_volume_labels_only_the_slices_asked_for(segmenter, blobs):
