@@ -355,8 +355,10 @@ class VolumeSession:
             )
         else:
             targets = []
+        # guided: every stride-th slice of each run (the slices between mix their neighbours)
+        run = _thinned(targets, self._labels, self.stride) if plan is not None else targets
         todo: dict[tuple[int, ...], list[int]] = {}
-        for i in _thinned(targets, self._labels, self.stride) if plan is not None else targets:
+        for i in run:
             support = self.support_for(i)
             sig = tuple((j, self._versions[j]) for j in support) + settings
             cached = self._cache.get(i)
@@ -368,7 +370,7 @@ class VolumeSession:
         if self.method == "model":
             result = self._assemble(total, time.perf_counter() - start)
         else:
-            result = self._assemble_guided(plan, targets, total, start)
+            result = self._assemble_guided(plan, targets, run, total, start)
         self._result, self._result_key = result, key
         return result
 
@@ -456,11 +458,13 @@ class VolumeSession:
             unc[chunk] = _entropy(full)
         return self._result_of(labels, unc, predicted, seconds)
 
-    def _assemble_guided(self, plan, targets: list[int], predicted: int, start: float):
+    def _assemble_guided(
+        self, plan, targets: list[int], predicted_slices: list[int], predicted: int, start: float
+    ):
         """``method="guided"`` / ``"interpolate"``: per label value, the interpolated shape
         between its labelled slices (mixed with the model's probability when guided), and
-        beyond them the model's masks followed slice by slice (:func:`follow`)."""
-        predicted_slices = _thinned(targets, self._labels, self.stride) if plan is not None else []
+        beyond them the model's masks followed slice by slice (:func:`follow`).
+        ``predicted_slices``: the ``targets`` the model ran on (the rest are mixed)."""
         values = self._values(predicted_slices)
         D, (H, W) = self.depth, self.slice_shape
         probs: dict[int, np.ndarray] = {}  # slice -> (K, H, W)
