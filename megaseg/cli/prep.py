@@ -146,9 +146,15 @@ def _build(args) -> int:
     except (ValueError, SchedulerError) as err:
         print(f"prep build: {err}", file=sys.stderr)
         return 2
+    return finish_build(summary, args.out)
+
+
+def finish_build(summary, out) -> int:
+    """Print a build's summary, and the corpus folder when every case was written: exit
+    status 0 then, else 1 (``prep build`` and ``prep synth``)."""
     print(summary.text())
     if summary.ok:
-        print(f"corpus: {args.out}")
+        print(f"corpus: {out}")
     return 0 if summary.ok else 1
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from data_prep.synth import dataset_name, estimated_bytes, write_synthetic
+from megaseg.cli.prep import finish_build
 from megaseg.helpformat import DefaultsHelpFormatter
 
 
@@ -83,7 +84,4 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"prep synth: {err}", file=sys.stderr)
         return 2
-    print(summary.text())
-    if summary.ok:
-        print(f"corpus: {args.out}")
-    return 0 if summary.ok else 1
+    return finish_build(summary, args.out)
