@@ -93,6 +93,27 @@ def test_widget_segments_and_adds_layers(make_napari_viewer, qtbot, mni):
     assert not np.array_equal(viewer.layers[LABELS_LAYER].data, before)
 
 
+def test_suggestions_stay_in_the_structure_slices_the_user_gives(make_napari_viewer, qtbot, mni):
+    viewer = _viewer_with_paint(make_napari_viewer, mni, [12, 16])
+    widget = AnnotateWidget(viewer)
+    widget._within.value = "13-15"  # between the painted slices: the three free ones
+    _segment(qtbot, widget)
+    assert sorted(widget.suggested) == [13, 14, 15]
+    assert viewer.dims.current_step[0] == widget.suggested[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"), [("ten to 18", "expected the first and last slice"), ("20-90", "0..32")]
+)
+def test_a_bad_structure_range_is_refused_with_the_reason(make_napari_viewer, mni, text, reason):
+    viewer = _viewer_with_paint(make_napari_viewer, mni, [12, 16])
+    widget = AnnotateWidget(viewer)
+    widget._within.value = text
+    assert widget.run() is None
+    assert "structure's slices" in widget._status.value and reason in widget._status.value
+    assert LABELS_LAYER not in viewer.layers
+
+
 def test_widget_refuses_mismatched_layers(make_napari_viewer, mni):
     t1, _ = mni
     viewer = make_napari_viewer()

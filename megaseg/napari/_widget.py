@@ -5,7 +5,9 @@ label values allowed), press *Segment*. The widget runs :meth:`VolumeSession.seg
 worker thread, adds the layers ``megaseg labels`` and ``megaseg uncertainty``, and moves the
 viewer to the slice :meth:`VolumeSession.suggest` names. Correct that slice (or press
 *Copy prediction here* to start from the model's guess, then fix it) and press *Segment*
-again: only slices whose nearest labelled slices changed are predicted again.
+again: only slices whose nearest labelled slices changed are predicted again. Where you know
+the structures lie along the axis, say so (*structure's slices*, e.g. ``40-75``): the suggested
+slices then stay in that range instead of chasing what the model guesses beyond it.
 
 Labelled slices are the slices of the labels layer that hold any nonzero label; erasing a
 slice completely un-labels it. The session (and its cached predictions) is kept while the
@@ -88,6 +90,11 @@ class AnnotateWidget(Container):
             "guided: interpolation between your slices, corrected by the model; model: every "
             "slice from the model alone; interpolate: no model (instant)"
         )
+        self._within = LineEdit(label="structure's slices", value="")
+        self._within.tooltip = (
+            "first-last slice (along the axis) where the structures lie, e.g. 40-75: the "
+            "suggested slices stay there; empty: the session guesses from its own labels"
+        )
         self._checkpoint = LineEdit(label="checkpoint", value=DEFAULT_CHECKPOINT)
         self._checkpoint.tooltip = "a .safetensors file, or the name of a model megaseg ships"
         self._run = PushButton(text="Segment")
@@ -103,6 +110,7 @@ class AnnotateWidget(Container):
                 self._labels,
                 self._axis,
                 self._method,
+                self._within,
                 self._checkpoint,
                 self._run,
                 self._copy,
@@ -149,10 +157,15 @@ class AnnotateWidget(Container):
             self._status.value = f"Paint at least one slice of '{labels.name}' first."
             return None
         axis, checkpoint = int(self._axis.value), self._checkpoint.value.strip()
+        try:
+            within = _slice_range(self._within.value, data.shape[axis])
+        except ValueError as e:
+            self._status.value = f"structure's slices: {e}"
+            return None
         self._run.enabled = False
         self._status.value = "Segmenting..."
         self._progress.value = 0
-        self.worker = self._work(data, painted, axis, checkpoint, image.name)
+        self.worker = self._work(data, painted, axis, checkpoint, within, image.name)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(lambda: setattr(self._run, "enabled", True))
@@ -160,7 +173,7 @@ class AnnotateWidget(Container):
         return self.worker
 
     @thread_worker
-    def _work(self, data, painted, axis, checkpoint, name):
+    def _work(self, data, painted, axis, checkpoint, within, name):
         from megaseg import Segmenter
         from megaseg.annotate import VolumeSession
 
@@ -179,7 +192,7 @@ class AnnotateWidget(Container):
             session.remove(i)
         session.add_volume(painted, sorted(painted_now))
         result = session.segment(callback=self._signal.changed.emit)
-        suggested = session.suggest(3)
+        suggested = session.suggest(3, within=within)
         return result, suggested, time.perf_counter() - start, name
 
     def copy_prediction(self, *_):
@@ -242,6 +255,27 @@ class AnnotateWidget(Container):
     def _on_error(self, error: Exception):
         self._status.value = f"Error: {error}"
         napari.utils.notifications.show_error(f"megaseg: {error}")
+
+
+def _slice_range(text: str, depth: int) -> tuple[int, int] | None:
+    """``"first-last"`` (slice numbers as napari shows them, both included) -> ``(first,
+    last + 1)`` for :meth:`VolumeSession.suggest`'s ``within``; empty -> None. Raises
+    ValueError saying what is wrong."""
+    text = text.strip()
+    if not text:
+        return None
+    parts = text.replace(":", "-").split("-")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"expected the first and last slice as 'first-last', e.g. 40-75, got {text!r}"
+        ) from None
+    if not 0 <= first <= last < depth:
+        raise ValueError(
+            f"{first}-{last} is not a range of slices 0..{depth - 1} along this axis"
+        )
+    return first, last + 1
 
 
 def _fingerprint(data: np.ndarray) -> str:
