@@ -272,9 +272,7 @@ def _slice_range(text: str, depth: int) -> tuple[int, int] | None:
             f"expected the first and last slice as 'first-last', e.g. 40-75, got {text!r}"
         ) from None
     if not 0 <= first <= last < depth:
-        raise ValueError(
-            f"{first}-{last} is not a range of slices 0..{depth - 1} along this axis"
-        )
+        raise ValueError(f"{first}-{last} is not a range of slices 0..{depth - 1} along this axis")
     return first, last + 1
 
 
