@@ -3,9 +3,11 @@ outward walk, on tiny synthetic stacks."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +131,34 @@ def test_itk_fill_in_a_process_that_exits_cleanly():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "areas" in run.stdout
+
+
+@pytest.mark.slow  # ITK loads its wrappers on first use: ~15 s
+@pytest.mark.skipif(not itk_available(), reason="pip install 'megaseg[interpolation]'")
+def test_itk_fill_leaves_the_heap_intact_on_a_real_volume():
+    """The case that corrupted the heap when ITK ran its thread pool on two threads (glibc
+    aborted at exit): the MNI152 tissue labels at 3 mm (benchmarks/annotate_loop.py's
+    volume), five labelled slices. glibc's checks (MALLOC_CHECK_=3) make a corrupted heap
+    abort the child process."""
+    pytest.importorskip("nilearn")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "benchmarks")!r})
+        from annotate_loop import load_volume
+        from megaseg.interpolate import itk_fill
+        _, labels = load_volume(3)
+        stack = np.moveaxis(labels, 2, 0)
+        given = {{i: stack[i].astype(np.int64) for i in (2, 13, 15, 24, 29)}}
+        out = itk_fill(given, len(stack))
+        assert set(np.unique(out[3:29])) == {{0, 1, 2}}
+        print("filled", int((out > 0).sum()))
+        """
+    )
+    env = {**os.environ, "MALLOC_CHECK_": "3", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "filled" in run.stdout
