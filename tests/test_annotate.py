@@ -412,6 +412,27 @@ def test_interpolate_method_needs_no_model_and_methods_are_checked(segmenter, bl
             VolumeSession(segmenter, vol, **bad)
 
 
+def test_model_weight_credits_interpolation_with_the_real_spacing(segmenter, blobs):
+    """Left out in turn, a labelled slice is interpolated across twice the real spacing: a
+    model that only matches interpolation there must get less than half the weight; a model
+    that is right on every labelled slice more than half."""
+    from megaseg.interpolate import shape_between
+
+    vol, truth = blobs
+    session = VolumeSession(segmenter, vol, axis=2, progress=False)
+    for i in (10, 15, 20):  # the blob is widest at 15: interpolating it from 10 and 20 errs
+        session.add(i, truth[..., i])
+    masks = {i: truth[..., i] == 1 for i in session.labelled}
+    right = {i: m[None].astype(np.float32) for i, m in masks.items()}
+    assert session._model_weight(right, 0, 1) > 0.5
+    guess = shape_between(masks[10], masks[20], 0.5) > 0.5
+    assert 0.5 < 2 * (guess & masks[15]).sum() / (guess.sum() + masks[15].sum()) < 0.95
+    as_interpolation = {15: guess[None].astype(np.float32)}  # the model scored where it errs
+    assert session._model_weight(as_interpolation, 0, 1) < 0.5
+    session.prior_weight = 0.3  # given: used as it is
+    assert session._model_weight(as_interpolation, 0, 1) == pytest.approx(0.7)
+
+
 def test_thinned_keeps_labelled_slices_and_the_ends_of_each_run():
     from megaseg.annotate import _thinned
 
