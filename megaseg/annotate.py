@@ -511,14 +511,14 @@ class VolumeSession:
         in turn: the mean Dice of the model's mask (predicted from the other labelled slices)
         against that of interpolation from its two labelled neighbours, the model's weight
         ``0.5 + 2.5 * (model - interpolation)`` within [0.1, 0.9] (0.5 while fewer than
-        three slices hold the structure, or the model could not be scored).
+        three slices hold the structure, or either could not be scored).
 
-        A slice left out is interpolated across twice the spacing the unlabelled slices
-        have, so interpolation's error (``1 - Dice``) is halved before the comparison: the
-        error of shape interpolation grows about in proportion to the gap, the model's far
-        less (it sees the slice). Without the halving, a small structure whose shape changes
-        quickly along the axis (the left hippocampus in MNI152 at 2 mm, 4-5 labelled slices)
-        gave the model weight 0.9 and ended below a copy of the nearest labelled slice
+        A left-out slice whose two labelled neighbours' masks do not overlap at all is not
+        scored for interpolation: across twice the real spacing a structure that moves in the
+        plane (the left hippocampus of MNI152 at 2 mm, 3-5 labelled slices) has disjoint
+        masks, whose interpolation vanishes, while at the real spacing its masks overlap and
+        interpolation does well. Scored anyway, those slices gave the model weight 0.9 and
+        the session ended below a copy of the nearest labelled slice
         (benchmarks/annotate_volumes.py; docs/results/annotate_volumes.md).
         """
         if self.prior_weight is not None:
@@ -531,13 +531,14 @@ class VolumeSession:
         interp = []
         for a, i, b in zip(order, order[1:], order[2:], strict=False):
             if a in where and i in where and b in where:
-                t = (i - a) / (b - a)
-                guess = shape_between(self._labels[a] == value, self._labels[b] == value, t)
+                before, after = self._labels[a] == value, self._labels[b] == value
+                if not (before & after).any():  # disjoint: says nothing (see above)
+                    continue
+                guess = shape_between(before, after, (i - a) / (b - a))
                 interp.append(mask_dice(guess > 0.5, self._labels[i] == value))
         if not model or not interp:
             return 0.5
-        interp_here = 1 - (1 - np.mean(interp)) / 2  # at the real spacing (see above)
-        return float(np.clip(0.5 + 2.5 * (np.mean(model) - interp_here), 0.1, 0.9))
+        return float(np.clip(0.5 + 2.5 * (np.mean(model) - np.mean(interp)), 0.1, 0.9))
 
     def _result_of(self, labels, unc, predicted: int, seconds: float) -> SessionResult:
         """The result from ``(D, H, W)`` predictions: labelled slices as given, axis restored."""

@@ -412,25 +412,34 @@ def test_interpolate_method_needs_no_model_and_methods_are_checked(segmenter, bl
             VolumeSession(segmenter, vol, **bad)
 
 
-def test_model_weight_credits_interpolation_with_the_real_spacing(segmenter, blobs):
-    """Left out in turn, a labelled slice is interpolated across twice the real spacing: a
-    model that only matches interpolation there must get less than half the weight; a model
-    that is right on every labelled slice more than half."""
-    from megaseg.interpolate import shape_between
+def test_model_weight_ignores_interpolation_across_disjoint_masks(segmenter, blobs):
+    """The model's weight follows which of model and interpolation predicts the labelled
+    slices better, each left out in turn; a left-out slice whose neighbours' masks do not
+    overlap (a structure moving in the plane, labelled far apart) says nothing about
+    interpolation at the real spacing and is not held against it."""
+    vol, _ = blobs
+    xx, yy = np.mgrid[:48, :48]
 
-    vol, truth = blobs
-    session = VolumeSession(segmenter, vol, axis=2, progress=False)
-    for i in (10, 15, 20):  # the blob is widest at 15: interpolating it from 10 and 20 errs
-        session.add(i, truth[..., i])
-    masks = {i: truth[..., i] == 1 for i in session.labelled}
-    right = {i: m[None].astype(np.float32) for i, m in masks.items()}
-    assert session._model_weight(right, 0, 1) > 0.5
-    guess = shape_between(masks[10], masks[20], 0.5) > 0.5
-    assert 0.5 < 2 * (guess & masks[15]).sum() / (guess.sum() + masks[15].sum()) < 0.95
-    as_interpolation = {15: guess[None].astype(np.float32)}  # the model scored where it errs
-    assert session._model_weight(as_interpolation, 0, 1) < 0.5
-    session.prior_weight = 0.3  # given: used as it is
-    assert session._model_weight(as_interpolation, 0, 1) == pytest.approx(0.7)
+    def disc(cx):
+        return ((xx - cx) ** 2 + (yy - 24) ** 2 <= 25).astype(np.int64)
+
+    def weight(centres, model_centres):
+        session = VolumeSession(segmenter, vol, axis=2, progress=False)
+        for z, cx in centres.items():
+            session.add(z, disc(cx))
+        probs = {z: disc(cx)[None].astype(np.float32) for z, cx in model_centres.items()}
+        return session._model_weight(probs, 0, 1)
+
+    # overlapping neighbours (the disc moves 4 px a slice): interpolation is scored; a model
+    # that is right gets more than half the weight, one that is off (by 6 px) less
+    still = {10: 16, 12: 20, 14: 24}
+    assert weight(still, still) > 0.5
+    assert weight(still, {z: cx + 6 for z, cx in still.items()}) < 0.5
+    # disjoint neighbours (8 px a slice, radius 5): interpolating 12 from 10 and 14 yields
+    # nothing; not scored, it leaves no evidence: the middle weight, not the model's 0.9
+    moving = {10: 8, 12: 16, 14: 24}
+    half_right = {z: cx + 4 for z, cx in moving.items()}  # Dice about 0.5
+    assert weight(moving, half_right) == 0.5
 
 
 def test_thinned_keeps_labelled_slices_and_the_ends_of_each_run():
