@@ -570,11 +570,13 @@ class VolumeSession:
         the gap along the axis whose filling is least sure, greedily, each pick closing its
         gap. A gap lies between two consecutive labelled (or already suggested) slices, or
         between the outermost one and the end of the structure's extent; its score is
-        ``length * (2 - Dice)``, Dice being that of the foreground of the masks at its two
-        ends (0 at an extent's end, where the structure vanishes): long gaps first, and of
-        equal ones, those across which the shape changes most. The extent is ``within``
-        when given, else where the session's result labels anything (widened by 5% of the
-        depth at a time once no gap is left).
+        ``length * (2 - Dice)``, Dice being the mean over the structures at its two ends of
+        each one's Dice there (so a small structure's move is not hidden by a large one
+        that stays): long gaps first, and of equal ones, those across which the shapes
+        change most. The extent is ``within`` when given, and there an end gap compares
+        with the session's labels at the extent's end slice; else it is where the session's
+        result labels anything, an end gap counts as Dice 0 (the structure vanishes), and
+        the extent widens by 5% of the depth at a time once no gap is left.
 
         ``method="model"``: the slice with the highest ``slice_score * min(1, d / gap)``,
         ``d`` its distance to the nearest labelled (or suggested) slice and ``gap`` half the
@@ -626,7 +628,8 @@ class VolumeSession:
     def _suggest_gaps(self, result: SessionResult, k: int, lo: int, hi: int, told: bool):
         """:meth:`suggest` for the methods that fill between labelled slices."""
         D = self.depth
-        found = np.moveaxis(result.labels, self.axis, 0).reshape(D, -1) != 0  # (D, H*W)
+        stack = np.moveaxis(result.labels, self.axis, 0).reshape(D, -1)  # (D, H*W)
+        found = stack != 0
         if told:
             first, last = lo - 1, hi
         else:
@@ -634,10 +637,16 @@ class VolumeSession:
             first, last = (int(where[0]) - 1, int(where[-1]) + 1) if len(where) else (lo - 1, hi)
 
         def change(a: int, b: int) -> float:
-            """2 - Dice of the foreground at the gap's ends (an extent's end is empty)."""
-            if a == first or b == last:
+            """2 - the mean over the structures at the gap's ends of their Dice there."""
+            if told:  # the extent's end slices, as the session labels them now
+                a, b = max(a, lo), min(b, hi - 1)
+            elif a == first or b == last:
                 return 2.0
-            return 2.0 - mask_dice(found[a], found[b])
+            values = np.union1d(stack[a], stack[b])
+            values = values[values != 0]
+            if not len(values):
+                return 1.0
+            return 2.0 - float(np.mean([mask_dice(stack[a] == v, stack[b] == v) for v in values]))
 
         widen = max(1, math.ceil(0.05 * D))
         picks: list[int] = []

@@ -182,6 +182,21 @@ def test_suggest_bisects_the_gap_whose_shape_changes_most(segmenter):
     assert all(10 < i < 30 for i in session.suggest(3))
 
 
+def test_suggest_weighs_each_structure_not_their_union(segmenter):
+    """With several structures, a gap across which a small one moves matters as much as one
+    across which a large one changes a little; their union would hide the small one's move."""
+    vol = np.zeros((48, 48, 40), np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, method="interpolate")
+    for z, side, small_x in ((0, 30, 5), (10, 30, 42), (20, 28, 42)):
+        labels = np.zeros((48, 48), np.int64)
+        labels[10 : 10 + side, 10 : 10 + side] = 1  # large: shrinks a little from 10 to 20
+        labels[(yy - 5) ** 2 + (xx - small_x) ** 2 <= 9] = 2  # small: moves from 0 to 10
+        session.add(z, labels)
+    # union Dice: 0.97 across 0-10, 0.93 across 10-20; per structure: 0.5 and 0.97
+    assert session.suggest(1, within=(0, 21)) == [5]
+
+
 def test_save_keeps_affine(segmenter, mni, tmp_path):
     import nibabel as nib
 
