@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from annotate_loop import next_even  # noqa: E402
+from annotate_loop import next_even, table_head  # noqa: E402
 from machine import cpu_name, emit  # noqa: E402
 
 from megaseg import Segmenter  # noqa: E402
@@ -336,8 +336,7 @@ def report(raw: dict, out: Path) -> None:
             "`session.suggest(1, within=extent)`, told it as even and random are. Mean volume "
             "Dice over the structures:",
             "",
-            "| labelled slices | " + " | ".join(strategies) + " |",
-            "|---:|" + "---:|" * len(strategies),
+            *table_head(strategies),
         ]
         for i in range(n):
             lines.append(
