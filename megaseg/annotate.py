@@ -573,10 +573,16 @@ class VolumeSession:
         ``length * (2 - Dice)``, Dice being the mean over the structures at its two ends of
         each one's Dice there (so a small structure's move is not hidden by a large one
         that stays): long gaps first, and of equal ones, those across which the shapes
-        change most. The extent is ``within`` when given, and there an end gap compares
-        with the session's labels at the extent's end slice; else it is where the session's
-        result labels anything, an end gap counts as Dice 0 (the structure vanishes), and
-        the extent widens by 5% of the depth at a time once no gap is left.
+        change most (a gap at a slice suggested in the same call counts by its length
+        alone: that slice's shape is not known yet). The extent is ``within`` when given,
+        and there an end gap compares with the session's labels at the extent's end slice.
+        Else the extent is where the session's result labels anything, reaching ``reach``
+        mean spacings of the labelled slices further on each side that no labelled empty
+        slice bounds (beyond the outermost labelled slice the session follows the structure
+        at most that far, so where it really ends is unknown by about as much), and widening
+        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as 1 - (the area at its inner end /
+        the largest labelled area): the more of the structure is left at the gap's inner
+        end, the more there is to find beyond it.
 
         ``method="model"``: the slice with the highest ``slice_score * min(1, d / gap)``,
         ``d`` its distance to the nearest labelled (or suggested) slice and ``gap`` half the
@@ -630,18 +636,32 @@ class VolumeSession:
         D = self.depth
         stack = np.moveaxis(result.labels, self.axis, 0).reshape(D, -1)  # (D, H*W)
         found = stack != 0
+        area = {i: int(np.count_nonzero(lab)) for i, lab in self._labels.items()}
+        present = sorted(i for i in area if area[i] and lo <= i < hi)
         if told:
             first, last = lo - 1, hi
         else:
             where = np.flatnonzero(found[lo:hi].any(axis=1)) + lo
             first, last = (int(where[0]) - 1, int(where[-1]) + 1) if len(where) else (lo - 1, hi)
+            if len(present) > 1:  # the session follows them at most `reach` spacings
+                spacing = math.ceil(self.reach * (present[-1] - present[0]) / (len(present) - 1))
+                empty = [i for i in area if not area[i]]  # the structures are absent there
+                below = max((i for i in empty if lo <= i < present[0]), default=lo - 1)
+                above = min((i for i in empty if present[-1] < i < hi), default=hi)
+                first = max(below, first - spacing) if first > below else first
+                last = min(above, last + spacing) if last < above else last
+
+        picks: list[int] = []
 
         def change(a: int, b: int) -> float:
             """2 - the mean over the structures at the gap's ends of their Dice there."""
+            if a in picks or b in picks:  # not labelled yet: its shape is not known
+                return 1.0
             if told:  # the extent's end slices, as the session labels them now
                 a, b = max(a, lo), min(b, hi - 1)
-            elif a == first or b == last:
-                return 2.0
+            elif a == first or b == last:  # how much is left to find beyond the inner end
+                inner = b if a == first else a
+                return 1.0 + min(1.0, np.count_nonzero(stack[inner]) / max(1, max(area.values())))
             values = np.union1d(stack[a], stack[b])
             values = values[values != 0]
             if not len(values):
@@ -649,7 +669,6 @@ class VolumeSession:
             return 2.0 - float(np.mean([mask_dice(stack[a] == v, stack[b] == v) for v in values]))
 
         widen = max(1, math.ceil(0.05 * D))
-        picks: list[int] = []
         while len(picks) < k:
             inside = sorted(i for i in (*self.labelled, *picks) if first < i < last)
             anchors = [first, *inside, last]

@@ -178,8 +178,29 @@ def test_suggest_bisects_the_gap_whose_shape_changes_most(segmenter):
     assert session.suggest(2, within=(10, 31)) == [25, 15]
     # told a wider extent, the ends count as gaps where the structure vanishes
     assert session.suggest(1, within=(3, 40)) == [35]
-    # not told: only where the session labels something (10..30 here), never beyond
-    assert all(10 < i < 30 for i in session.suggest(3))
+    # not told: the ends may lie up to one spacing (10) beyond the outermost labelled
+    # slices; below 10 the disc is as large as anywhere, so that end comes first, while
+    # above 30, where it has nearly vanished, less is left to find than across 20-30
+    assert session.suggest(2) == [4, 25]
+
+
+def test_suggest_not_told_looks_one_spacing_beyond_but_not_past_an_empty_slice(segmenter):
+    """Not told the extent: the session follows a structure only about one labelled spacing
+    beyond its outermost labelled slices, so where it really ends is unknown by about as much
+    (labelled densely, the session's own extent would creep along one slice at a time); a
+    slice labelled empty bounds the search."""
+    vol = np.zeros((48, 48, 60), np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 24) ** 2 + (xx - 24) ** 2 <= 64).astype(np.int64)
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, method="interpolate")
+    for z in (20, 24, 28, 32):
+        session.add(z, disc)
+    # the same disc throughout: the interior gaps (length 4, Dice 1) score 4; the end
+    # gaps reach one spacing (4) beyond the session's extent 20..32 and score 2 * 5
+    first, second = session.suggest(2)
+    assert {first, second} == {17, 34}
+    session.add(34, np.zeros_like(disc))  # absent from 34 on: only 33 is left above
+    assert session.suggest(2) == [17, 33]  # 17's shape is not known yet: 15-17 scores 2
 
 
 def test_suggest_weighs_each_structure_not_their_union(segmenter):
