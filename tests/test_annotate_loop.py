@@ -22,6 +22,7 @@ def _load(name: str):
     try:
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
@@ -146,3 +147,21 @@ def test_speed_benchmark_sets_the_default_stride_only_inside():
     with speed.default_stride(1):
         assert VolumeSession.__init__.__kwdefaults__["stride"] == 1
     assert VolumeSession.__init__.__kwdefaults__["stride"] == default == 3
+
+
+def test_annotate_volumes_pairs_each_strategy_with_even_spacing_per_structure():
+    """The which-slice-next comparison is paired per structure, over n = 2.. (n = 1 is the
+    same middle slice for every strategy), with the count of structures ahead."""
+    volumes = _load("annotate_volumes")
+    curves = {  # structure -> strategy -> Dice after 1, 2, 3 labelled slices
+        "a": {"even": [0.1, 0.5, 0.7], "suggest": [0.1, 0.6, 0.8]},
+        "b": {"even": [0.9, 0.5, 0.7], "suggest": [0.1, 0.4, 0.6]},
+    }
+    loops = [
+        {"structure": s, "strategy": st, "dice": d}
+        for s, by in curves.items()
+        for st, d in by.items()
+    ]
+    (line,) = volumes._against_even(loops, ["a", "b"], ["even", "suggest"])[2:]
+    # differences over n = 2..3: +0.1 on a, -0.1 on b; the interval spans both
+    assert line.startswith("- suggest - even: +0.000 [-0.100, +0.100], ahead on 1 of 2")
