@@ -102,6 +102,37 @@ def test_suggestions_stay_in_the_structure_slices_the_user_gives(make_napari_vie
     assert viewer.dims.current_step[0] == widget.suggested[0]
 
 
+def test_a_slice_marked_nothing_here_is_labelled_background(make_napari_viewer, qtbot, mni):
+    """A slice without the structures cannot be painted; *Nothing here* labels it all
+    background: the session keeps it empty and never suggests it; pressed again, or painted
+    over, the mark goes."""
+    viewer = _viewer_with_paint(make_napari_viewer, mni, [12, 16])
+    widget = AnnotateWidget(viewer)
+    _segment(qtbot, widget)
+    target = 14  # the session labels brain there; the user says there is nothing
+    assert widget.result.labels[target].any()
+    viewer.dims.set_current_step(0, target)
+    widget.mark_empty()
+    assert widget.empty == {(0, target)} and "nothing here" in widget._status.value
+    _segment(qtbot, widget)
+    assert target in widget.result.labelled
+    assert not widget.result.labels[target].any()
+    assert target not in widget.suggested
+    viewer.dims.set_current_step(0, target)  # Segment moved the viewer to its suggestion
+    widget.mark_empty()  # again: taken back, un-labelled at the next Segment
+    assert widget.empty == set()
+    _segment(qtbot, widget)
+    assert widget.result.labelled == (12, 16)
+    viewer.dims.set_current_step(0, target)
+    widget.mark_empty()
+    viewer.layers["paint"].data[target] = mni[1][target]  # painted after all: a painted slice
+    _segment(qtbot, widget)
+    assert widget.empty == set() and widget.result.labels[target].any()
+    viewer.dims.set_current_step(0, 12)
+    widget.mark_empty()  # a painted slice cannot be marked
+    assert widget.empty == set() and "is painted" in widget._status.value
+
+
 @pytest.mark.parametrize(
     ("text", "reason"), [("ten to 18", "expected the first and last slice"), ("20-90", "0..32")]
 )

@@ -7,10 +7,13 @@ viewer to the slice :meth:`VolumeSession.suggest` names. Correct that slice (or 
 *Copy prediction here* to start from the model's guess, then fix it) and press *Segment*
 again: only slices whose nearest labelled slices changed are predicted again. Where you know
 the structures lie along the axis, say so (*structure's slices*, e.g. ``40-75``): the suggested
-slices then stay in that range instead of chasing what the model guesses beyond it.
+slices then stay in that range instead of chasing what the model guesses beyond it. A
+suggested slice where the structures are absent cannot be painted: press *Nothing here* on it
+(again to take it back), and the session learns that they end before it.
 
-Labelled slices are the slices of the labels layer that hold any nonzero label; erasing a
-slice completely un-labels it. The session (and its cached predictions) is kept while the
+Labelled slices are the slices of the labels layer that hold any nonzero label, and those
+marked *Nothing here* (labelled all background; painting one makes it a painted slice);
+erasing a painted slice completely un-labels it. The session (and its cached predictions) is kept while the
 image's content, the axis and the checkpoint stay the same: replacing the layer's data with
 another scan of the same shape starts a new session.
 """
@@ -67,7 +70,7 @@ class AnnotateWidget(Container):
 
     Attributes (for scripts and tests): ``session`` (the current session), ``result`` (the
     last :class:`~megaseg.annotate.SessionResult`), ``suggested`` (the slices suggested last),
-    ``worker`` (the running or last worker; its ``finished`` signal fires after the layers are
+    ``empty`` (the ``(axis, slice)`` pairs marked *Nothing here*), ``worker`` (the running or last worker; its ``finished`` signal fires after the layers are
     updated).
     """
 
@@ -100,6 +103,11 @@ class AnnotateWidget(Container):
         self._run = PushButton(text="Segment")
         self._copy = PushButton(text="Copy prediction here")
         self._copy.tooltip = "copy the predicted labels of the current slice into the labels layer"
+        self._nothing = PushButton(text="Nothing here")
+        self._nothing.tooltip = (
+            "label the current slice as background (the structures are absent there); "
+            "press again to take it back"
+        )
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self._status = Label(value="Paint a few slices, then press Segment.")
         self._status.native.setWordWrap(True)  # long messages wrap instead of widening the dock
@@ -114,6 +122,7 @@ class AnnotateWidget(Container):
                 self._checkpoint,
                 self._run,
                 self._copy,
+                self._nothing,
                 self._progress,
                 self._status,
             ]
@@ -122,11 +131,13 @@ class AnnotateWidget(Container):
         self._signal.changed.connect(self._on_progress)
         self._run.changed.connect(self.run)
         self._copy.changed.connect(self.copy_prediction)
+        self._nothing.changed.connect(self.mark_empty)
         self._segmenters: dict[str, object] = {}
         self.session = None
         self._session_key = None
         self.result = None
         self.suggested: list[int] = []
+        self.empty: set[tuple[int, int]] = set()
         self.worker = None
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -157,6 +168,9 @@ class AnnotateWidget(Container):
             self._status.value = f"Paint at least one slice of '{labels.name}' first."
             return None
         axis, checkpoint = int(self._axis.value), self._checkpoint.value.strip()
+        stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
+        self.empty -= {(axis, int(i)) for i in np.flatnonzero(stack.any(axis=1))}  # painted
+        empty = sorted(i for a, i in self.empty if a == axis and i < painted.shape[axis])
         try:
             within = _slice_range(self._within.value, data.shape[axis])
         except ValueError as e:
@@ -165,7 +179,7 @@ class AnnotateWidget(Container):
         self._run.enabled = False
         self._status.value = "Segmenting..."
         self._progress.value = 0
-        self.worker = self._work(data, painted, axis, checkpoint, within, image.name)
+        self.worker = self._work(data, painted, empty, axis, checkpoint, within, image.name)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(lambda: setattr(self._run, "enabled", True))
@@ -173,7 +187,7 @@ class AnnotateWidget(Container):
         return self.worker
 
     @thread_worker
-    def _work(self, data, painted, axis, checkpoint, within, name):
+    def _work(self, data, painted, empty, axis, checkpoint, within, name):
         from megaseg import Segmenter
         from megaseg.annotate import VolumeSession
 
@@ -188,9 +202,11 @@ class AnnotateWidget(Container):
         session.method = self._method.value  # part of the result's cache key
         stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
         painted_now = set(np.flatnonzero(stack.any(axis=1)).tolist())
-        for i in set(session.labelled) - painted_now:  # erased by the user: un-label
+        for i in set(session.labelled) - painted_now - set(empty):  # erased: un-label
             session.remove(i)
         session.add_volume(painted, sorted(painted_now))
+        for i in empty:  # marked "Nothing here": the structures are absent there
+            session.add(i, np.zeros(session.slice_shape, np.int64))
         result = session.segment(callback=self._signal.changed.emit)
         suggested = session.suggest(3, within=within)
         return result, suggested, time.perf_counter() - start, name
@@ -207,6 +223,25 @@ class AnnotateWidget(Container):
         target[index] = np.take(self.result.labels, index, axis=axis)
         labels.refresh()
         self._status.value = f"Copied the prediction of slice {index}; correct it, then Segment."
+
+    def mark_empty(self, *_):
+        """Mark the viewer's current slice along the slicing axis as background (the
+        structures are absent there), or take the mark back; applied at the next Segment."""
+        labels = self._labels.value
+        if labels is None or np.asarray(labels.data).ndim != 3:
+            self._status.value = "Choose a 3D labels layer first."
+            return
+        axis = int(self._axis.value)
+        index = int(self.viewer.dims.current_step[axis])
+        if np.take(labels.data, index, axis=axis).any():
+            self._status.value = f"Slice {index} is painted: erase it first to mark it empty."
+            return
+        if (axis, index) in self.empty:
+            self.empty.discard((axis, index))
+            self._status.value = f"Slice {index} is no longer marked empty; press Segment."
+        else:
+            self.empty.add((axis, index))
+            self._status.value = f"Slice {index} marked: nothing here. Press Segment."
 
     # ------------------------------------------------------------------ callbacks (GUI thread)
 
