@@ -174,7 +174,8 @@ def test_plugin_manifest_registers_the_widget(make_napari_viewer):
 
 def test_another_scan_in_the_same_layer_gets_a_new_session(make_napari_viewer, qtbot, mni):
     """The image layer's data replaced by another scan of the same shape: the next Segment
-    segments that scan (as a fresh session would), not the cached session of the first one."""
+    segments that scan (as a fresh session would), not the cached session of the first one,
+    and drops the slices marked *Nothing here* on the first."""
     from megaseg.annotate import VolumeSession
 
     t1, _ = mni
@@ -182,6 +183,8 @@ def test_another_scan_in_the_same_layer_gets_a_new_session(make_napari_viewer, q
     widget = AnnotateWidget(viewer)
     _segment(qtbot, widget)
     first = widget.session
+    viewer.dims.set_current_step(0, 15)
+    widget.mark_empty()  # made on the first scan: dropped with it
     other = np.ascontiguousarray(np.flip(t1, axis=1))  # same shape, another image
     viewer.layers["t1"].data = other
     assert widget.run() is not None
@@ -192,3 +195,4 @@ def test_another_scan_in_the_same_layer_gets_a_new_session(make_napari_viewer, q
     fresh = VolumeSession(first.segmenter, other, axis=0, progress=False)
     fresh.add_volume(viewer.layers["paint"].data)
     np.testing.assert_array_equal(widget.result.labels, fresh.segment().labels)
+    assert widget.result.labelled == (10, 20) and widget.empty == set()

@@ -12,8 +12,8 @@ suggested slice where the structures are absent cannot be painted: press *Nothin
 (again to take it back), and the session learns that they end before it.
 
 Labelled slices are the slices of the labels layer that hold any nonzero label, and those
-marked *Nothing here* (labelled all background; painting one makes it a painted slice);
-erasing a painted slice completely un-labels it. The session (and its cached predictions) is kept while the
+marked *Nothing here* (labelled all background; painting one makes it a painted slice; another scan in the image
+layer drops the marks); erasing a painted slice completely un-labels it. The session (and its cached predictions) is kept while the
 image's content, the axis and the checkpoint stay the same: replacing the layer's data with
 another scan of the same shape starts a new session.
 """
@@ -195,6 +195,9 @@ class AnnotateWidget(Container):
         key = (_fingerprint(data), axis, checkpoint)  # here: hashing a big volume takes a moment
         if checkpoint not in self._segmenters:
             self._segmenters[checkpoint] = Segmenter.from_checkpoint(checkpoint)
+        stale = self._session_key is not None and self._session_key[0] != key[0]
+        if stale:  # another scan: the marks were made on the one before
+            empty = []
         if self.session is None or self._session_key != key:
             self.session = VolumeSession(self._segmenters[checkpoint], data, axis, progress=False)
             self._session_key = key
@@ -209,7 +212,7 @@ class AnnotateWidget(Container):
             session.add(i, np.zeros(session.slice_shape, np.int64))
         result = session.segment(callback=self._signal.changed.emit)
         suggested = session.suggest(3, within=within)
-        return result, suggested, time.perf_counter() - start, name
+        return result, suggested, time.perf_counter() - start, name, stale
 
     def copy_prediction(self, *_):
         """Copy the predicted labels of the viewer's current slice into the labels layer."""
@@ -250,8 +253,10 @@ class AnnotateWidget(Container):
         self._progress.value = done
 
     def _on_done(self, value):
-        result, suggested, seconds, name = value
+        result, suggested, seconds, name, stale = value
         self.result, self.suggested = result, suggested
+        if stale:
+            self.empty.clear()
         image = self._image.value
         place = {}
         if image is not None:
