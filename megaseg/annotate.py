@@ -580,9 +580,9 @@ class VolumeSession:
         mean spacings of the labelled slices further on each side that no labelled empty
         slice bounds (beyond the outermost labelled slice the session follows the structure
         at most that far, so where it really ends is unknown by about as much), and widening
-        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as 1 - (the area at its inner end /
-        the largest labelled area): the more of the structure is left at the gap's inner
-        end, the more there is to find beyond it.
+        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as
+        1 - (the area at its inner end / the largest labelled area): the more of the
+        structure is left at the gap's inner end, the more there is to find beyond it.
 
         ``method="model"``: the slice with the highest ``slice_score * min(1, d / gap)``,
         ``d`` its distance to the nearest labelled (or suggested) slice and ``gap`` half the

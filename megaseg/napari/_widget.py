@@ -12,10 +12,11 @@ suggested slice where the structures are absent cannot be painted: press *Nothin
 (again to take it back), and the session learns that they end before it.
 
 Labelled slices are the slices of the labels layer that hold any nonzero label, and those
-marked *Nothing here* (labelled all background; painting one makes it a painted slice; another scan in the image
-layer drops the marks); erasing a painted slice completely un-labels it. The session (and its cached predictions) is kept while the
-image's content, the axis and the checkpoint stay the same: replacing the layer's data with
-another scan of the same shape starts a new session.
+marked *Nothing here* (labelled all background; painting one makes it a painted slice;
+another scan in the image layer drops the marks); erasing a painted slice completely
+un-labels it. The session (and its cached predictions) is kept while the image's content,
+the axis and the checkpoint stay the same: replacing the layer's data with another scan of
+the same shape starts a new session.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class AnnotateWidget(Container):
 
     Attributes (for scripts and tests): ``session`` (the current session), ``result`` (the
     last :class:`~megaseg.annotate.SessionResult`), ``suggested`` (the slices suggested last),
-    ``empty`` (the ``(axis, slice)`` pairs marked *Nothing here*), ``worker`` (the running or last worker; its ``finished`` signal fires after the layers are
-    updated).
+    ``empty`` (the ``(axis, slice)`` pairs marked *Nothing here*), ``worker`` (the running
+    or last worker; its ``finished`` signal fires after the layers are updated).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
