@@ -53,6 +53,7 @@ from megaseg.metrics import mask_dice  # noqa: E402
 
 METHODS = ("nearest", "ITK", "interpolate", "model", "guided")
 STRATEGIES = ("even", "random", "suggest", "suggest-within")
+LOOP_SLICES = 10  # which-slice-next: slices labelled in all (structures spanning fewer: skipped)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ VOLUMES = (
     Volume(
         "ITK KmeansTest T1 head, 2 x 2 x 3 mm (insighttoolkit5-examples)",
         "PkgITKKmeans", "ITK-KmeansTest_T1", 0, (1, 1, 1), 2, {"brain": 1},
+    ),
+    Volume(
+        "chest CT, 3 x 3 x 10 mm (slicerio, 3D Slicer's CTChest)",
+        "PkgSlicerioChest", "CTChest_segmentation", 0, (1, 1, 1), 2,
+        {"ribs": 1, "cervical spine": 2, "thoracic spine": 3, "lumbar spine": 4,
+         "right lung": 5, "left lung": 6},
     ),
 )  # fmt: skip
 
@@ -141,7 +148,7 @@ def fill(method: str, sessions: dict, truth: np.ndarray, axis: int, picks: list[
     return result.labels > 0, result.seconds
 
 
-def suggest_loop(session, truth, axis, strategy, first, last, rng, n_max=10):
+def suggest_loop(session, truth, axis, strategy, first, last, rng, n_max=LOOP_SLICES):
     """Label the middle slice, then add slices by ``strategy``: Dice after each addition."""
     for i in session.labelled:
         session.remove(i)
@@ -219,6 +226,9 @@ def main(argv=None) -> None:
                     flush=True,
                 )
             if args.no_suggest:
+                continue
+            if last - first + 1 < LOOP_SLICES:  # the loop labels 10 slices of the extent
+                print(f"{structure:16s} spans {last - first + 1} slices: not in the loop")
                 continue
             for strategy in STRATEGIES:
                 for seed in args.seeds if strategy == "random" else args.seeds[:1]:
@@ -313,6 +323,7 @@ def report(raw: dict, out: Path) -> None:
             + " (guided predicts only the slices around the structure).",
         ]
     if loops:
+        structures = list(dict.fromkeys(r["structure"] for r in loops))  # long enough
         strategies = list(dict.fromkeys(r["strategy"] for r in loops))
         n = len(loops[0]["dice"])
         curve = {
@@ -335,7 +346,8 @@ def report(raw: dict, out: Path) -> None:
             "largest gap within the extent; random = any slice of the extent (mean over seeds); "
             "suggest = `session.suggest(1)`, not told the extent; suggest-within = "
             "`session.suggest(1, within=extent)`, told it as even and random are. Mean volume "
-            "Dice over the structures:",
+            f"Dice over the {len(structures)} structures that span at least {LOOP_SLICES} "
+            "slices:",
             "",
             *table_head(strategies),
         ]
