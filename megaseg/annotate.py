@@ -604,9 +604,14 @@ class VolumeSession:
             )
         free = [i for i in range(lo, hi) if i not in self._labels]
         k = min(int(k), len(free))
+        if not k:
+            return []
         if not any(lab.any() for lab in self._labels.values()):
-            picks = np.linspace(0, len(free) - 1, k + 2)[1:-1] if k else []
-            return [free[int(round(p))] for p in picks]
+            if k + 2 <= len(free):  # the interior points are 1 or more apart: distinct
+                picks = np.linspace(0, len(free) - 1, k + 2)[1:-1].round()
+            else:  # the middles of k equal parts
+                picks = np.floor((np.arange(k) + 0.5) * len(free) / k)
+            return [free[int(p)] for p in picks]
         result = self.segment(callback)
         if self.method != "model":
             return self._suggest_gaps(result, k, lo, hi, told=within is not None)

@@ -203,6 +203,20 @@ def test_suggest_not_told_looks_one_spacing_beyond_but_not_past_an_empty_slice(s
     assert session.suggest(2) == [17, 33]  # 17's shape is not known yet: 15-17 scores 2
 
 
+def test_suggest_with_only_background_labelled_spreads_distinct_slices(segmenter):
+    """Nothing but background labelled: evenly spread slices, never one twice, also when
+    nearly every free slice is asked for (rounding evenly spaced points collided there)."""
+    vol = np.zeros((16, 16, 28), np.float32)
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, method="interpolate")
+    for i in (5, 18):
+        session.add(i, np.zeros((16, 16), np.int64))
+    assert session.suggest(1, within=(10, 16)) == [12]  # the middle of 10-15
+    for k in range(1, 8):
+        picks = session.suggest(k, within=(10, 16))
+        assert len(picks) == len(set(picks)) == min(k, 6)
+        assert all(10 <= i < 16 for i in picks)
+
+
 def test_suggest_weighs_each_structure_not_their_union(segmenter):
     """With several structures, a gap across which a small one moves matters as much as one
     across which a large one changes a little; their union would hide the small one's move."""
