@@ -165,3 +165,19 @@ def test_annotate_volumes_pairs_each_strategy_with_even_spacing_per_structure():
     (line,) = volumes._against_even(loops, ["a", "b"], ["even", "suggest"])[2:]
     # differences over n = 2..3: +0.1 on a, -0.1 on b; the interval spans both
     assert line.startswith("- suggest - even: +0.000 [-0.100, +0.100], ahead on 1 of 2")
+
+
+def test_annotate_together_labels_every_section_on_each_slice_it_picks():
+    """benchmarks/annotate_together.py: k slices per section, spread over that section's
+    extent, each carrying every section present on it (as a user labels the spine)."""
+    together = _load("annotate_together")
+    labels = np.zeros((8, 8, 30), np.uint8)
+    labels[2:6, 2:6, 0:12] = 4  # lumbar below
+    labels[2:6, 2:6, 11:25] = 3  # thoracic (slice 11 holds both in the real scan's way)
+    labels[1:3, 1:3, 11] = 4
+    labels[2:6, 2:6, 25:30] = 2  # cervical above
+    labels[0, 0, :] = 7  # another structure: never part of the sections' labels
+    given = together.labelled_together(labels, 2)
+    assert len(given) == 6 and all(lab[0, 0] == 0 for lab in given.values())
+    for i, lab in given.items():
+        np.testing.assert_array_equal(lab[1:, 1:], labels[1:, 1:, i])
