@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from annotate_loop import BASELINES, baselines_available  # noqa: E402
 from annotate_volumes import VOLUMES, _checkpoint, even_slices, extent, load  # noqa: E402
 from machine import cpu_name, emit  # noqa: E402
 
 from megaseg import Segmenter  # noqa: E402
 from megaseg.annotate import VolumeSession  # noqa: E402
-from megaseg.interpolate import itk_available, itk_fill, nearest_fill  # noqa: E402
 from megaseg.metrics import mask_dice  # noqa: E402
 
 SECTIONS = {"cervical spine": 2, "thoracic spine": 3, "lumbar spine": 4}
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     image, labels = load(volume)
     seg = Segmenter.from_checkpoint(_checkpoint(args.checkpoint), device="cpu")
     session = VolumeSession(seg, image, axis=volume.axis, progress=False, modality="CT")
-    fills = {"nearest": nearest_fill, **({"ITK": itk_fill} if itk_available() else {})}
+    fills = {name: BASELINES[name] for name in baselines_available()}
     methods = [*fills, "guided"]
     t0 = time.perf_counter()
     dice: dict[tuple[str, int, str], float] = {}

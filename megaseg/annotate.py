@@ -642,6 +642,7 @@ class VolumeSession:
         stack = np.moveaxis(result.labels, self.axis, 0).reshape(D, -1)  # (D, H*W)
         found = stack != 0
         area = {i: int(np.count_nonzero(lab)) for i, lab in self._labels.items()}
+        largest = max(1, max(area.values()))
         present = sorted(i for i in area if area[i] and lo <= i < hi)
         if told:
             first, last = lo - 1, hi
@@ -666,7 +667,7 @@ class VolumeSession:
                 a, b = max(a, lo), min(b, hi - 1)
             elif a == first or b == last:  # how much is left to find beyond the inner end
                 inner = b if a == first else a
-                return 1.0 + min(1.0, np.count_nonzero(stack[inner]) / max(1, max(area.values())))
+                return 1.0 + min(1.0, np.count_nonzero(stack[inner]) / largest)
             values = np.union1d(stack[a], stack[b])
             values = values[values != 0]
             if not len(values):

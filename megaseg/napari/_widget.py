@@ -170,7 +170,8 @@ class AnnotateWidget(Container):
             return None
         axis, checkpoint = int(self._axis.value), self._checkpoint.value.strip()
         stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
-        self.empty -= {(axis, int(i)) for i in np.flatnonzero(stack.any(axis=1))}  # painted
+        painted_slices = [int(i) for i in np.flatnonzero(stack.any(axis=1))]
+        self.empty -= {(axis, i) for i in painted_slices}  # painted after all
         empty = sorted(i for a, i in self.empty if a == axis and i < painted.shape[axis])
         try:
             within = _slice_range(self._within.value, data.shape[axis])
@@ -180,7 +181,9 @@ class AnnotateWidget(Container):
         self._run.enabled = False
         self._status.value = "Segmenting..."
         self._progress.value = 0
-        self.worker = self._work(data, painted, empty, axis, checkpoint, within, image.name)
+        self.worker = self._work(
+            data, painted, painted_slices, empty, axis, checkpoint, within, image.name
+        )
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(lambda: setattr(self._run, "enabled", True))
@@ -188,7 +191,7 @@ class AnnotateWidget(Container):
         return self.worker
 
     @thread_worker
-    def _work(self, data, painted, empty, axis, checkpoint, within, name):
+    def _work(self, data, painted, painted_slices, empty, axis, checkpoint, within, name):
         from megaseg import Segmenter
         from megaseg.annotate import VolumeSession
 
@@ -204,11 +207,9 @@ class AnnotateWidget(Container):
             self._session_key = key
         session = self.session
         session.method = self._method.value  # part of the result's cache key
-        stack = np.moveaxis(painted, axis, 0).reshape(painted.shape[axis], -1)
-        painted_now = set(np.flatnonzero(stack.any(axis=1)).tolist())
-        for i in set(session.labelled) - painted_now - set(empty):  # erased: un-label
+        for i in set(session.labelled) - set(painted_slices) - set(empty):  # erased: un-label
             session.remove(i)
-        session.add_volume(painted, sorted(painted_now))
+        session.add_volume(painted, painted_slices)
         for i in empty:  # marked "Nothing here": the structures are absent there
             session.add(i, np.zeros(session.slice_shape, np.int64))
         result = session.segment(callback=self._signal.changed.emit)
