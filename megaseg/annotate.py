@@ -483,11 +483,16 @@ class VolumeSession:
                 out.setdefault(i, np.zeros((len(values), H, W), np.float32))[k] = mixed
             if plan is None:
                 continue
-            for first, walk in plan[v].walks:
+            for (first, walk), look in zip(plan[v].walks, plan[v].looks, strict=True):
                 seen = [probs[j][k] for j in walk]
                 if plan[v].limit is not None:  # the structure ends within about one spacing
                     shrink = taper(self._labels[first] == v, len(walk), plan[v].limit)
-                    seen = [(1 - w) * t + w * q for t, q in zip(shrink, seen, strict=True)]
+                    # Where the model shows no end either, it goes on into a look-alike (the
+                    # next vertebra, a neighbouring nucleus): there it weighs no more than the
+                    # taper, and a voxel is kept only where both allow it.
+                    ends = _ends(self._labels[first] == v, seen, probs, look, k)
+                    u = w if ends else min(w, 0.5)
+                    seen = [(1 - u) * t + u * q for t, q in zip(shrink, seen, strict=True)]
                 kept = follow(self._labels[first] == v, seen)
                 for j, q, keep in zip(walk, *kept, strict=True):
                     out.setdefault(j, np.zeros((len(values), H, W), np.float32))[k] = q
@@ -805,6 +810,18 @@ def _fill_between(probs: dict[int, np.ndarray], targets: list[int]) -> None:
         a, b = have[pos - 1], have[pos]  # _thinned keeps each run's first and last slices
         t = (i - a) / (b - a)
         probs[i] = ((1 - t) * probs[a] + t * probs[b]).astype(np.float32)
+
+
+def _ends(first: np.ndarray, walk: list[np.ndarray], probs, look: int | None, k: int) -> bool:
+    """Whether the model shows structure ``k`` ending by slice ``look`` (one more spacing past
+    where its labelled slices say it ends): followed from mask ``first`` through the walk's
+    probabilities and on to that slice's, its mask stops. True where there is no ``look``
+    (the walk ends at the volume's end or a labelled slice).
+    """
+    if look is None:
+        return True
+    _, kept = follow(first, [*walk, probs[look][k]])
+    return not all(kept)
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:

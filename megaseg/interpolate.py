@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -98,15 +98,22 @@ class ValuePlan:
     between: slices between two labelled slices that hold it (the structure is there);
     walks: ``(first, [j1, j2, ...])``: from a labelled slice holding it, outward, the slices
         where it may go on (none is labelled), nearest first.
+    looks: per walk that stops at its limit, the slice one more limit further on (or the
+        last before the volume's end or a labelled slice, if nearer), where the model is
+        asked whether the structure has ended by then, as its labelled slices say it should;
+        None where the walk itself ends at a labelled slice or the volume's end, or has no
+        limit.
     """
 
     between: list[int]
     walks: list[tuple[int, list[int]]]
     limit: int | None = None  # the longest walk allowed; None: one labelled slice, no limit
+    looks: list[int | None] = field(default_factory=list)
 
     @property
     def slices(self) -> list[int]:
-        return sorted({*self.between, *(j for _, walk in self.walks for j in walk)})
+        walked = (j for _, walk in self.walks for j in walk)
+        return sorted({*self.between, *walked, *(j for j in self.looks if j is not None)})
 
 
 def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int, ValuePlan]:
@@ -116,7 +123,8 @@ def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int,
     direction does not hold it (or that has none), and stops before that slice, at the
     volume's end, or after ``ceil(reach * spacing)`` slices, ``spacing`` being the mean
     distance between the labelled slices holding the value (one such slice: no limit).
-    A labelled slice without the value says it is absent there.
+    A labelled slice without the value says it is absent there. A walk that stops at its
+    limit gets a look slice (:class:`ValuePlan`), one more limit further on.
     """
     _check(labelled, depth)
     order = sorted(labelled)
@@ -128,7 +136,7 @@ def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int,
             if len(where) < 2
             else math.ceil(reach * (where[-1] - where[0]) / (len(where) - 1))
         )
-        between, walks = [], []
+        between, walks, looks = [], [], []
         for first in where:
             pos = order.index(first)
             for step in (-1, 1):
@@ -139,10 +147,12 @@ def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int,
                         between += range(first + 1, other)
                     continue
                 end = (-1 if step < 0 else depth) if other is None else other
-                walk = list(range(first + step, end, step))[:limit]
+                walk = list(range(first + step, end, step))
                 if walk:
-                    walks.append((first, walk))
-        plans[value] = ValuePlan(between, walks, None if len(where) < 2 else limit)
+                    walks.append((first, walk[:limit]))
+                    beyond = walk[limit : 2 * limit] if len(where) > 1 else []
+                    looks.append(beyond[-1] if beyond else None)
+        plans[value] = ValuePlan(between, walks, None if len(where) < 2 else limit, looks)
     return plans
 
 

@@ -513,8 +513,9 @@ def test_guided_stride_predicts_fewer_slices_and_mixes_the_rest(segmenter, blobs
         results[stride] = (session.segment(), session)
     every, thin = results[1][0], results[3][0]
     # runs 0..8 (a walk down to the volume's start), 10..20 (between), 22..33 (a walk up,
-    # one spacing) and the 2 labelled slices: 9 + 11 + 12 + 2, against 4 + 5 + 5 + 2
-    assert every.predicted == 34 and thin.predicted == 16
+    # one spacing) and the 2 labelled slices, and slice 39 (where the walk up would be one
+    # more spacing on, the volume's last): 9 + 11 + 12 + 2 + 1, against 4 + 5 + 5 + 2 + 1
+    assert every.predicted == 35 and thin.predicted == 17
     assert results[3][1].stride == 3
     # slice 10 is predicted at both strides (the first of its run; batched with other slices,
     # so equal to float rounding); 11 is mixed from 10 and 13
@@ -536,3 +537,46 @@ def test_predict_volume_labels_only_the_slices_asked_for(segmenter, blobs):
     for bad in ((5, 5), (-1, 3), (0, 41), (1.5, 3), "ab"):
         with pytest.raises(ValueError, match="slices: .* is not a range"):
             segmenter.predict_volume(vol, axis=2, slices=bad)
+
+
+def test_guided_stops_where_a_look_alike_goes_on_past_the_labelled_end(segmenter):
+    """A section of a tube that goes on unchanged (a vertebral column section, labelled on
+    its own): beyond the outermost labelled slice the model sees no end, so the labels'
+    taper decides how far the structure goes; the model alone would paint the tube on."""
+    vol = np.random.default_rng(1).normal(0.2, 0.05, (48, 48, 40)).astype(np.float32)
+    xx, yy = np.mgrid[:48, :48]
+    disc = (xx - 24) ** 2 + (yy - 24) ** 2 <= 49
+    vol[disc] = 0.8  # the tube, on every slice
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[disc, 12:23] = 1  # the section the user labels: slices 12..22
+    # the model alone between labelled slices (as where it beats interpolation there)
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, prior_weight=0.0)
+    for i in (14, 17, 20):
+        session.add(i, labels[..., i])
+    area = disc.sum()
+    model = VolumeSession(segmenter, vol, axis=2, progress=False, method="model")
+    for i in (14, 17, 20):
+        model.add(i, labels[..., i])
+    alone = model.segment().labels
+    assert all((alone[..., z] == 1).sum() > 0.8 * area for z in (23, 26, 29))  # no end seen
+    result = session.segment().labels
+    painted = [int((result[..., z] == 1).sum()) for z in range(40)]
+    # between the labelled slices: the tube; one spacing (3) beyond: shrinking, then nothing
+    assert all(p > 0.8 * area for p in painted[14:21])
+    assert painted[23] < 0.7 * area and painted[23] <= painted[22] <= painted[21]
+    assert painted[11] < 0.7 * area and painted[11] <= painted[12] <= painted[13]
+    assert not any(painted[24:]) and not any(painted[:11])
+
+
+def test_ends_asks_the_model_one_more_spacing():
+    from megaseg.annotate import _ends
+
+    first = np.zeros((32, 32), bool)
+    first[10:20, 10:20] = True
+    on = np.where(first, 0.95, 0.02).astype(np.float32)
+    off = np.full((32, 32), 0.02, np.float32)
+    probs = {6: [off], 7: [on]}
+    assert not _ends(first, [on], probs, 7, 0)  # still there one spacing later
+    assert _ends(first, [on], probs, 6, 0)  # gone by then
+    assert _ends(first, [on, off], probs, 7, 0)  # gone on the way
+    assert _ends(first, [on], probs, None, 0)  # nothing to look at: the volume's end

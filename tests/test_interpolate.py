@@ -66,11 +66,15 @@ def test_guided_plan_walks_stop_at_labelled_slices_and_after_reach():
     assert walks[22] == [23, 24, 25]  # stops before the slice labelled background
     assert 16 not in walks
     assert plan.limit == 6
+    # where a walk stops at its limit, the model is asked one spacing further (to the
+    # volume's end at most), and nowhere else
+    assert plan.looks == [0, None] and 0 in plan.slices
+    assert guided_plan({10: lab, 16: lab}, 40)[1].looks == [0, 28]
     assert guided_plan(given, 40, reach=0.5)[1].walks[0][1] == [9, 8, 7]
     # one labelled slice: no spacing known, the walks go to the volume's ends
     lone = guided_plan({3: lab}, 8)[1]
     assert lone.walks == [(3, [2, 1, 0]), (3, [4, 5, 6, 7])]
-    assert lone.limit is None
+    assert lone.limit is None and lone.looks == [None, None]
 
 
 def test_follow_stops_where_the_mask_collapses_or_confidence_drops():
