@@ -122,7 +122,10 @@ class VolumeSession:
         reach: ``"guided"``: how far beyond the outermost labelled slice of a structure the
             model may follow it, in mean spacings of that structure's labelled slices (with
             one labelled slice: up to the volume's end); it stops earlier where its mask
-            collapses or its confidence drops.
+            collapses or its confidence drops. Its probabilities are mixed with a shape that
+            shrinks to nothing within that reach; where the model still sees the structure
+            one more reach on (a look-alike that goes on), it weighs at most as much as that
+            shape.
         prior_weight: ``"guided"``: weight of the interpolated shape against the model's
             probability between labelled slices (0: the model alone, 1: interpolation alone);
             None (default): chosen per structure from how well each predicts the labelled
@@ -463,7 +466,8 @@ class VolumeSession:
     ):
         """``method="guided"`` / ``"interpolate"``: per label value, the interpolated shape
         between its labelled slices (mixed with the model's probability when guided), and
-        beyond them the model's masks followed slice by slice (:func:`follow`).
+        beyond them the model's masks followed slice by slice (:func:`follow`), mixed with
+        the labels' taper (with at most equal weight where the model shows no end: _ends).
         ``predicted_slices``: the ``targets`` the model ran on (the rest are mixed)."""
         values = self._values(predicted_slices)
         D, (H, W) = self.depth, self.slice_shape
