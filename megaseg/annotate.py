@@ -588,8 +588,11 @@ class VolumeSession:
         Else the extent is where the session's result labels anything, reaching ``reach``
         mean spacings of the labelled slices further on each side that no labelled empty
         slice bounds (beyond the outermost labelled slice the session follows the structure
-        at most that far, so where it really ends is unknown by about as much), and widening
-        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as
+        at most that far, so where it really ends is unknown by about as much); with one
+        slice holding structures, no further from it than their largest extent within the
+        slice (in slices, by the affine's voxel sizes where known), as the session's own
+        labels may run far beyond a small structure; widening by 5% of the depth at a time
+        once no gap is left. An end gap's Dice counts as
         1 - (the area at its inner end / the largest labelled area): the more of the
         structure is left at the gap's inner end, the more there is to find beyond it.
 
@@ -665,6 +668,13 @@ class VolumeSession:
                 above = min((i for i in empty if present[-1] < i < hi), default=hi)
                 first = max(below, first - spacing) if first > below else first
                 last = min(above, last + spacing) if last < above else last
+            elif len(present) == 1:
+                # One labelled slice gives no spacing, and the session follows the model from
+                # it as far as the model goes, on small structures onto look-alikes far away:
+                # first guess that the structures reach no further along the axis than their
+                # largest extent within the slice (the end gaps' middles then lie within it).
+                far = self._in_plane_extent(self._labels[present[0]] != 0)
+                first, last = max(first, present[0] - far - 1), min(last, present[0] + far + 1)
 
         picks: list[int] = []
 
@@ -700,6 +710,18 @@ class VolumeSession:
             else:
                 break
         return picks
+
+    def _in_plane_extent(self, mask: np.ndarray) -> int:
+        """The larger side of ``mask``'s bounding box in slices along the axis: its pixels
+        times their size over the slice spacing (the affine's, else 1: isotropic)."""
+        rows, cols = np.nonzero(mask)
+        sides = np.array([rows.max() - rows.min() + 1, cols.max() - cols.min() + 1], float)
+        affine = self._affine if self._image is None else np.asarray(self._image.affine)
+        if affine is not None:
+            sizes = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+            if np.all(sizes > 0):
+                sides *= np.delete(sizes, self.axis) / sizes[self.axis]
+        return math.ceil(float(sides.max()))
 
     # ------------------------------------------------------------------ output
 

@@ -203,6 +203,28 @@ def test_suggest_not_told_looks_one_spacing_beyond_but_not_past_an_empty_slice(s
     assert session.suggest(2) == [17, 33]  # 17's shape is not known yet: 15-17 scores 2
 
 
+def test_suggest_not_told_from_one_slice_guesses_the_structures_in_plane_size(
+    segmenter, monkeypatch
+):
+    """One labelled slice gives no spacing, and the session's labels may run far beyond a
+    small structure (the model following look-alikes): the first guess of the extent is the
+    structure's largest in-plane extent on each side, in slices by the voxel sizes."""
+    vol = np.zeros((48, 48, 80), np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 24) ** 2 + (xx - 24) ** 2 <= 16).astype(np.int64)  # 9 pixels across
+    for affine, expected in ((None, [45, 35]), (np.diag([1.0, 1.0, 3.0, 1.0]), [42, 38])):
+        session = VolumeSession(
+            segmenter, vol, axis=2, progress=False, method="interpolate", affine=affine
+        )
+        session.add(40, disc)
+        result = session.segment()
+        result.labels[:] = disc[..., None]  # as if followed through the whole volume
+        monkeypatch.setattr(session, "segment", lambda callback=None, r=result: r)
+        # isotropic: 40 +- 10 (end gaps 30-40 and 40-50 score alike, the later first);
+        # 3 mm slices: the disc spans 3 of them, 40 +- 4. Was: 19 and 60, mid-volume.
+        assert session.suggest(2) == expected
+
+
 def test_suggest_with_only_background_labelled_spreads_distinct_slices(segmenter):
     """Nothing but background labelled: evenly spread slices, never one twice, also when
     nearly every free slice is asked for (rounding evenly spaced points collided there)."""
