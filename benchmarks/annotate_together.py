@@ -53,9 +53,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     (volume,) = [v for v in VOLUMES if v.spec == "PkgSlicerioChest"]
-    image, labels = load(volume)
+    image, labels, affine = load(volume)
     seg = Segmenter.from_checkpoint(_checkpoint(args.checkpoint), device="cpu")
-    session = VolumeSession(seg, image, axis=volume.axis, progress=False, modality="CT")
+    session = VolumeSession(
+        seg, image, axis=volume.axis, affine=affine, progress=False, modality="CT"
+    )
     fills = {name: BASELINES[name] for name in baselines_available()}
     methods = [*fills, "guided"]
     t0 = time.perf_counter()

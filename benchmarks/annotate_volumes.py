@@ -108,8 +108,9 @@ VOLUMES = (
 )  # fmt: skip
 
 
-def load(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """``(image, label map)``, both ``(X, Y, Z)``, subsampled by ``volume.step``."""
+def load(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, label map, affine)``, both ``(X, Y, Z)``, subsampled by ``volume.step``; the
+    affine of the subsampled grid (the sessions get it, as from a user's NIfTI)."""
     from data_prep.readers import get_reader
     from data_prep.specs.packaged import packaged_spec
 
@@ -119,7 +120,9 @@ def load(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     loaded = reader.load(case)
     box = tuple(slice(None, None, s) for s in volume.step)
     image = np.ascontiguousarray(loaded.image[volume.channel][box], dtype=np.float32)
-    return image, np.ascontiguousarray(loaded.label[box])
+    affine = np.asarray(loaded.affine, np.float64).copy()
+    affine[:3, :3] *= np.asarray(volume.step, np.float64)  # columns: voxel axes
+    return image, np.ascontiguousarray(loaded.label[box]), affine
 
 
 def extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
@@ -203,10 +206,10 @@ def main(argv=None) -> None:
         }
         if not wanted:
             continue
-        image, labels = load(volume)
+        image, labels, affine = load(volume)
         volumes.append({"name": volume.name, "shape": list(image.shape), "axis": volume.axis})
         sessions = {
-            m: VolumeSession(seg, image, axis=volume.axis, progress=False, method=m)
+            m: VolumeSession(seg, image, axis=volume.axis, affine=affine, progress=False, method=m)
             for m in ("interpolate", "model", "guided")
         }
         for structure, value in wanted.items():

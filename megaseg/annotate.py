@@ -200,6 +200,8 @@ class VolumeSession:
             if affine.shape != (4, 4):
                 raise ValueError(f"affine: expected a (4, 4) matrix, got shape {affine.shape}")
         self._affine = affine
+        # in-plane pixel size over the slice spacing (rows, columns): from the affine, else 1
+        self._scale = _scale(image.affine if image is not None else affine, self.axis)
         try:
             windowed = normalize_intensity(data, self.modality, self.window)
         except ValueError as e:
@@ -349,7 +351,7 @@ class VolumeSession:
         if self.method == "model":
             targets = [i for i in range(self.depth) if i not in self._labels]
         elif self.method == "guided":
-            plan = guided_plan(self._labels, self.depth, self.reach)
+            plan = guided_plan(self._labels, self.depth, self.reach, self._scale)
             # The labelled slices too, each from the others: how well the model does on
             # this structure, against interpolation (see _model_weight).
             targets = sorted(
@@ -588,11 +590,8 @@ class VolumeSession:
         Else the extent is where the session's result labels anything, reaching ``reach``
         mean spacings of the labelled slices further on each side that no labelled empty
         slice bounds (beyond the outermost labelled slice the session follows the structure
-        at most that far, so where it really ends is unknown by about as much); with one
-        slice holding structures, no further from it than their largest extent within the
-        slice (in slices, by the affine's voxel sizes where known), as the session's own
-        labels may run far beyond a small structure; widening by 5% of the depth at a time
-        once no gap is left. An end gap's Dice counts as
+        at most that far, so where it really ends is unknown by about as much), and widening
+        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as
         1 - (the area at its inner end / the largest labelled area): the more of the
         structure is left at the gap's inner end, the more there is to find beyond it.
 
@@ -668,13 +667,6 @@ class VolumeSession:
                 above = min((i for i in empty if present[-1] < i < hi), default=hi)
                 first = max(below, first - spacing) if first > below else first
                 last = min(above, last + spacing) if last < above else last
-            elif len(present) == 1:
-                # One labelled slice gives no spacing, and the session follows the model from
-                # it as far as the model goes, on small structures onto look-alikes far away:
-                # first guess that the structures reach no further along the axis than their
-                # largest extent within the slice (the end gaps' middles then lie within it).
-                far = self._in_plane_extent(self._labels[present[0]] != 0)
-                first, last = max(first, present[0] - far - 1), min(last, present[0] + far + 1)
 
         picks: list[int] = []
 
@@ -710,18 +702,6 @@ class VolumeSession:
             else:
                 break
         return picks
-
-    def _in_plane_extent(self, mask: np.ndarray) -> int:
-        """The larger side of ``mask``'s bounding box in slices along the axis: its pixels
-        times their size over the slice spacing (the affine's, else 1: isotropic)."""
-        rows, cols = np.nonzero(mask)
-        sides = np.array([rows.max() - rows.min() + 1, cols.max() - cols.min() + 1], float)
-        affine = self._affine if self._image is None else np.asarray(self._image.affine)
-        if affine is not None:
-            sizes = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
-            if np.all(sizes > 0):
-                sides *= np.delete(sizes, self.axis) / sizes[self.axis]
-        return math.ceil(float(sides.max()))
 
     # ------------------------------------------------------------------ output
 
@@ -803,6 +783,18 @@ class VolumeSession:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _scale(affine: np.ndarray | None, axis: int) -> tuple[float, float]:
+    """A slice's pixel size along its rows and columns over the spacing along ``axis``, by
+    the affine's voxel sizes (its columns' lengths); ``(1, 1)`` without one."""
+    if affine is None:
+        return (1.0, 1.0)
+    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    if not np.all(sizes > 0):
+        return (1.0, 1.0)
+    rows, cols = np.delete(sizes, axis) / sizes[axis]
+    return (float(rows), float(cols))
 
 
 def _nifti_suffix(path: Path) -> str:

@@ -101,13 +101,14 @@ class ValuePlan:
     looks: per walk that stops at its limit, the slice one more limit further on (or the
         last before the volume's end or a labelled slice, if nearer), where the model is
         asked whether the structure has ended by then, as its labelled slices say it should;
-        None where the walk itself ends at a labelled slice or the volume's end, or has no
-        limit.
+        None where the walk itself ends at a labelled slice or the volume's end, or where
+        one labelled slice holds the value (no spacing: its walks stop after its in-plane
+        extent, with no taper and no look).
     """
 
     between: list[int]
     walks: list[tuple[int, list[int]]]
-    limit: int | None = None  # the longest walk allowed; None: one labelled slice, no limit
+    limit: int | None = None  # a spacing: the longest walk; None: one labelled slice
     looks: list[int | None] = field(default_factory=list)
 
     @property
@@ -116,15 +117,21 @@ class ValuePlan:
         return sorted({*self.between, *walked, *(j for j in self.looks if j is not None)})
 
 
-def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int, ValuePlan]:
+def guided_plan(
+    labelled: Labelled, depth: int, reach: float = 1.0, scale: tuple[float, float] = (1.0, 1.0)
+) -> dict[int, ValuePlan]:
     """Per label value: the slices between its labelled slices and the walks beyond them.
 
     A walk starts at a labelled slice holding the value whose next labelled slice in that
     direction does not hold it (or that has none), and stops before that slice, at the
     volume's end, or after ``ceil(reach * spacing)`` slices, ``spacing`` being the mean
-    distance between the labelled slices holding the value (one such slice: no limit).
-    A labelled slice without the value says it is absent there. A walk that stops at its
-    limit gets a look slice (:class:`ValuePlan`), one more limit further on.
+    distance between the labelled slices holding the value. With one such slice no spacing
+    is known: the walks stop after the structure's largest extent within that slice
+    (:func:`in_plane_extent` by ``scale``, its pixel size over the slice spacing; a
+    structure seldom reaches much further along the axis than across, and a model that
+    follows it from one slice goes on into look-alikes: the next vertebra, a neighbouring
+    nucleus). A labelled slice without the value says it is absent there. A walk that stops
+    at a spacing's limit gets a look slice (:class:`ValuePlan`), one more limit further on.
     """
     _check(labelled, depth)
     order = sorted(labelled)
@@ -132,7 +139,7 @@ def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int,
     for value in label_values(labelled):
         where = holding(labelled, value)
         limit = (
-            depth
+            in_plane_extent(labelled[where[0]] == value, scale)
             if len(where) < 2
             else math.ceil(reach * (where[-1] - where[0]) / (len(where) - 1))
         )
@@ -154,6 +161,14 @@ def guided_plan(labelled: Labelled, depth: int, reach: float = 1.0) -> dict[int,
                     looks.append(beyond[-1] if beyond else None)
         plans[value] = ValuePlan(between, walks, None if len(where) < 2 else limit, looks)
     return plans
+
+
+def in_plane_extent(mask: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> int:
+    """The larger side of ``mask``'s bounding box in slices: its rows and columns times
+    ``scale`` (the pixel size along each over the slice spacing), rounded up; 1 at least."""
+    rows, cols = np.nonzero(mask)
+    sides = ((np.ptp(rows) + 1) * scale[0], (np.ptp(cols) + 1) * scale[1]) if len(rows) else (1,)
+    return max(1, math.ceil(float(max(sides))))
 
 
 def taper(first: np.ndarray, steps: int, limit: int, softness: float = 1.0) -> list[np.ndarray]:
@@ -296,6 +311,7 @@ __all__ = [
     "distance_prior",
     "follow",
     "guided_plan",
+    "in_plane_extent",
     "itk_available",
     "itk_fill",
     "label_values",

@@ -203,28 +203,6 @@ def test_suggest_not_told_looks_one_spacing_beyond_but_not_past_an_empty_slice(s
     assert session.suggest(2) == [17, 33]  # 17's shape is not known yet: 15-17 scores 2
 
 
-def test_suggest_not_told_from_one_slice_guesses_the_structures_in_plane_size(
-    segmenter, monkeypatch
-):
-    """One labelled slice gives no spacing, and the session's labels may run far beyond a
-    small structure (the model following look-alikes): the first guess of the extent is the
-    structure's largest in-plane extent on each side, in slices by the voxel sizes."""
-    vol = np.zeros((48, 48, 80), np.float32)
-    yy, xx = np.mgrid[:48, :48]
-    disc = ((yy - 24) ** 2 + (xx - 24) ** 2 <= 16).astype(np.int64)  # 9 pixels across
-    for affine, expected in ((None, [45, 35]), (np.diag([1.0, 1.0, 3.0, 1.0]), [42, 38])):
-        session = VolumeSession(
-            segmenter, vol, axis=2, progress=False, method="interpolate", affine=affine
-        )
-        session.add(40, disc)
-        result = session.segment()
-        result.labels[:] = disc[..., None]  # as if followed through the whole volume
-        monkeypatch.setattr(session, "segment", lambda callback=None, r=result: r)
-        # isotropic: 40 +- 10 (end gaps 30-40 and 40-50 score alike, the later first);
-        # 3 mm slices: the disc spans 3 of them, 40 +- 4. Was: 19 and 60, mid-volume.
-        assert session.suggest(2) == expected
-
-
 def test_suggest_with_only_background_labelled_spreads_distinct_slices(segmenter):
     """Nothing but background labelled: evenly spread slices, never one twice, also when
     nearly every free slice is asked for (rounding evenly spaced points collided there)."""
@@ -588,6 +566,26 @@ def test_guided_stops_where_a_look_alike_goes_on_past_the_labelled_end(segmenter
     assert painted[23] < 0.7 * area and painted[23] <= painted[22] <= painted[21]
     assert painted[11] < 0.7 * area and painted[11] <= painted[12] <= painted[13]
     assert not any(painted[24:]) and not any(painted[:11])
+
+
+def test_one_labelled_slice_is_followed_no_further_than_the_structure_is_wide(segmenter):
+    """One labelled slice of a tube that goes on through the volume (the model follows it):
+    with no spacing known, the session labels no further along the axis than the structure's
+    in-plane extent (15 pixels), in slices by the voxel sizes; suggest() looks there too.
+    Was: the tube to the volume's ends."""
+    vol = np.random.default_rng(1).normal(0.2, 0.05, (48, 48, 60)).astype(np.float32)
+    xx, yy = np.mgrid[:48, :48]
+    disc = (xx - 24) ** 2 + (yy - 24) ** 2 <= 49
+    vol[disc] = 0.8  # the tube, on every slice
+    area = disc.sum()
+    for affine, reach in ((None, 15), (np.diag([1.0, 1.0, 3.0, 1.0]), 5)):
+        session = VolumeSession(segmenter, vol, axis=2, progress=False, affine=affine)
+        session.add(30, disc.astype(np.int64))
+        result = session.segment().labels
+        painted = [int((result[..., z] == 1).sum()) for z in range(60)]
+        assert all(p > 0.8 * area for p in painted[30 - reach : 31 + reach])  # followed
+        assert not any(painted[: 30 - reach]) and not any(painted[31 + reach :])
+        assert all(abs(i - 30) <= reach + 1 for i in session.suggest(2))
 
 
 def test_ends_asks_the_model_one_more_spacing():

@@ -16,6 +16,7 @@ from megaseg.interpolate import (
     distance_prior,
     follow,
     guided_plan,
+    in_plane_extent,
     itk_available,
     nearest_fill,
     taper,
@@ -71,10 +72,31 @@ def test_guided_plan_walks_stop_at_labelled_slices_and_after_reach():
     assert plan.looks == [0, None] and 0 in plan.slices
     assert guided_plan({10: lab, 16: lab}, 40)[1].looks == [0, 28]
     assert guided_plan(given, 40, reach=0.5)[1].walks[0][1] == [9, 8, 7]
-    # one labelled slice: no spacing known, the walks go to the volume's ends
+    # one labelled slice: no spacing known; the walks go as far as the structure is wide
+    # (11 pixels: here to the volume's ends), with no taper and no look
     lone = guided_plan({3: lab}, 8)[1]
     assert lone.walks == [(3, [2, 1, 0]), (3, [4, 5, 6, 7])]
     assert lone.limit is None and lone.looks == [None, None]
+
+
+def test_guided_plan_from_one_slice_walks_as_far_as_the_structure_is_wide():
+    """One labelled slice: the walks stop after the structure's largest in-plane extent, in
+    slices by the pixel size over the slice spacing; each structure by its own."""
+    disc = _disc(2)  # 5 x 5 pixels
+    assert in_plane_extent(disc) == 5 and in_plane_extent(disc, (0.5, 0.25)) == 3
+    plan = guided_plan({20: disc.astype(np.int64)}, 40)[1]
+    assert plan.walks == [(20, [19, 18, 17, 16, 15]), (20, [21, 22, 23, 24, 25])]
+    # 3 mm slices of 1 mm pixels: 5 pixels reach 2 slices
+    assert guided_plan({20: disc.astype(np.int64)}, 40, scale=(1 / 3, 1 / 3))[1].walks == [
+        (20, [19, 18]),
+        (20, [21, 22]),
+    ]
+    # a wide structure beside a small one on the same slice: each walks its own width
+    two = disc.astype(np.int64)
+    two[2:30, 2:6] = 2  # 28 x 4 pixels
+    plans = guided_plan({20: two}, 40)
+    assert [len(w) for _, w in plans[1].walks] == [5, 5]
+    assert [len(w) for _, w in plans[2].walks] == [20, 19]  # 28 reaches the volume's ends
 
 
 def test_follow_stops_where_the_mask_collapses_or_confidence_drops():

@@ -181,8 +181,9 @@ class AnnotateWidget(Container):
         self._run.enabled = False
         self._status.value = "Segmenting..."
         self._progress.value = 0
+        voxel = tuple(float(v) for v in image.scale[-3:])  # the layer's voxel sizes
         self.worker = self._work(
-            data, painted, painted_slices, empty, axis, checkpoint, within, image.name
+            data, painted, painted_slices, empty, axis, checkpoint, within, image.name, voxel
         )
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
@@ -191,19 +192,26 @@ class AnnotateWidget(Container):
         return self.worker
 
     @thread_worker
-    def _work(self, data, painted, painted_slices, empty, axis, checkpoint, within, name):
+    def _work(self, data, painted, painted_slices, empty, axis, checkpoint, within, name, voxel):
         from megaseg import Segmenter
         from megaseg.annotate import VolumeSession
 
         start = time.perf_counter()
-        key = (_fingerprint(data), axis, checkpoint)  # here: hashing a big volume takes a moment
+        # here: hashing a big volume takes a moment
+        key = (_fingerprint(data), axis, checkpoint, voxel)
         if checkpoint not in self._segmenters:
             self._segmenters[checkpoint] = Segmenter.from_checkpoint(checkpoint)
         stale = self._session_key is not None and self._session_key[0] != key[0]
         if stale:  # another scan: the marks were made on the one before
             empty = []
         if self.session is None or self._session_key != key:
-            self.session = VolumeSession(self._segmenters[checkpoint], data, axis, progress=False)
+            self.session = VolumeSession(
+                self._segmenters[checkpoint],
+                data,
+                axis,
+                affine=np.diag([*voxel, 1.0]),  # its voxel sizes: how far one slice reaches
+                progress=False,
+            )
             self._session_key = key
         session = self.session
         session.method = self._method.value  # part of the result's cache key
