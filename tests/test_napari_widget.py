@@ -196,3 +196,26 @@ def test_another_scan_in_the_same_layer_gets_a_new_session(make_napari_viewer, q
     fresh.add_volume(viewer.layers["paint"].data)
     np.testing.assert_array_equal(widget.result.labels, fresh.segment().labels)
     assert widget.result.labelled == (10, 20) and widget.empty == set()
+
+
+def test_the_session_gets_the_image_layers_voxel_sizes(make_napari_viewer, qtbot, mni):
+    """One painted slice, no spacing known: the session follows the structures no further
+    along the slider axis than their in-plane width, in slices of the layer's scale (here
+    3 units thick, pixels 1: a third of their width; the brain goes on beyond that)."""
+    from megaseg.interpolate import in_plane_extent
+
+    t1, labels = mni
+    mid = labels.shape[0] // 2
+    painted = np.zeros_like(labels, dtype=np.int32)
+    painted[mid] = labels[mid]
+    viewer = make_napari_viewer()
+    viewer.add_image(t1, name="t1", scale=(3, 1, 1))
+    viewer.add_labels(painted, name="paint", scale=(3, 1, 1))
+    widget = AnnotateWidget(viewer)
+    _segment(qtbot, widget)
+    reach = max(in_plane_extent(labels[mid] == v, (1 / 3, 1 / 3)) for v in (1, 2))
+    brain = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))
+    assert brain[0] < mid - reach and brain[-1] > mid + reach
+    out = viewer.layers[LABELS_LAYER].data
+    rows = np.flatnonzero(out.reshape(len(out), -1).any(axis=1))
+    assert mid - reach <= rows[0] < mid and mid < rows[-1] <= mid + reach
