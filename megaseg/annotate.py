@@ -107,8 +107,9 @@ class VolumeSession:
             :func:`megaseg.preprocess.normalize_intensity`); default: the segmenter's, else
             CT when the volume holds values below -500 (Hounsfield units; a warning says
             so), else min-max.
-        affine: ``(4, 4)`` voxel-to-world matrix for :meth:`save` when ``volume`` is an array
-            (default identity); a NIfTI input keeps its own.
+        affine: ``(4, 4)`` voxel-to-world matrix for :meth:`save` and the voxel sizes
+            (``reach``) when ``volume`` is an array (default identity); a NIfTI input keeps
+            its own.
         max_support: each slice's support is its ``max_support`` nearest labelled slices
             (None: all of them).
         ensemble: support subsets averaged per prediction once the support is large enough
@@ -121,11 +122,12 @@ class VolumeSession:
             labelled slices, no model: instant).
         reach: ``"guided"``: how far beyond the outermost labelled slice of a structure the
             model may follow it, in mean spacings of that structure's labelled slices (with
-            one labelled slice: up to the volume's end); it stops earlier where its mask
-            collapses or its confidence drops. Its probabilities are mixed with a shape that
-            shrinks to nothing within that reach; where the model still sees the structure
-            one more reach on (a look-alike that goes on), it weighs at most as much as that
-            shape.
+            one labelled slice: as far as the structure is wide in it, in slices by the
+            voxel sizes of ``affine`` or the file's, isotropic without); it stops earlier
+            where its mask collapses or its confidence drops. Its probabilities are mixed
+            with a shape that shrinks to nothing within that reach; where the model still
+            sees the structure one more reach on (a look-alike that goes on), it weighs at
+            most as much as that shape.
         prior_weight: ``"guided"``: weight of the interpolated shape against the model's
             probability between labelled slices (0: the model alone, 1: interpolation alone);
             None (default): chosen per structure from how well each predicts the labelled
