@@ -27,7 +27,7 @@ def test_the_readme_quotes_the_measured_timings():
     record = json.loads(RECORD.read_text())
     readme = " ".join((REPO / "README.md").read_text().split())
     session = record["volume_session"]
-    assert f"{session['first_s']:.0f} s for the first `segment()`" in readme
+    assert f"{session['first_s']:.1f} s for the first `segment()`" in readme
     assert f"{session['after_add_s']:.1f} s for `add()` + `segment()`" in readme
     for name, seconds in record["notebooks_s"].items():
         assert f"{Path(name).stem} {seconds:.0f} s" in readme, name
