@@ -789,10 +789,12 @@ class VolumeSession:
 
 def _scale(affine: np.ndarray | None, axis: int) -> tuple[float, float]:
     """A slice's pixel size along its rows and columns over the spacing along ``axis``, by
-    the affine's voxel sizes (its columns' lengths); ``(1, 1)`` without one."""
+    the affine's voxel sizes; ``(1, 1)`` without one."""
+    from nibabel.affines import voxel_sizes
+
     if affine is None:
         return (1.0, 1.0)
-    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    sizes = voxel_sizes(np.asarray(affine, np.float64))
     if not np.all(sizes > 0):
         return (1.0, 1.0)
     rows, cols = np.delete(sizes, axis) / sizes[axis]
