@@ -144,6 +144,10 @@ class Segmenter:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            # oneDNN's native layout: without it every conv reorders its input and output
+            # (benchmarks/readme_timings.py: first VolumeSession.segment() 11.3 -> 10.3 CPU s).
+            self.model.to(memory_format=torch.channels_last)
         self.resolution = _check_resolution(resolution, model)
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")

@@ -369,6 +369,7 @@ def test_from_checkpoint_safetensors_gives_identical_logits(model, support, quer
     path = save_checkpoint(tmp_path / "tiny.safetensors", model, _card(resolution=RES))
     loaded = Segmenter.from_checkpoint(path, device="cpu")
     assert loaded.resolution == RES and loaded.card["resolution"] == RES
+    model = Segmenter(model, RES, "cpu").model  # the same memory layout (channels-last on CPU)
     q = torch.rand(2, 1, RES, RES)
     s, y = torch.rand(1, 3, 1, RES, RES), (torch.rand(1, 3, 1, RES, RES) > 0.5).float()
     with torch.no_grad():

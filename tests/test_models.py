@@ -242,3 +242,28 @@ def test_inference_max_pool_equals_max_pool2d(shape):
     torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
     out.nan_to_num().sum().backward()
     assert x.grad.count_nonzero() <= out.numel()
+
+
+def test_support_mean_keeps_a_channels_last_layout():
+    from megaseg.models.blocks import support_mean
+
+    g = torch.Generator().manual_seed(0)
+    nchw = torch.randn(6, 5, 7, 9, generator=g)  # (B*S, C, H, W)
+    for x in (nchw, nchw.contiguous(memory_format=torch.channels_last)):
+        got = support_mean(x.view(3, 2, 5, 7, 9))
+        torch.testing.assert_close(got, x.view(3, 2, 5, 7, 9).mean(dim=1), rtol=0, atol=1e-6)
+        assert got.is_contiguous(memory_format=torch.channels_last) == (x.stride(1) == 1)
+
+
+@pytest.mark.parametrize("variant", ["v1", "groupnorm"])
+def test_channels_last_model_gives_the_same_logits(variant):
+    """The layout ``Segmenter`` gives a network on the CPU changes no result (float64: exact
+    up to summation order)."""
+    torch.manual_seed(0)
+    model = UniverSeg(**VARIANTS[variant]).double().eval()
+    inputs = _inputs(3, torch.float64)
+    with torch.inference_mode():
+        want = model(*inputs)
+        got = model.to(memory_format=torch.channels_last)(*inputs)
+    assert model.dec_blocks[0].cross.cross_conv.weight.stride(1) == 1  # it did change
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

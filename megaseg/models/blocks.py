@@ -36,6 +36,17 @@ def vmap(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return y.reshape(*lead, *y.shape[1:])
 
 
+def support_mean(x: Tensor) -> Tensor:
+    """``x (B, S, C, H, W)`` -> ``(B, C, H, W)``, the mean over the support axis.
+
+    Channels-last maps (``Segmenter`` on the CPU, oneDNN's layout) stay channels-last:
+    ``Tensor.mean`` writes them NCHW (2.6x slower, and the next conv reorders them back).
+    """
+    if x.stride(2) == 1 and x.shape[2] > 1:  # channels innermost
+        return x.permute(0, 1, 3, 4, 2).mean(dim=1).permute(0, 3, 1, 2)
+    return x.mean(dim=1)
+
+
 class Vmap(nn.Module):
     """Wraps a module so it maps over the leading (batch, support) axes; see :func:`vmap`."""
 
@@ -181,7 +192,7 @@ class CrossConv2d(nn.Module):
 
         ``u (B, Cq, H, W)``, ``v (Bs, S, Cs, H, W)`` -> ``(B, C, H, W)``.
         """
-        return self.query_term(u, context) + self.support_term(v.mean(dim=1))
+        return self.query_term(u, context) + self.support_term(support_mean(v))
 
 
 class CrossBlock(nn.Module):
@@ -236,7 +247,7 @@ class CrossBlock(nn.Module):
         context = self.query_context(u, v)
         if not fast:
             z = self.cross.naive(u, v, context)
-            return self.target(z.mean(dim=1)), self.support(z)
+            return self.target(support_mean(z)), self.support(z)
         if not need_support and self.cross.is_linear and support_term is None:
             return self.target(self.cross.fast_mean(u, v, context)), None
         z = self.cross.fast(u, v, support_term, context)
@@ -245,5 +256,5 @@ class CrossBlock(nn.Module):
             # one conv of mean_i v_i instead of a mean over S wide maps.
             mean = self.cross.fast_mean(u, v, context)
         else:
-            mean = z.mean(dim=1)
+            mean = support_mean(z)
         return self.target(mean), (self.support(z) if need_support else None)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from megaseg.models.attention import interaction_plan, make_cross_block
-from megaseg.models.blocks import ConvOp, MaxPool2x2, vmap
+from megaseg.models.blocks import ConvOp, MaxPool2x2, support_mean, vmap
 from megaseg.models.registry import register_model
 
 
@@ -121,7 +121,9 @@ class UniverSeg(nn.Module):
             if fast and last and block.reads_support_mean_only:
                 # Upsampling is linear: average the support first, then upsample one map
                 # instead of S (the largest memory traffic of the network at S=64).
-                v = torch.cat([self.upsample(v.mean(dim=1)), v_skip.mean(dim=1)], dim=1)[:, None]
+                v = torch.cat([self.upsample(support_mean(v)), support_mean(v_skip)], dim=1)[
+                    :, None
+                ]
             else:
                 v = torch.cat([vmap(self.upsample, v), v_skip], dim=2)
             # The last block's support output is never used: skipping it is exact.
