@@ -146,7 +146,8 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             # oneDNN's native layout: without it every conv reorders its input and output
-            # (benchmarks/readme_timings.py: first VolumeSession.segment() 11.3 -> 10.3 CPU s).
+            # (with blocks.support_mean keeping it, the first VolumeSession.segment() of
+            # benchmarks/readme_timings.py took 8.1-9.1 CPU s against 9.6-12.2 before).
             self.model.to(memory_format=torch.channels_last)
         self.resolution = _check_resolution(resolution, model)
         if max_batch is not None and max_batch < 1:
