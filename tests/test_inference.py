@@ -214,6 +214,16 @@ def test_batch_size_follows_the_memory_budget(model):
     assert Segmenter(model, RES, "cpu", max_batch=7, memory_budget_mb=0.1).batch_size(4) == 7
 
 
+def test_cpu_batches_keep_the_widest_tensor_within_a_heap_block():
+    # v1 (C=64) at R=128: (B, S, 128, 128, 128) float32 is B x S x 8 MiB; the block is 32 MiB
+    v1 = create_model("universeg_v1")
+    seg = Segmenter(v1, 128, "cpu")
+    assert [seg.batch_size(s) for s in (1, 2, 3, 4, 64)] == [4, 2, 1, 1, 1]
+    assert Segmenter(v1, 128, "cpu", max_batch=16).batch_size(2) == 16  # asked for: as is
+    # the memory budget binds first: 6 units x S=1 x 64 x 128 x 128 x 4 B = 24 MiB per query
+    assert Segmenter(v1, 128, "cpu", memory_budget_mb=50).batch_size(1) == 2
+
+
 def test_cached_support_term_equals_no_cache_and_the_network(model, support, query):
     cached = Segmenter(model, RES, "cpu").set_support(*support)
     assert cached._support.term is not None
