@@ -389,8 +389,8 @@ class Segmenter:
         On the CPU also no more than keep the widest of them, the ``(B, S, 2C, R, R)``
         concatenations, within :data:`CPU_HEAP_BLOCK_MB`: bigger ones are mapped afresh for
         every op and their pages faulted in, which took a third of the CPU time (kernel time)
-        at 16-85 queries per pass; v1 at R=128 runs 2 queries per pass with S=2, 1 with S>=4
-        (``predict()`` of 16 queries with S=8 on 1 thread: 3.2 -> 2.3 s).
+        at 16-85 queries per pass. v1 at R=128: 4 queries per pass with S=1, 2 with S=2, 1
+        with S>=3 (``predict()`` of 16 queries with S=8 on 1 thread: 3.2 -> 2.3 s).
         """
         if self.max_batch is not None:
             return self.max_batch
