@@ -114,10 +114,13 @@ class Segmenter:
     Args:
         model: an in-context network, ``model(query (B,1,R,R), support_images (1,S,1,R,R),
             support_labels (1,S,1,R,R)) -> logits (B,1,R,R)``. It is moved to ``device`` and
-            put in eval mode (in place).
+            put in eval mode (in place); on the CPU also in channels-last memory layout
+            (oneDNN's own: the same results, faster), whose weights are not contiguous:
+            ``.contiguous()`` them before ``safetensors.torch.save_file`` (megaseg's
+            ``save_checkpoint`` does).
         resolution: R, the square size the network sees.
         device: None picks CUDA when available, the CPU otherwise.
-        max_batch: queries per forward pass; None derives it from ``memory_budget_mb``.
+        max_batch: queries per forward pass; None derives it (:meth:`batch_size`).
         memory_budget_mb: activation memory allowed per forward pass (see
             :meth:`batch_size`); None: half the free GPU memory, or
             :data:`CPU_MEMORY_BUDGET_MB` on the CPU.
@@ -386,8 +389,8 @@ class Segmenter:
         support stream is a ``(B, S, C, R, R)`` tensor and a few of them, across levels, are
         alive at once. v1 at R=128, S=64: ~1.6 GB per query.
 
-        On the CPU also no more than keep the widest of them, the ``(B, S, 2C, R, R)``
-        concatenations, within :data:`CPU_HEAP_BLOCK_MB`: bigger ones are mapped afresh for
+        On the CPU, also few enough that the widest of them, the ``(B, S, 2C, R, R)``
+        concatenations, stay within :data:`CPU_HEAP_BLOCK_MB`: bigger ones are mapped afresh for
         every op and their pages faulted in, which took a third of the CPU time (kernel time)
         at 16-85 queries per pass. v1 at R=128: 4 queries per pass with S=1, 2 with S=2, 1
         with S>=3 (``predict()`` of 16 queries with S=8 on 1 thread: 3.2 -> 2.3 s).

@@ -386,6 +386,15 @@ def test_from_checkpoint_safetensors_gives_identical_logits(model, support, quer
         assert torch.equal(loaded.model(q, s, y), model(q, s, y))
 
 
+def test_a_network_in_the_cpu_layout_saves_and_loads(model, tmp_path):
+    net = Segmenter(model, RES, "cpu").model  # channels-last weights: not contiguous
+    assert not net.dec_blocks[0].cross.cross_conv.weight.is_contiguous()
+    path = save_checkpoint(tmp_path / "cl.safetensors", net, _card(resolution=RES))
+    loaded = Segmenter.from_checkpoint(path, device="cpu").model
+    for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_from_checkpoint_reads_resolution_from_the_card_tolerantly(model, tmp_path):
     a = save_checkpoint(tmp_path / "a.safetensors", model, _card(preprocessing={"size": 64}))
     b = save_checkpoint(tmp_path / "b.safetensors", model, _card())

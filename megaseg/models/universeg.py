@@ -121,9 +121,8 @@ class UniverSeg(nn.Module):
             if fast and last and block.reads_support_mean_only:
                 # Upsampling is linear: average the support first, then upsample one map
                 # instead of S (the largest memory traffic of the network at S=64).
-                v = torch.cat([self.upsample(support_mean(v)), support_mean(v_skip)], dim=1)[
-                    :, None
-                ]
+                mean = torch.cat([self.upsample(support_mean(v)), support_mean(v_skip)], dim=1)
+                v = mean[:, None]
             else:
                 v = torch.cat([vmap(self.upsample, v), v_skip], dim=2)
             # The last block's support output is never used: skipping it is exact.
