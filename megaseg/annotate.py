@@ -497,7 +497,10 @@ class VolumeSession:
                     shrink = taper(self._labels[first] == v, len(walk), plan[v].limit)
                     # Where the model shows no end either, it goes on into a look-alike (the
                     # next vertebra, a neighbouring nucleus): there it weighs no more than the
-                    # taper, and a voxel is kept only where both allow it.
+                    # taper. An equal mix: where the model is sure, it keeps what lies within
+                    # the taper's soft edge (a few pixels). On benchmarks/annotate_volumes.py
+                    # the smaller of the two cost 0.02 of mean Dice at k = 2-3 (it stopped thin
+                    # structures at once), nothing beyond the labels 0.07-0.11.
                     ends = _ends(self._labels[first] == v, seen, probs, look, k)
                     u = w if ends else min(w, 0.5)
                     seen = [(1 - u) * t + u * q for t, q in zip(shrink, seen, strict=True)]
