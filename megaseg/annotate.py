@@ -201,9 +201,10 @@ class VolumeSession:
             affine = np.asarray(affine, dtype=np.float64)
             if affine.shape != (4, 4):
                 raise ValueError(f"affine: expected a (4, 4) matrix, got shape {affine.shape}")
-        self._affine = affine
+        world = affine if image is None else image.affine  # a file keeps its own
+        self._affine = None if world is None else np.asarray(world, dtype=np.float64)
         # in-plane pixel size over the slice spacing (rows, columns): from the affine, else 1
-        self._scale = _scale(image.affine if image is not None else affine, self.axis)
+        self._scale = _scale(self._affine, self.axis)
         try:
             windowed = normalize_intensity(data, self.modality, self.window)
         except ValueError as e:
@@ -776,8 +777,6 @@ class VolumeSession:
             img = type(src)(data, src.affine, header=src.header.copy())
         else:
             affine = np.eye(4) if self._affine is None else self._affine
-            if src is not None:
-                affine = np.asarray(src.affine)
             img = nib.Nifti1Image(data, affine, dtype=data.dtype)  # int64 needs it said
             img.set_sform(affine, code=1)
             img.set_qform(affine, code=1)
