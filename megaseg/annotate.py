@@ -135,7 +135,7 @@ class VolumeSession:
         stride: ``"guided"``: the model predicts every ``stride``-th slice of each run of
             consecutive slices it helps fill (and the run's last); a slice between two
             predicted ones takes the linear mix of their probabilities, by distance. 1: every
-            slice: 2.5x the CPU time of the default, 3, on a 200-slice volume; on the 13
+            slice: 2.6x the CPU time of the default, 3, on a 200-slice volume; on the 13
             structures of the volume benchmark a mean Dice 0.002 higher, 0.032 on a thin skull
             bone (docs/results/annotate_speed.md).
         progress: show a tqdm bar during :meth:`segment`.
