@@ -203,6 +203,13 @@ class VolumeSession:
                 raise ValueError(f"affine: expected a (4, 4) matrix, got shape {affine.shape}")
         world = affine if image is None else image.affine  # a file keeps its own
         self._affine = None if world is None else np.asarray(world, dtype=np.float64)
+        # (nibabel gives a file's image nonzero voxel sizes: only a given affine is checked)
+        if self._affine is not None and not _voxels_ok(self._affine):
+            raise ValueError(
+                f"affine gives voxel sizes {_voxel_sizes(self._affine)}; every voxel axis "
+                "needs a finite, nonzero length (the slice spacing decides how far a structure "
+                "labelled on one slice is followed)"
+            )
         # in-plane pixel size over the slice spacing (rows, columns): from the affine, else 1
         self._scale = _scale(self._affine, self.axis)
         try:
@@ -792,15 +799,23 @@ class VolumeSession:
 def _scale(affine: np.ndarray | None, axis: int) -> tuple[float, float]:
     """A slice's pixel size along its rows and columns over the spacing along ``axis``, by
     the affine's voxel sizes; ``(1, 1)`` without one."""
-    from nibabel.affines import voxel_sizes
-
     if affine is None:
         return (1.0, 1.0)
-    sizes = voxel_sizes(np.asarray(affine, np.float64))
-    if not np.all(sizes > 0):
-        return (1.0, 1.0)
-    rows, cols = np.delete(sizes, axis) / sizes[axis]
+    rows, cols = np.delete(_voxel_sizes(affine), axis) / _voxel_sizes(affine)[axis]
     return (float(rows), float(cols))
+
+
+def _voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """The length of each voxel axis (the affine's first three columns)."""
+    from nibabel.affines import voxel_sizes
+
+    return voxel_sizes(np.asarray(affine, np.float64))
+
+
+def _voxels_ok(affine: np.ndarray) -> bool:
+    """Whether every voxel axis of ``affine`` has a finite, nonzero length."""
+    sizes = _voxel_sizes(affine)
+    return bool(np.all(np.isfinite(sizes)) and np.all(sizes > 0))
 
 
 def _nifti_suffix(path: Path) -> str:

@@ -165,10 +165,12 @@ def guided_plan(
 
 def in_plane_extent(mask: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> int:
     """The larger side of ``mask``'s bounding box in slices: its rows and columns times
-    ``scale`` (the pixel size along each over the slice spacing), rounded up; 1 at least."""
+    ``scale`` (the pixel size along each over the slice spacing), rounded up; 1 at least.
+    Rounded to 4 decimals first: a real header's sizes carry float noise (0.9999999 and
+    1.0000001 mm), which must not add a slice."""
     rows, cols = np.nonzero(mask)
     sides = ((np.ptp(rows) + 1) * scale[0], (np.ptp(cols) + 1) * scale[1]) if len(rows) else (1,)
-    return max(1, math.ceil(float(max(sides))))
+    return max(1, math.ceil(round(float(max(sides)), 4)))
 
 
 def taper(first: np.ndarray, steps: int, limit: int, softness: float = 1.0) -> list[np.ndarray]:

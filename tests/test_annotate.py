@@ -336,6 +336,15 @@ def test_bad_input_is_refused(segmenter, mni, tmp_path):
         session.suggest(0)
 
 
+def test_an_affine_without_voxel_sizes_is_refused(segmenter, mni):
+    """A given affine with a zero-length or non-finite voxel axis leaves the slice spacing
+    unknown: refused with the reason, not taken as isotropic."""
+    t1, _, _ = mni
+    for bad in (np.diag([2.0, 2.0, 0.0, 1.0]), np.diag([2.0, np.nan, 2.0, 1.0])):
+        with pytest.raises(ValueError, match=r"affine gives voxel sizes .* finite, nonzero"):
+            VolumeSession(segmenter, t1, affine=bad, progress=False)
+
+
 def test_lazy_export():
     import megaseg
 

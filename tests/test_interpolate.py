@@ -84,6 +84,8 @@ def test_guided_plan_from_one_slice_walks_as_far_as_the_structure_is_wide():
     slices by the pixel size over the slice spacing; each structure by its own."""
     disc = _disc(2)  # 5 x 5 pixels
     assert in_plane_extent(disc) == 5 and in_plane_extent(disc, (0.5, 0.25)) == 3
+    # a header's float noise (1 mm stored as 1.0000001) adds no slice
+    assert in_plane_extent(disc, (1.0000001, 1.0)) == 5 and in_plane_extent(disc, (1.01, 1)) == 6
     plan = guided_plan({20: disc.astype(np.int64)}, 40)[1]
     assert plan.walks == [(20, [19, 18, 17, 16, 15]), (20, [21, 22, 23, 24, 25])]
     # 3 mm slices of 1 mm pixels: 5 pixels reach 2 slices
