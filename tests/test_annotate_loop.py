@@ -181,3 +181,26 @@ def test_annotate_together_labels_every_section_on_each_slice_it_picks():
     assert len(given) == 6 and all(lab[0, 0] == 0 for lab in given.values())
     for i, lab in given.items():
         np.testing.assert_array_equal(lab[1:, 1:], labels[1:, 1:, i])
+
+
+def test_suggest_headroom_compares_each_pick_with_the_best_slice_of_its_state():
+    """benchmarks/suggest_headroom.py: from even spacing's first n slices, each strategy's
+    next slice against the best candidate (the oracle) and a random one (the candidates'
+    mean within the extent)."""
+    headroom = _load("suggest_headroom")
+    assert headroom.even_state(0, 20, 3) == [10, 15, 4]  # equal gaps: the later first
+    assert headroom.candidates([1, 2, 3, 4, 5, 6, 7], 3, [6]) == [1, 4, 6, 7]
+    picks = {"even": 3, "suggest-within": 5, "suggest": 30}
+    records = [
+        {"n": 2, "extent": [0, 9], "now": 0.5, "picks": picks,
+         "dice": {"3": 0.6, "5": 0.7, "8": 0.72, "30": 0.4}},
+        {"n": 2, "extent": [0, 9], "now": 0.7, "picks": picks,
+         "dice": {"3": 0.8, "5": 0.9, "8": 0.8, "30": 0.7}},
+    ]  # fmt: skip
+    (row,) = headroom.summarize(records)
+    assert row["states"] == 2 and row["now"] == pytest.approx(0.6)
+    assert row["even"] == pytest.approx(0.7) and row["suggest-within"] == pytest.approx(0.8)
+    assert row["suggest"] == pytest.approx(0.55)  # slice 30: outside the extent, still scored
+    assert row["best"] == pytest.approx(0.81)
+    assert row["random"] == pytest.approx(np.mean([np.mean([0.6, 0.7, 0.72]), 0.5 + 1.0 / 3]))
+    assert row["within_best"] == 1  # 0.7 is 0.02 short of 0.72; 0.9 is the best
