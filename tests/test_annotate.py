@@ -521,10 +521,10 @@ def test_guided_stride_predicts_fewer_slices_and_mixes_the_rest(segmenter, blobs
             session.add(i, truth[..., i])
         results[stride] = (session.segment(), session)
     every, thin = results[1][0], results[3][0]
-    # runs 0..8 (a walk down to the volume's start), 10..20 (between), 22..33 (a walk up,
-    # one spacing) and the 2 labelled slices, and slice 39 (where the walk up would be one
-    # more spacing on, the volume's last): 9 + 11 + 12 + 2 + 1, against 4 + 5 + 5 + 2 + 1
-    assert every.predicted == 35 and thin.predicted == 17
+    # runs 0..8 (a walk down to the volume's start), 10..20 (between), 22..39 (a walk up:
+    # one spacing, 12, and on to the volume's end, within one more) and the 2 labelled
+    # slices: 9 + 11 + 18 + 2, against 4 + 5 + 7 + 2
+    assert every.predicted == 40 and thin.predicted == 18
     assert results[3][1].stride == 3
     # slice 10 is predicted at both strides (the first of its run; batched with other slices,
     # so equal to float rounding); 11 is mixed from 10 and 13
@@ -575,6 +575,24 @@ def test_guided_stops_where_a_look_alike_goes_on_past_the_labelled_end(segmenter
     assert painted[23] < 0.7 * area and painted[23] <= painted[22] <= painted[21]
     assert painted[11] < 0.7 * area and painted[11] <= painted[12] <= painted[13]
     assert not any(painted[24:]) and not any(painted[:11])
+
+
+def test_a_structure_the_volume_cuts_is_followed_to_the_volume_end(segmenter):
+    """The same tube labelled near the volume's end (the field of view cuts it, as the skull
+    base of a head CT): the volume ends within one more spacing, where the model's "no end
+    seen" says nothing, so the session follows it to the end slice; at its other end, far
+    from the volume's end, the labels' taper still decides."""
+    vol = np.random.default_rng(1).normal(0.2, 0.05, (48, 48, 40)).astype(np.float32)
+    xx, yy = np.mgrid[:48, :48]
+    disc = (xx - 24) ** 2 + (yy - 24) ** 2 <= 49
+    vol[disc] = 0.8
+    area = disc.sum()
+    session = VolumeSession(segmenter, vol, axis=2, progress=False, prior_weight=0.0)
+    for i in (28, 31, 34):  # spacing 3; the volume ends 5 slices past 34
+        session.add(i, disc.astype(np.int64))
+    painted = [int((session.segment().labels[..., z] == 1).sum()) for z in range(40)]
+    assert all(p > 0.8 * area for p in painted[28:40])  # on to the last slice
+    assert painted[25] < 0.7 * area and not any(painted[:24])  # the taper below
 
 
 def test_one_labelled_slice_is_followed_no_further_than_the_structure_is_wide(segmenter):

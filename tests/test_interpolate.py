@@ -59,19 +59,23 @@ def test_distance_prior_interpolates_shapes_and_respects_absent_slices():
 
 def test_guided_plan_walks_stop_at_labelled_slices_and_after_reach():
     lab = _disc(5).astype(np.int64)
-    given = {10: lab, 16: lab, 22: lab, 26: np.zeros_like(lab)}
-    plan = guided_plan(given, 40, reach=1.0)[1]
-    assert plan.between == [*range(11, 16), *range(17, 22)]
+    given = {20: lab, 26: lab, 32: lab, 36: np.zeros_like(lab)}
+    plan = guided_plan(given, 50, reach=1.0)[1]
+    assert plan.between == [*range(21, 26), *range(27, 32)]
     walks = dict(plan.walks)
-    assert walks[10] == [9, 8, 7, 6, 5, 4]  # one spacing (6 slices) below the first
-    assert walks[22] == [23, 24, 25]  # stops before the slice labelled background
-    assert 16 not in walks
+    assert walks[20] == [19, 18, 17, 16, 15, 14]  # one spacing (6 slices) below the first
+    assert walks[32] == [33, 34, 35]  # stops before the slice labelled background
+    assert 26 not in walks
     assert plan.limit == 6
-    # where a walk stops at its limit, the model is asked one spacing further (to the
-    # volume's end at most), and nowhere else
-    assert plan.looks == [0, None] and 0 in plan.slices
-    assert guided_plan({10: lab, 16: lab}, 40)[1].looks == [0, 28]
-    assert guided_plan(given, 40, reach=0.5)[1].walks[0][1] == [9, 8, 7]
+    # where a walk stops at its limit, the model is asked one spacing further, and nowhere
+    # else
+    assert plan.looks == [8, None] and 8 in plan.slices and 13 not in plan.slices
+    assert guided_plan(given, 50, reach=0.5)[1].walks[0][1] == [19, 18, 17]
+    # where the volume ends within that one more spacing, the walk goes on to the end
+    # (a structure the field of view cuts), with no look
+    near = guided_plan({i - 10: m for i, m in given.items()}, 40)[1]
+    assert dict(near.walks)[10] == list(range(9, -1, -1)) and near.looks == [None, None]
+    assert guided_plan({10: lab, 16: lab}, 40)[1].looks == [None, 28]
     # one labelled slice: no spacing known; the walks go as far as the structure is wide
     # (11 pixels: here to the volume's ends), with no taper and no look
     lone = guided_plan({3: lab}, 8)[1]
