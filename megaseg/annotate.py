@@ -12,9 +12,10 @@
 How a slice is segmented. Every unlabelled slice is a query whose support set is its
 ``max_support`` nearest labelled slices along the axis (the slices that look most like it), so
 the cost of a call does not grow with the number of labelled slices, and adding a slice only
-changes the slices around it. The default, 2 (about one labelled slice on each side), was both
-the fastest and the most accurate setting measured (benchmarks/annotate_loop.py, "support
-per slice": on MNI152 more or all labelled slices as support gave a lower Dice). When the
+changes the slices around it. The default, 2 (about one labelled slice on each side), was the
+most accurate setting measured with 3 and 6 labelled slices and 0.004 short of 1 with 10
+(benchmarks/annotate_loop.py, "support per slice": on MNI152 more or all labelled slices as
+support gave a lower Dice and took longer). When the
 support has at least ``min_ensemble_support`` slices (only with a larger ``max_support``), the
 prediction is the mean over ``ensemble`` random support subsets of half its size; their
 disagreement shows up in the uncertainty. Labelled slices keep their labels as given.
@@ -801,7 +802,8 @@ def _scale(affine: np.ndarray | None, axis: int) -> tuple[float, float]:
     the affine's voxel sizes; ``(1, 1)`` without one."""
     if affine is None:
         return (1.0, 1.0)
-    rows, cols = np.delete(_voxel_sizes(affine), axis) / _voxel_sizes(affine)[axis]
+    sizes = _voxel_sizes(affine)
+    rows, cols = np.delete(sizes, axis) / sizes[axis]
     return (float(rows), float(cols))
 
 

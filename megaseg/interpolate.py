@@ -99,11 +99,12 @@ class ValuePlan:
     walks: ``(first, [j1, j2, ...])``: from a labelled slice holding it, outward, the slices
         where it may go on (none is labelled), nearest first.
     looks: per walk that stops at its limit, the slice one more limit further on (or the
-        last before the volume's end or a labelled slice, if nearer), where the model is
-        asked whether the structure has ended by then, as its labelled slices say it should;
-        None where the walk itself ends at a labelled slice or the volume's end, or where
-        one labelled slice holds the value (no spacing: its walks stop after its in-plane
-        extent, with no taper and no look).
+        last before a labelled slice, if nearer), where the model is asked whether the
+        structure has ended by then, as its labelled slices say it should; None where the
+        walk itself ends at a labelled slice or goes on to the volume's end (which lies
+        within one more limit: :func:`guided_plan`), or where one labelled slice holds the
+        value (no spacing: its walks stop after its in-plane extent, with no taper and no
+        look).
     """
 
     between: list[int]
