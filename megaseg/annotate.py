@@ -69,6 +69,7 @@ ProgressCallback = Callable[[int, int], None]
 """``callback(done, total)``: slices predicted so far out of the slices this call predicts."""
 
 _CHUNK = 16  # queries per forward call: small enough for a progress bar that moves
+_DENSE = 2.0  # labelled slices this close (mean, in slices) know the end: _assemble_guided
 METHODS = ("guided", "model", "interpolate")
 _SAVED_BY = b"megaseg annotate"  # the header's descrip: informative, not proof of ownership
 
@@ -480,7 +481,8 @@ class VolumeSession:
         """``method="guided"`` / ``"interpolate"``: per label value, the interpolated shape
         between its labelled slices (mixed with the model's probability when guided), and
         beyond them the model's masks followed slice by slice (:func:`follow`), mixed with
-        the labels' taper (with at most equal weight where the model shows no end: _ends).
+        the labels' taper (with at most equal weight where the model shows no end: _ends;
+        where it shows none and the labelled slices lie under ``_DENSE`` apart, not painted).
         ``predicted_slices``: the ``targets`` the model ran on (the rest are mixed)."""
         values = self._values(predicted_slices)
         D, (H, W) = self.depth, self.slice_shape
@@ -514,6 +516,14 @@ class VolumeSession:
                     u = w if ends else min(w, 0.5)
                     seen = [(1 - u) * t + u * q for t, q in zip(shrink, seen, strict=True)]
                 kept = follow(self._labels[first] == v, seen)
+                if plan[v].limit is not None and not ends and plan[v].spacing < _DENSE:
+                    # Labelled less than two slices apart, the structure ends within about a
+                    # slice of the outermost one; a model that shows no end by the look slice
+                    # follows a look-alike there (the thoracic section of the spine at k = 10
+                    # painted the next vertebra: 0.046 below a copy of the nearest labelled
+                    # slice on benchmarks/annotate_volumes.py). Nothing is painted beyond; its
+                    # probabilities still count for the uncertainty.
+                    kept = (kept[0], [False] * len(kept[1]))
                 for j, q, keep in zip(walk, *kept, strict=True):
                     out.setdefault(j, np.zeros((len(values), H, W), np.float32))[k] = q
                     if not keep:

@@ -105,12 +105,14 @@ class ValuePlan:
         within one more limit: :func:`guided_plan`), or where one labelled slice holds the
         value (no spacing: its walks stop after its in-plane extent, with no taper and no
         look).
+    spacing: the mean distance between its labelled slices (None with one).
     """
 
     between: list[int]
     walks: list[tuple[int, list[int]]]
     limit: int | None = None  # a spacing: the longest walk; None: one labelled slice
     looks: list[int | None] = field(default_factory=list)
+    spacing: float | None = None  # the mean distance between its labelled slices
 
     @property
     def slices(self) -> list[int]:
@@ -171,7 +173,10 @@ def guided_plan(
                 walks.append((first, walk[:limit]))
                 beyond = walk[limit : 2 * limit] if len(where) > 1 else []
                 looks.append(beyond[-1] if beyond else None)
-        plans[value] = ValuePlan(between, walks, None if len(where) < 2 else limit, looks)
+        spacing = (where[-1] - where[0]) / (len(where) - 1) if len(where) > 1 else None
+        plans[value] = ValuePlan(
+            between, walks, None if spacing is None else limit, looks=looks, spacing=spacing
+        )
     return plans
 
 

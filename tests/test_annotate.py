@@ -627,3 +627,30 @@ def test_ends_asks_the_model_one_more_spacing():
     assert _ends(first, [on], probs, 6, 0)  # gone by then
     assert _ends(first, [on, off], probs, 7, 0)  # gone on the way
     assert _ends(first, [on], probs, None, 0)  # nothing to look at: the volume's end
+
+
+def test_densely_labelled_the_session_paints_no_look_alike_beyond_the_labels(segmenter):
+    """Labelled under two slices apart, the structure ends within about a slice of its
+    outermost labelled slices: where the model shows no end there (a tube that goes on, as
+    the next vertebra of a spine section), nothing is painted beyond them; where the image
+    shows the end, the model's mask still is (the structure's last slices)."""
+    vol = np.random.default_rng(1).normal(0.2, 0.05, (48, 48, 40)).astype(np.float32)
+    xx, yy = np.mgrid[:48, :48]
+    disc = (xx - 24) ** 2 + (yy - 24) ** 2 <= 49
+    area = disc.sum()
+    ending = vol.copy()
+    vol[disc] = 0.8  # the tube, on every slice
+    ending[disc, 12:23] = 0.8  # a tube on slices 12..22 only
+    for image, beyond in ((vol, False), (ending, True)):
+        session = VolumeSession(segmenter, image, axis=2, progress=False, prior_weight=0.0)
+        for i in (13, 14, 16, 17, 19, 20, 21):  # spacing 8 / 6 slices
+            session.add(i, disc.astype(np.int64))
+        result = session.segment()
+        painted = [int((result.labels[..., z] == 1).sum()) for z in range(40)]
+        assert all(p > 0.8 * area for p in painted[13:22])
+        assert not any(painted[:12]) and not any(painted[23:])
+        if beyond:  # the model sees the tube end: its last slices painted
+            assert painted[12] > 0.8 * area and painted[22] > 0.8 * area
+        else:  # no end seen: nothing beyond, but the model's doubt is shown there
+            assert painted[12] == 0 and painted[22] == 0
+            assert result.uncertainty[..., 22].max() > 0.5
