@@ -178,6 +178,13 @@ def test_suggest_bisects_the_gap_whose_shape_changes_most(segmenter):
     assert session.suggest(2, within=(10, 31)) == [25, 15]
     # told a wider extent, the ends count as gaps where the structure vanishes
     assert session.suggest(1, within=(3, 40)) == [35]
+    # told the extent, a longer gap comes first however much a shorter one changes (as
+    # even spacing would: ranked by length x change, 22-30, 8 long, shrinking, went first)
+    session.remove(20)
+    session.add(22, ((yy - 24) ** 2 + (xx - 24) ** 2 <= 64).astype(np.int64))
+    assert session.suggest(1, within=(10, 31)) == [16]
+    session.remove(22)
+    session.add(20, ((yy - 24) ** 2 + (xx - 24) ** 2 <= 64).astype(np.int64))
     # not told: the ends may lie up to one spacing (10) beyond the outermost labelled
     # slices; below 10 the disc is as large as anywhere, so that end comes first, while
     # above 30, where it has nearly vanished, less is left to find than across 20-30
