@@ -616,18 +616,19 @@ class VolumeSession:
         +0.003 [-0.002, +0.009] (it traded a long gap for a shorter one that changes more).
         Not told, the score is ``length * change`` and the extent is where the session's
         result labels anything, reaching ``reach`` mean spacings of the labelled slices
-        further on each side that no labelled empty slice bounds (beyond the outermost labelled slice the session follows the structure
-        at most that far, so where it really ends is unknown by about as much), and widening
-        by 5% of the depth at a time once no gap is left; an end gap's Dice counts as
-        1 - (the area at its inner end / the largest labelled area): the more of the
-        structure is left at the gap's inner end, the more there is to find beyond it.
+        further on each side that no labelled empty slice bounds (beyond the outermost
+        labelled slice the session follows the structure at most that far, so where it
+        really ends is unknown by about as much), and widening by 5% of the depth at a time
+        once no gap is left; an end gap's Dice counts as 1 - (the area at its inner end /
+        the largest labelled area): the more of the structure is left at the gap's inner
+        end, the more there is to find beyond it.
 
         ``method="model"``: the slice with the highest ``slice_score * min(1, d / gap)``,
         ``d`` its distance to the nearest labelled (or suggested) slice and ``gap`` half the
         spacing that ``k`` more slices would have if evenly spread.
 
         ``within=(lo, hi)``: only slices ``lo <= i < hi``, where the user knows the
-        structures are (the benchmark: with it, as good as even spacing over the extent;
+        structures are (the benchmark: with it, a little ahead of even spacing over the extent;
         without it, a slice where the model wrongly sees a structure can be suggested).
         Segments first if needed. With nothing labelled: ``k`` evenly spaced slices. Never
         returns a labelled slice; fewer than ``k`` when fewer are unlabelled.
