@@ -504,6 +504,7 @@ class VolumeSession:
                 continue
             for (first, walk), look in zip(plan[v].walks, plan[v].looks, strict=True):
                 seen = [probs[j][k] for j in walk]
+                paint = True
                 if plan[v].limit is not None:  # the structure ends within about one spacing
                     shrink = taper(self._labels[first] == v, len(walk), plan[v].limit)
                     # Where the model shows no end either, it goes on into a look-alike (the
@@ -515,14 +516,15 @@ class VolumeSession:
                     ends = _ends(self._labels[first] == v, seen, probs, look, k)
                     u = w if ends else min(w, 0.5)
                     seen = [(1 - u) * t + u * q for t, q in zip(shrink, seen, strict=True)]
-                kept = follow(self._labels[first] == v, seen)
-                if plan[v].limit is not None and not ends and plan[v].spacing < _DENSE:
                     # Labelled less than two slices apart, the structure ends within about a
                     # slice of the outermost one; a model that shows no end by the look slice
                     # follows a look-alike there (the thoracic section of the spine at k = 10
                     # painted the next vertebra: 0.046 below a copy of the nearest labelled
                     # slice on benchmarks/annotate_volumes.py). Nothing is painted beyond; its
                     # probabilities still count for the uncertainty.
+                    paint = ends or plan[v].spacing >= _DENSE
+                kept = follow(self._labels[first] == v, seen)
+                if not paint:
                     kept = (kept[0], [False] * len(kept[1]))
                 for j, q, keep in zip(walk, *kept, strict=True):
                     out.setdefault(j, np.zeros((len(values), H, W), np.float32))[k] = q
@@ -718,7 +720,7 @@ class VolumeSession:
             inside = sorted(i for i in (*self.labelled, *picks) if first < i < last)
             anchors = [first, *inside, last]
             gaps = [  # told: by length, then change; else by their product
-                ((b - a, change(a, b)) if told else ((b - a) * change(a, b), 0.0), a, b)
+                ((b - a, change(a, b)) if told else (b - a) * change(a, b), a, b)
                 for a, b in zip(anchors, anchors[1:], strict=False)
                 if b - a > 1
             ]
